@@ -1,0 +1,1 @@
+"""The Typer application behind the `pbv-onnx` command."""

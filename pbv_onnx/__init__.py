@@ -1,0 +1,3 @@
+"""pbv-onnx: parallel backpropagation for shared-feature visualisation, on onnxruntime."""
+
+__version__ = "0.1.0"

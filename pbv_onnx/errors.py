@@ -1,0 +1,62 @@
+"""The error model: one exception class per failure class, each with its own exit code."""
+
+from __future__ import annotations
+
+from os import PathLike
+
+
+class PbvError(Exception):
+    """A user-facing failure: `<file>: <what is wrong>`, never a traceback."""
+
+    exit_code = 1
+    label = "error"
+
+    def __init__(self, path: str | PathLike | None, message: str):
+        self.path = None if path is None else str(path)
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class UsageError(PbvError):
+    """Bad options or option combinations."""
+
+    exit_code = 2
+
+
+class InputDataError(PbvError):
+    """A responses, features, readouts or image file that is missing, corrupt or malformed."""
+
+    exit_code = 3
+
+
+class ModelError(PbvError):
+    """An ONNX model that is missing, corrupt, unsafe, or an export that failed verification."""
+
+    exit_code = 4
+
+
+class MismatchError(PbvError):
+    """Files that belong to different models or stimulus sets."""
+
+    exit_code = 5
+
+
+class OutputError(PbvError):
+    """An output that exists (without --force), is locked, or cannot be written."""
+
+    exit_code = 6
+
+
+class DependencyError(PbvError):
+    """An optional dependency (the export extra, onnxruntime-gpu) that is not installed."""
+
+    exit_code = 7
+
+
+EXIT_CODES = {cls.__name__: cls.exit_code for cls in
+              (PbvError, UsageError, InputDataError, ModelError, MismatchError, OutputError,
+               DependencyError)}
+EXIT_INTERRUPTED = 130

@@ -1,0 +1,127 @@
+"""Safe image loading and torchvision-equivalent preprocessing with Pillow and numpy."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputDataError
+
+# Stimulus photographs are at most a few megapixels; anything far larger is refused as a
+# possible decompression bomb before Pillow allocates it.
+MAX_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The recorded preprocessing spec of a model (torchvision's Resize, CenterCrop, Normalize).
+
+    `resize`: an int resizes the shorter side (torchvision `Resize(int)`), a pair (h, w) resizes
+    to exactly that size. `crop`: (h, w) centre crop after resizing, or None.
+    """
+
+    resize: int | tuple[int, int] = (224, 224)
+    crop: tuple[int, int] | None = None
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the network input."""
+        if self.crop is not None:
+            return tuple(self.crop)
+        if isinstance(self.resize, int):
+            raise ValueError("a shorter-side resize needs a crop to fix the input size")
+        return tuple(self.resize)
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize if isinstance(self.resize, int) else list(self.resize),
+                "crop": None if self.crop is None else list(self.crop),
+                "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        resize = d["resize"]
+        return cls(resize=resize if isinstance(resize, int) else tuple(resize),
+                   crop=None if d.get("crop") is None else tuple(d["crop"]),
+                   mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
+                   interpolation=d.get("interpolation", "bilinear"))
+
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image file as RGB, refusing missing, corrupt, truncated or oversized files."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(path, "image file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise InputDataError(path, f"image has {w}x{h} pixels, over the limit of {max_pixels}")
+                im.load()  # decode now so truncated files fail here
+                return im.convert("RGB")
+    except InputDataError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputDataError(path, f"not a readable image ({exc.__class__.__name__})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputDataError(path, f"corrupt or truncated image ({exc})") from None
+
+
+def _resized_size(w: int, h: int, resize: int | tuple[int, int]) -> tuple[int, int]:
+    """(new_w, new_h) as torchvision's Resize computes it."""
+    if isinstance(resize, int):
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = resize, int(resize * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
+    return resize[1], resize[0]
+
+
+def _geometry(image: Image.Image, spec: Preprocessing) -> Image.Image:
+    """Resize and centre-crop exactly as torchvision's Resize and CenterCrop do on PIL input."""
+    w, h = image.size
+    new_w, new_h = _resized_size(w, h, spec.resize)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), _RESAMPLE[spec.interpolation])
+    if spec.crop is not None:
+        ch, cw = spec.crop
+        if ch > new_h or cw > new_w:
+            raise ValueError(f"crop {spec.crop} larger than resized image {(new_h, new_w)}")
+        top = int(round((new_h - ch) / 2.0))
+        left = int(round((new_w - cw) / 2.0))
+        image = image.crop((left, top, left + cw, top + ch))
+    return image
+
+
+def preprocess(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """One RGB PIL image -> float32 [3, H, W], as torchvision's transforms do it on PIL input."""
+    x = np.asarray(_geometry(image, spec), dtype=np.float32) / 255.0
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_batch(paths: Sequence[str | os.PathLike], spec: Preprocessing) -> np.ndarray:
+    """Load and preprocess image files -> float32 [N, 3, H, W]."""
+    H, W = spec.input_size
+    out = np.empty((len(paths), 3, H, W), np.float32)
+    for i, p in enumerate(paths):
+        out[i] = preprocess(load_image(p), spec)
+    return out
+
+
+def display_image(image: Image.Image, spec: Preprocessing) -> np.ndarray:
+    """The uint8 [H, W, 3] crop the network sees, for overlays."""
+    return np.asarray(_geometry(image, spec), dtype=np.uint8)
