@@ -1,0 +1,45 @@
+"""The engine on a tiny hand-built model: VJP against finite differences, batching, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pbv_onnx.errors import ModelError, UsageError
+from pbv_onnx.model import Engine
+from tinymodel import FEATURE_SHAPE, SIZE, tiny_forward, tiny_weights
+
+
+def test_vjp_matches_finite_differences(tiny_model):
+    eng = Engine(tiny_model, device="cpu")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    ct = rng.standard_normal((2, *FEATURE_SHAPE)).astype(np.float32)
+    feats, grad = eng.vjp(x, ct)
+    w = tiny_weights()
+    np.testing.assert_allclose(feats, tiny_forward(x, w), rtol=1e-4, atol=1e-5)
+    d = rng.standard_normal(x.shape)
+    eps = 1e-4
+    fd = ((tiny_forward(x + eps * d, w) - tiny_forward(x - eps * d, w)) * ct).sum() / (2 * eps)
+    assert np.sum(grad * d) == pytest.approx(fd, rel=1e-3)
+
+
+def test_features_equal_vjp_features_and_batch_size_does_not_matter(tiny_model):
+    x = np.random.default_rng(2).standard_normal((5, 3, SIZE, SIZE)).astype(np.float32)
+    f1 = Engine(tiny_model, device="cpu", batch_size=2).features(x)
+    f2, _ = Engine(tiny_model, device="cpu", batch_size=5).vjp(x, np.zeros((5, *FEATURE_SHAPE), np.float32))
+    np.testing.assert_allclose(f1, f2, rtol=1e-6, atol=1e-6)
+
+
+def test_wrong_shapes_and_files_are_refused(tiny_model, tmp_path):
+    eng = Engine(tiny_model, device="cpu")
+    with pytest.raises(UsageError):
+        eng.features(np.zeros((1, 3, SIZE + 1, SIZE), np.float32))
+    with pytest.raises(UsageError):
+        eng.vjp(np.zeros((1, 3, SIZE, SIZE), np.float32), np.zeros((2, *FEATURE_SHAPE), np.float32))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="bad.onnx"):
+        Engine(bad)
+    with pytest.raises(ModelError, match="not found"):
+        Engine(tmp_path / "missing.onnx")
