@@ -34,6 +34,21 @@ $(VENV)/runtime/.done: pyproject.toml
 export: $(VENV)/export/.done
 	$(VENV)/export/bin/pbv-onnx export --arch $(ARCH) --layer $(LAYER) --weights $(WEIGHTS) --out $(OUT) $(EXPORT_ARGS)
 
+# Models the runtime tests use, exported with the export environment. The MobileNetV2 pair
+# (the demo's fitted layer and its ground-truth layer) needs the offline weights in ../shared.
+TEST_MODELS := $(BUILD)/models/resnet18_avg.onnx \
+  $(if $(wildcard $(WEIGHTS)),$(BUILD)/models/mobilenet_v2-features.18.onnx $(BUILD)/models/mobilenet_v2-features.14.onnx)
+
+models: $(TEST_MODELS)
+
+$(BUILD)/models/resnet18_avg.onnx: | $(VENV)/export/.done
+	$(VENV)/export/bin/pbv-onnx export --arch resnet18 --layer layer4 --weights none --seed 0 --pool avg \
+	  --resize 112x112 --out $@ --force
+
+$(BUILD)/models/mobilenet_v2-%.onnx: | $(VENV)/export/.done
+	$(VENV)/export/bin/pbv-onnx export --arch mobilenet_v2 --layer $* --weights $(WEIGHTS) \
+	  --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 --resize 224x224 --out $@ --force
+
 test: envs models test-export test-runtime
 
 test-runtime: $(VENV)/runtime/.done
@@ -44,3 +59,44 @@ test-export: $(VENV)/export/.done
 
 clean:
 	rm -rf $(BUILD)
+
+# ---- demo: real photos, synthetic body-selective channels with a known answer (build/demo/) ----
+# Weights: ../shared/weights' offline MobileNetV2 (its own preprocessing: 224x224, mean/std 0.5)
+# when present, else torchvision's IMAGENET1K_V1 (downloaded or cached). Never random weights.
+DEMO := $(BUILD)/demo
+DEMO_LAYER ?= features.18
+DEMO_GT_LAYER ?= features.14
+DEMO_MODEL := $(DEMO)/mobilenet_v2-$(DEMO_LAYER).onnx
+DEMO_GT_MODEL := $(DEMO)/mobilenet_v2-$(DEMO_GT_LAYER).onnx
+DEMO_WEIGHTS = $(if $(wildcard $(WEIGHTS)),--weights $(WEIGHTS) --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5,--weights IMAGENET1K_V1)
+DEMO_ARGS ?=
+PBV := $(VENV)/runtime/bin/pbv-onnx
+
+.PHONY: validate
+
+demo: $(DEMO)/report/index.html
+	@echo "demo report: $(abspath $(DEMO)/report/index.html)"
+
+$(DEMO)/mobilenet_v2-%.onnx: | $(VENV)/export/.done
+	@$(VENV)/export/bin/pbv-onnx export --arch mobilenet_v2 --layer $* $(DEMO_WEIGHTS) --resize 224x224 --out $@ --force \
+	  || { echo "make demo: could not export mobilenet_v2 with ImageNet weights. Supply them with" \
+	       "'make demo WEIGHTS=/path/to/mobilenet_v2.pth' (a torchvision mobilenet_v2 state_dict; offline" \
+	       "weights use mean/std 0.5), or run once with network access so torchvision can fetch" \
+	       "IMAGENET1K_V1." >&2; exit 1; }
+
+$(DEMO)/experiment/responses.nc: $(DEMO_GT_MODEL) | $(VENV)/runtime/.done
+	$(PBV) demo build --gt-model $(DEMO_GT_MODEL) --out $(DEMO)/experiment --force $(DEMO_ARGS)
+
+$(DEMO)/readouts.nc: $(DEMO)/experiment/responses.nc $(DEMO_MODEL)
+	$(PBV) fit --model $(DEMO_MODEL) --responses $(DEMO)/experiment/responses.nc --features $(DEMO)/features.nc --out $@ --force
+
+$(DEMO)/evaluate/channels.csv: $(DEMO)/readouts.nc
+	$(PBV) evaluate --readouts $< --responses $(DEMO)/experiment/responses.nc --out $(DEMO)/evaluate --force
+
+$(DEMO)/report/index.html: $(DEMO)/readouts.nc $(DEMO)/evaluate/channels.csv
+	$(PBV) explain --model $(DEMO_MODEL) --readouts $(DEMO)/readouts.nc --responses $(DEMO)/experiment/responses.nc \
+	  --features $(DEMO)/features.nc --top-objects 3 --out $(DEMO)/report --force
+
+validate: $(DEMO)/readouts.nc
+	$(PBV) demo validate --model $(DEMO_MODEL) --readouts $(DEMO)/readouts.nc --experiment $(DEMO)/experiment \
+	  --out $(DEMO)/validation.md

@@ -6,6 +6,9 @@ import signal
 
 from cli.app import app, run
 from cli import model_cmds  # noqa: F401  (export, info)
+from cli import data_cmds  # noqa: F401  (import-responses, features, fit, predict, evaluate)
+from cli import explain_cmds  # noqa: F401  (match, explain)
+from cli import demo_cmds  # noqa: F401  (demo build, demo validate)
 
 
 def main() -> None:

@@ -50,6 +50,10 @@ class OutputError(PbvError):
     exit_code = 6
 
 
+class OutputLockedError(OutputError):
+    """An output another running pbv-onnx process is writing (its lock is held)."""
+
+
 class DependencyError(PbvError):
     """An optional dependency (the export extra, onnxruntime-gpu) that is not installed."""
 

@@ -66,6 +66,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
         raise InputDataError(path, "image file not found")
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on damaged metadata: the decode decides
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
@@ -75,7 +76,10 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
                 return im.convert("RGB")
     except InputDataError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputDataError(path, f"image claims more pixels than the limit of {max_pixels} "
+                             "(refused as a possible decompression bomb)") from None
+    except UnidentifiedImageError as exc:
         raise InputDataError(path, f"not a readable image ({exc.__class__.__name__})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputDataError(path, f"corrupt or truncated image ({exc})") from None

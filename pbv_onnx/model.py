@@ -16,6 +16,8 @@ from .errors import DependencyError, ModelError, UsageError
 from .images import Preprocessing
 
 FORMAT_VERSION = 1
+# Metadata key: true when the cotangent batch may hold K cotangents per image (see Engine.vjp_multi).
+MULTI_COTANGENT = "multi_cotangent"
 # Graph I/O names fixed by the export format (METHOD.md section 5).
 IMAGE, COTANGENT, FEATURES, INPUT_GRAD = "image", "cotangent", "features", "input_grad"
 
@@ -130,25 +132,57 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+PRECISIONS = ("fp32", "fp16")
+
+
+def session_options(threads: int | None = None):
+    """onnxruntime options: all graph optimisations (measured fastest, bench/run.py), `threads`
+    intra-op threads (default: onnxruntime's choice, one per physical core)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return opts
+
+
+def to_fp16(proto):
+    """The model with float16 weights and compute, float32 inputs and outputs (for CUDA)."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+
+
 class Engine:
-    """One exported model: a session for features + VJP, a forward-only session made on demand."""
+    """One exported model: a session for features + VJP, a forward-only session made on demand.
+
+    `precision="fp16"` (CUDA only) runs a float16 copy of the graph; compare it with fp32 before
+    trusting it (bench/gpu_check.py does). On CUDA, inputs and outputs go through IO binding.
+    """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
-                 threads: int | None = None, verbose: bool = False):
+                 threads: int | None = None, verbose: bool = False, precision: str = "fp32"):
         import onnxruntime as ort
 
         if batch_size < 1:
             raise UsageError(None, f"--batch-size must be at least 1, not {batch_size}")
+        if precision not in PRECISIONS:
+            raise UsageError(None, f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.path = Path(path)
         self._proto = load_model_proto(self.path)
         self.info = read_info(self.path, self._proto)
         self.batch_size = batch_size
+        # Several cotangents per image in one call (one forward pass for all): models that say so.
+        self.multi = bool(self.info.metadata.get(MULTI_COTANGENT, False))
         self._providers = choose_providers(device)
-        self._options = ort.SessionOptions()
-        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            self._options.intra_op_num_threads = threads
-        self._options.log_severity_level = 3
+        if precision == "fp16" and self._providers[0] != "CUDAExecutionProvider":
+            raise UsageError(None, "precision fp16 needs the CUDA provider (--device cuda)")
+        self.precision = precision
+        self._options = session_options(threads)
+        if precision == "fp16":
+            self._proto = to_fp16(self._proto)
         try:
             self._vjp = ort.InferenceSession(self._proto.SerializeToString(), self._options,
                                              providers=self._providers)
@@ -159,6 +193,7 @@ class Engine:
             raise ModelError(self.path, "graph lacks the image/cotangent -> features/input_grad interface")
         self._fwd = None
         self.provider = self._vjp.get_providers()[0]
+        self._bind = self.provider == "CUDAExecutionProvider"
         if verbose:
             print(f"pbv-onnx: {self.path.name} on {self.provider}", file=sys.stderr)
 
@@ -176,6 +211,19 @@ class Engine:
                                              providers=self._providers)
             del onnx
         return self._fwd
+
+    def _run(self, sess, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One session call; on CUDA through IO binding (inputs copied once, outputs on device
+        until fetched), elsewhere a plain run."""
+        if not self._bind:
+            return sess.run(outputs, feeds)
+        binding = sess.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in outputs:
+            binding.bind_output(name, "cuda")
+        sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
 
     # -- checks ---------------------------------------------------------------------------
     def _check_images(self, images: np.ndarray) -> np.ndarray:
@@ -198,21 +246,95 @@ class Engine:
         """Latent features [N, *feature_shape] of preprocessed images [N, 3, H, W]."""
         images = self._check_images(images)
         sess = self._forward_session()
-        out = [sess.run([FEATURES], {IMAGE: images[i:i + self.batch_size]})[0]
+        out = [self._run(sess, [FEATURES], {IMAGE: images[i:i + self.batch_size]})[0]
                for i in range(0, len(images), self.batch_size)]
         return np.concatenate(out) if out else np.empty((0, *self.info.feature_shape), np.float32)
 
     def vjp(self, images: np.ndarray, cotangents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(features, J_phi(x)^T cotangent) per sample, in batches of `batch_size`."""
+        """(features, J_phi(x)^T cotangent) per sample, in batches of `batch_size`.
+
+        Rows that repeat an image (e.g. one object explained for several channels) share one
+        forward pass: they go through `vjp_multi` where the model supports it.
+        """
         images = self._check_images(images)
         cotangents = self._check_cotangents(cotangents, len(images))
+        if self.multi and len(images) > 1:
+            groups = duplicate_groups(images)
+            if len(groups) < len(images):
+                return self._vjp_grouped(images, cotangents, groups)
+        return self._vjp_rows(images, cotangents)
+
+    def _vjp_rows(self, images: np.ndarray, cotangents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         feats, grads = [], []
         for i in range(0, len(images), self.batch_size):
-            f, g = self._vjp.run([FEATURES, INPUT_GRAD], {IMAGE: images[i:i + self.batch_size],
-                                                          COTANGENT: cotangents[i:i + self.batch_size]})
+            f, g = self._run(self._vjp, [FEATURES, INPUT_GRAD], {IMAGE: images[i:i + self.batch_size],
+                                                                 COTANGENT: cotangents[i:i + self.batch_size]})
             feats.append(f)
             grads.append(g)
         if not feats:
             return (np.empty((0, *self.info.feature_shape), np.float32),
                     np.empty((0, *self.info.input_shape), np.float32))
         return np.concatenate(feats), np.concatenate(grads)
+
+    def _vjp_grouped(self, images: np.ndarray, cotangents: np.ndarray,
+                     groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """vjp() for rows grouped by identical image: one vjp_multi call per group size."""
+        feats = np.empty((len(images), *self.info.feature_shape), np.float32)
+        grads = np.empty((len(images), *self.info.input_shape), np.float32)
+        for k in sorted({len(g) for g in groups}):
+            idx = np.stack([g for g in groups if len(g) == k])  # [m, k] rows, one image each
+            f, g = self.vjp_multi(images[idx[:, 0]], cotangents[idx])
+            feats[idx] = f[:, None]
+            grads[idx] = g
+        return feats, grads
+
+    def vjp_multi(self, images: np.ndarray, cotangents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K cotangents per image: images [N, 3, H, W], cotangents [N, K, *feature_shape] (or
+        [N, K, D]) -> (features [N, *feature_shape], input_grad [N, K, 3, H, W]).
+
+        Each image's forward pass runs once for its K backward passes (up to `batch_size` rows per
+        call; larger K is split, repeating the forward pass per part). Models exported before this
+        layout existed get each image repeated K times (same result, K forward passes).
+        """
+        images = self._check_images(images)
+        n, fs = len(images), self.info.feature_shape
+        cot = np.ascontiguousarray(cotangents, dtype=np.float32)
+        if cot.ndim >= 2 and cot.shape[0] == n and cot.shape[2:] == (self.info.n_features,):
+            cot = cot.reshape(n, cot.shape[1], *fs)
+        if cot.ndim < 2 or cot.shape[0] != n or cot.shape[2:] != fs:
+            raise UsageError(None, f"cotangents must be [{n}, K, {', '.join(map(str, fs))}], got {list(cot.shape)}")
+        K = cot.shape[1]
+        grads = np.empty((n, K, *self.info.input_shape), np.float32)
+        if K == 0 or n == 0:
+            return self.features(images), grads
+        if not self.multi:
+            f, g = self._vjp_rows(np.repeat(images, K, axis=0), cot.reshape(n * K, *fs))
+            return f[::K], g.reshape(grads.shape)
+        feats = np.empty((n, *fs), np.float32)
+        kc = min(K, self.batch_size)             # cotangents per image per call
+        ni = max(1, self.batch_size // kc)       # images per call
+        for i in range(0, n, ni):
+            for j in range(0, K, kc):
+                c = cot[i:i + ni, j:j + kc]
+                f, g = self._run(self._vjp, [FEATURES, INPUT_GRAD],
+                                 {IMAGE: images[i:i + ni], COTANGENT: c.reshape(-1, *fs)})
+                feats[i:i + ni] = f
+                grads[i:i + ni, j:j + kc] = g.reshape(*c.shape[:2], *self.info.input_shape)
+        return feats, grads
+
+
+def duplicate_groups(images: np.ndarray) -> list[np.ndarray]:
+    """Row indices grouped by identical image (bitwise), in order of first appearance."""
+    import hashlib
+
+    groups: dict[bytes, list[int]] = {}
+    out: list[list[int]] = []
+    for i, img in enumerate(images):
+        key = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
+        row = groups.get(key)
+        if row is not None and np.array_equal(images[row[0]], img):
+            row.append(i)
+        else:
+            groups[key] = [i]
+            out.append(groups[key])
+    return [np.asarray(g) for g in out]

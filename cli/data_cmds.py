@@ -1,0 +1,118 @@
+"""Data commands: import-responses, features, fit, predict, evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cli.app import app
+
+DEVICE_HELP = "Where onnxruntime runs: auto (CUDA if available), cuda or cpu."
+BATCH_HELP = "Images per onnxruntime call."
+FORCE_HELP = "Overwrite an existing output."
+
+
+@app.command("import-responses")
+def import_responses(
+    out: Path = typer.Option(..., "--out", help="Responses NetCDF file to write."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Long-format CSV: channel, stimulus, category, file, "
+                                       "repetition, response[, region, phase]."),
+    npy: Optional[Path] = typer.Option(None, "--npy", help="NumPy array (channel, stimulus[, repetition])."),
+    stimuli: Optional[Path] = typer.Option(None, "--stimuli", help="With --npy: CSV stimulus, category, file "
+                                           "in the array's stimulus order."),
+    channels: Optional[Path] = typer.Option(None, "--channels", help="With --npy: CSV channel[, region] in the "
+                                            "array's channel order (default ids 0..C-1)."),
+    preferred: Optional[str] = typer.Option(None, "--preferred", help="Preferred category, e.g. body."),
+    units: str = typer.Option("", "--units", help="Response units, e.g. spikes/s."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Build a responses file from a CSV table or a .npy array."""
+    from pbv_onnx.responses import import_responses as run
+
+    ds = run(out, csv_path=csv, npy_path=npy, stimuli=stimuli, channels=channels, preferred=preferred,
+             units=units, force=force)
+    typer.echo(f"{out}: {ds.sizes['channel']} channels x {ds.sizes['stimulus']} stimuli"
+               + (f" x {ds.sizes['repetition']} repetitions" if "repetition" in ds.sizes else ""))
+
+
+@app.command("features")
+def features(
+    model: Path = typer.Option(..., "--model", help="Exported ONNX model."),
+    responses: Path = typer.Option(..., "--responses", help="Responses file naming the stimulus images."),
+    out: Path = typer.Option(..., "--out", help="Features file; an existing one for the same model is "
+                             "reused as a cache and updated."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder the stimulus 'file' paths are "
+                                          "relative to (default: the responses file's folder)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", help=BATCH_HELP),
+    force: bool = typer.Option(False, "--force", help="Recompute everything and replace --out."),
+) -> None:
+    """Compute (or update) the latent features of every stimulus image."""
+    from pbv_onnx.features import features_for_responses
+
+    da = features_for_responses(model, responses, out, images, device, batch_size, force)
+    typer.echo(f"{out}: {da.sizes['stimulus']} stimuli x {da.sizes['feature']} features")
+
+
+@app.command("fit")
+def fit(
+    model: Path = typer.Option(..., "--model", help="Exported ONNX model."),
+    responses: Path = typer.Option(..., "--responses", help="Responses file."),
+    out: Path = typer.Option(..., "--out", help="Readouts NetCDF file to write."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder the stimulus 'file' paths are relative to."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Features cache file (reused and updated)."),
+    preferred: Optional[str] = typer.Option(None, "--preferred", help="Preferred category (default: the "
+                                            "responses file's preferred_category)."),
+    alphas: Optional[List[str]] = typer.Option(None, "--alphas", help="Relative ridge penalties (times the mean "
+                                               "eigenvalue of the Gram matrix), comma-separated or repeated; "
+                                               "default 1e-3,1e-2,0.1,1,10,100."),
+    folds: int = typer.Option(5, "--folds", help="Cross-validation folds (nested for the held-out r)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the fold assignment."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", help=BATCH_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Fit a ridge readout per channel on the preferred-category images."""
+    from pbv_onnx.readouts import fit_files, parse_alphas
+
+    ds = fit_files(model, responses, out, images, features, preferred, parse_alphas(alphas), folds, seed,
+                   device, batch_size, force)
+    typer.echo(f"{out}: {ds.sizes['channel']} channels; mean r held-out preferred "
+               f"{float(ds['r_cv_preferred'].mean()):.3f}, out-of-category {float(ds['r_ooc'].mean()):.3f}")
+
+
+@app.command("predict")
+def predict(
+    model: Path = typer.Option(..., "--model", help="Exported ONNX model."),
+    readouts: Path = typer.Option(..., "--readouts", help="Readouts file fitted on this model."),
+    images: List[Path] = typer.Option(..., "--images", help="Image files or folders (more may follow as arguments)."),
+    more: Optional[List[Path]] = typer.Argument(None, help="More image files or folders.", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write predictions to .nc or .csv instead of printing."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", help=BATCH_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Predict every channel's response to images."""
+    from pbv_onnx.readouts import prediction_table, predict_files
+
+    pred = predict_files(model, readouts, list(images) + list(more or []), out, device, batch_size, force)
+    if out is None:
+        typer.echo(prediction_table(pred), nl=False)
+    else:
+        typer.echo(f"{out}: {pred.sizes['channel']} channels x {pred.sizes['stimulus']} images")
+
+
+@app.command("evaluate")
+def evaluate(
+    readouts: Path = typer.Option(..., "--readouts", help="Readouts file from `pbv-onnx fit`."),
+    responses: Path = typer.Option(..., "--responses", help="Responses file."),
+    out: Path = typer.Option(..., "--out", help="Folder to write: channels.csv, channels.nc, fig3a.png."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+) -> None:
+    """Per-channel table and Fig. 3a: held-out r, out-of-category r, reliability, critical r."""
+    from pbv_onnx.evaluate import evaluate_files
+
+    table = evaluate_files(readouts, responses, out, force)
+    typer.echo(f"{out}: {table.sizes['channel']} channels")

@@ -1,0 +1,423 @@
+"""Hand-written, ONNX-friendly adjoints: an fx graph -> a module returning (features, J^T cotangent)."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from pbv_onnx.errors import ModelError
+
+# How the backward graph is built, recorded in the model's metadata.
+ADJOINT_DESCRIPTION = (
+    "hand-written adjoints on the torch.fx graph of the truncated network, reverse pass over its "
+    "nodes: stride-1 Conv adjoint = Conv with flipped, in/out-transposed weights (computed in-graph "
+    "from the forward weights), strided Conv adjoint = ConvTranspose with output_padding; BatchNorm "
+    "(eval) = per-channel scale; ReLU/ReLU6 = mask of the forward output; MaxPool = indices + "
+    "ScatterElements(add); Avg/AdaptiveAvgPool = ConvTranspose with a constant kernel; "
+    "add/mul/cat/flatten/Linear/Hardswish/SiLU/Sigmoid/Hardsigmoid by their closed forms")
+
+
+class UnsupportedOp(ModelError):
+    """A node of the traced network with no adjoint rule."""
+
+
+@dataclass
+class Rule:
+    """One node: its forward (returning the output and what the adjoint needs) and its adjoint.
+
+    `inputs`: the fx nodes passed positionally to `fwd`; `bwd(g, xs, y, saved)` returns one
+    gradient (or None) per input.
+    """
+
+    inputs: list[fx.Node]
+    fwd: Callable[..., tuple[torch.Tensor, Any]]
+    bwd: Callable[[torch.Tensor, list, torch.Tensor, Any], list] | None
+    name: str = ""
+    live: frozenset = frozenset()  # the inputs that depend on the image (set by VJPModule)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(node.meta["tensor_meta"].shape)
+
+
+def _unbroadcast(g: torch.Tensor, shape: tuple[int, ...], g_shape: tuple[int, ...]) -> torch.Tensor:
+    """Sum a broadcast gradient back to `shape` (static shapes from shape propagation)."""
+    lead = len(g_shape) - len(shape)
+    if lead:
+        g = g.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, (s, gs) in enumerate(zip(shape, g_shape[lead:])) if s == 1 and gs != 1)
+    return g.sum(dim=dims, keepdim=True) if dims else g
+
+
+def kmul(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """g * t where g holds K cotangents per image ([N*K, ...], image-major) and t one forward
+    tensor per image ([N, ...], broadcastable to g's per-sample shape): the backward pass of all K
+    cotangents reads one forward pass (the multi-cotangent layout of the exported graph)."""
+    shape = tuple(int(v) for v in g.shape[1:])  # static: a traced size would become ops
+    tail = tuple(int(v) for v in t.shape[1:])
+    n = t.shape[0]  # dynamic N
+    return (g.reshape(n, -1, *shape) * t.reshape(n, 1, *tail)).reshape(-1, *shape)
+
+
+def _unsupported(what: str) -> UnsupportedOp:
+    return UnsupportedOp(None, f"the export stage has no adjoint for {what}; cut the network "
+                         "earlier (--layer) or add a rule in export/adjoint.py")
+
+
+# -- convolutions and pools ---------------------------------------------------------------------
+def conv_adjoint_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """Weights of the stride-1 adjoint conv: per group in/out transposed, spatially flipped."""
+    cout, cin_g, kh, kw = (int(v) for v in w.shape)  # static: a traced size would become ops
+    return (w.reshape(groups, cout // groups, cin_g, kh, kw).transpose(1, 2)
+            .reshape(groups * cin_g, cout // groups, kh, kw).flip(-2, -1))
+
+
+def _output_padding(x_hw, y_hw, stride, padding, dilation, kernel) -> tuple[int, int]:
+    return tuple(int(x - ((y - 1) * s - 2 * p + d * (k - 1) + 1))
+                 for x, y, s, p, d, k in zip(x_hw, y_hw, stride, padding, dilation, kernel))
+
+
+def conv_input_adjoint(g: torch.Tensor, w: torch.Tensor, x_hw, y_hw, stride, padding, dilation,
+                       groups: int) -> torch.Tensor:
+    """J^T g for y = conv2d(x, w): Conv with flipped weights at stride 1, else ConvTranspose."""
+    kernel = tuple(w.shape[-2:])
+    adj_pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding))
+    if stride == (1, 1) and min(adj_pad) >= 0:
+        return F.conv2d(g, conv_adjoint_weight(w, groups), None, 1, adj_pad, dilation, groups)
+    op = _output_padding(x_hw, y_hw, stride, padding, dilation, kernel)
+    return F.conv_transpose2d(g, w, None, stride, padding, op, groups, dilation)
+
+
+def _conv_rule(node: fx.Node, m: nn.Conv2d) -> Rule:
+    if m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid":
+        raise _unsupported(f"Conv2d with padding={m.padding!r}, padding_mode={m.padding_mode!r} ({node.target})")
+    padding = (0, 0) if isinstance(m.padding, str) else _pair(m.padding)
+    stride, dilation = _pair(m.stride), _pair(m.dilation)
+    x_hw, y_hw = _shape(node.args[0])[-2:], _shape(node)[-2:]
+    return Rule([node.args[0]],
+                lambda x: (F.conv2d(x, m.weight, m.bias, stride, padding, dilation, m.groups), None),
+                lambda g, xs, y, s: [conv_input_adjoint(g, m.weight, x_hw, y_hw, stride, padding,
+                                                        dilation, m.groups)])
+
+
+def _bn_scale(m: nn.BatchNorm2d) -> torch.Tensor:
+    scale = torch.rsqrt(m.running_var + m.eps)
+    if m.weight is not None:
+        scale = scale * m.weight
+    return scale.reshape(1, -1, 1, 1)
+
+
+def _bn_rule(node: fx.Node, m: nn.BatchNorm2d) -> Rule:
+    if m.running_var is None:
+        raise _unsupported(f"BatchNorm2d without running statistics ({node.target})")
+    return Rule([node.args[0]],
+                lambda x: (F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False,
+                                        0.0, m.eps), None),
+                lambda g, xs, y, s: [g * _bn_scale(m)])
+
+
+def _maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule:
+    args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+    x_shape = _shape(node.args[0])
+
+    c, hw_in = x_shape[1], x_shape[2] * x_shape[3]
+    hw_out = _shape(node)[2] * _shape(node)[3]
+
+    def bwd(g, xs, y, idx):
+        # Scatter-add so overlapping windows that pick the same pixel sum their gradients; the K
+        # cotangents of an image share its forward indices.
+        n = idx.shape[0]
+        gk = g.reshape(n, -1, c, hw_out)
+        k = gk.shape[1]
+        flat = torch.zeros_like(xs[0]).reshape(n, 1, c, hw_in).expand(-1, k, -1, -1)
+        ik = idx.reshape(n, 1, c, hw_out).expand(-1, k, -1, -1)
+        return [flat.scatter_add(3, ik, gk).reshape(-1, *x_shape[1:])]
+
+    return Rule([node.args[0]], lambda x: F.max_pool2d(x, *args, return_indices=True), bwd)
+
+
+def _avgpool_rule(node: fx.Node, kernel, stride, padding, ceil_mode=False,
+                  count_include_pad=True) -> Rule:
+    """Average pooling as a depthwise conv with a constant kernel; its adjoint a ConvTranspose."""
+    kernel, stride, padding = _pair(kernel), _pair(stride or kernel), _pair(padding)
+    c, *x_hw = _shape(node.args[0])[1:]
+    y_hw = _shape(node)[-2:]
+    if any(padding) and not count_include_pad:
+        raise _unsupported(f"average pooling with count_include_pad=False ({node.name})")
+    expect = [(x + 2 * p - k) // s + 1 for x, p, k, s in zip(x_hw, padding, kernel, stride)]
+    if list(y_hw) != expect:  # ceil_mode windows hanging over the edge average fewer pixels
+        raise _unsupported(f"average pooling with ceil_mode windows ({node.name})")
+    if tuple(x_hw) == tuple(y_hw) and kernel == (1, 1):
+        return Rule([node.args[0]], lambda x: (x, None), lambda g, xs, y, s: [g])
+    weight = torch.full((c, 1, *kernel), 1.0 / (kernel[0] * kernel[1]))
+    op = _output_padding(x_hw, y_hw, stride, padding, (1, 1), kernel)
+    if tuple(y_hw) == (1, 1) and tuple(x_hw) == kernel and not any(padding):
+        fwd = lambda x: (x.mean(dim=(2, 3), keepdim=True), None)  # noqa: E731  (GlobalAveragePool)
+    else:
+        fwd = lambda x: (F.avg_pool2d(x, kernel, stride, padding), None)  # noqa: E731
+    return Rule([node.args[0]], fwd,
+                lambda g, xs, y, s: [F.conv_transpose2d(g, weight.to(g.dtype), None, stride,
+                                                        padding, op, c)])
+
+
+def _adaptive_avg_rule(node: fx.Node, output_size) -> Rule:
+    x_hw = _shape(node.args[0])[-2:]
+    out = [x if o is None else o for x, o in zip(x_hw, _pair(output_size))]
+    if any(x % o for x, o in zip(x_hw, out)):
+        raise _unsupported(f"adaptive average pooling from {tuple(x_hw)} to {tuple(out)} (uneven windows)")
+    kernel = tuple(x // o for x, o in zip(x_hw, out))
+    return _avgpool_rule(node, kernel, kernel, 0)
+
+
+# -- elementwise ----------------------------------------------------------------------------------
+def _relu_rule(node: fx.Node, x: fx.Node) -> Rule:
+    return Rule([x], lambda v: (F.relu(v), None),
+                lambda g, xs, y, s: [kmul(g, (y > 0).to(g.dtype))])
+
+
+def _clamp_rule(node: fx.Node, x: fx.Node, lo: float, hi: float) -> Rule:
+    return Rule([x], lambda v: (F.hardtanh(v, lo, hi), None),
+                lambda g, xs, y, s: [kmul(g, ((y > lo) & (y < hi)).to(g.dtype))])
+
+
+def _pointwise_rule(x: fx.Node, f, df) -> Rule:
+    return Rule([x], lambda v: (f(v), None), lambda g, xs, y, s: [kmul(g, df(xs[0], y))])
+
+
+def _hardswish_grad(x, y):
+    return torch.where(x < -3, torch.zeros_like(x), torch.where(x > 3, torch.ones_like(x), x / 3 + 0.5))
+
+
+def _hardsigmoid_grad(x, y):
+    return ((x > -3) & (x < 3)).to(x.dtype) / 6
+
+
+def _silu_grad(x, y):
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+POINTWISE = {
+    nn.Hardswish: (F.hardswish, _hardswish_grad),
+    nn.Hardsigmoid: (F.hardsigmoid, _hardsigmoid_grad),
+    nn.SiLU: (F.silu, _silu_grad),
+    nn.Sigmoid: (torch.sigmoid, lambda x, y: y * (1 - y)),
+}
+POINTWISE_FN = {F.hardswish: nn.Hardswish, F.hardsigmoid: nn.Hardsigmoid, F.silu: nn.SiLU,
+                torch.sigmoid: nn.Sigmoid}
+
+
+def _identity_rule(x: fx.Node) -> Rule:
+    return Rule([x], lambda v: (v, None), lambda g, xs, y, s: [g])
+
+
+def _reshape_rule(node: fx.Node, x: fx.Node, fwd) -> Rule:
+    x_shape = _shape(x)
+    return Rule([x], lambda v: (fwd(v), None), lambda g, xs, y, s: [g.reshape(-1, *x_shape[1:])])
+
+
+def _binary_rule(node: fx.Node, op: str) -> Rule:
+    """add/sub/mul of two operands, either of which may be a constant or a tensor."""
+    a, b = node.args[0], node.args[1]
+    if node.kwargs.get("alpha", 1) != 1:
+        raise _unsupported(f"{op} with alpha ({node.name})")
+    tensors = [v for v in (a, b) if isinstance(v, fx.Node)]
+    y_shape = _shape(node)
+    shapes = {v: _shape(v) for v in tensors}
+
+    def fwd(*ts):
+        it = iter(ts)
+        va = next(it) if isinstance(a, fx.Node) else a
+        vb = next(it) if isinstance(b, fx.Node) else b
+        return {"add": operator.add, "sub": operator.sub, "mul": operator.mul}[op](va, vb), (va, vb)
+
+    def bwd(g, xs, y, saved):
+        va, vb = saved
+        grads = []
+        for v, w, other, sign in ((a, b, vb, 1), (b, a, va, -1 if op == "sub" else 1)):
+            if not isinstance(v, fx.Node):
+                continue
+            if v not in rule.live:  # a constant operand needs no gradient
+                grads.append(None)
+                continue
+            if op == "mul":  # a forward tensor of the image is shared by its K cotangents
+                gv = kmul(g, other) if w in rule.live else g * other
+            else:
+                gv = g if sign == 1 else -g
+            grads.append(_unbroadcast(gv, shapes[v], y_shape))
+        return grads
+
+    rule = Rule(tensors, fwd, None)
+    rule.bwd = bwd
+    return rule
+
+
+def _cat_rule(node: fx.Node) -> Rule:
+    parts = list(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if dim == 0:
+        raise _unsupported(f"concatenation along the batch dimension ({node.name})")
+    sizes = [_shape(p)[dim] for p in parts]
+    return Rule(parts, lambda *ts: (torch.cat(ts, dim), None),
+                lambda g, xs, y, s: list(torch.split(g, sizes, dim)))
+
+
+def _linear_rule(node: fx.Node, m: nn.Linear) -> Rule:
+    return Rule([node.args[0]], lambda x: (F.linear(x, m.weight, m.bias), None),
+                lambda g, xs, y, s: [g.matmul(m.weight)])
+
+
+def _flatten_args(node: fx.Node) -> tuple[int, int]:
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return start, end
+
+
+# -- dispatch -------------------------------------------------------------------------------------
+def rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:
+    """The forward + adjoint rule of one fx node, or UnsupportedOp naming it."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        x = node.args[0]
+        if isinstance(m, nn.Conv2d):
+            return _conv_rule(node, m)
+        if isinstance(m, nn.BatchNorm2d):
+            return _bn_rule(node, m)
+        if type(m) is nn.ReLU:
+            return _relu_rule(node, x)
+        if isinstance(m, nn.ReLU6) or type(m) is nn.Hardtanh:
+            return _clamp_rule(node, x, float(m.min_val), float(m.max_val))
+        if isinstance(m, nn.MaxPool2d):
+            return _maxpool_rule(node, m)
+        if isinstance(m, nn.AvgPool2d):
+            if m.divisor_override:
+                raise _unsupported(f"AvgPool2d with divisor_override ({node.target})")
+            return _avgpool_rule(node, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return _adaptive_avg_rule(node, m.output_size)
+        if type(m) in POINTWISE:
+            return _pointwise_rule(x, *POINTWISE[type(m)])
+        if isinstance(m, (nn.Dropout, nn.Identity)):
+            return _identity_rule(x)
+        if isinstance(m, nn.Flatten):
+            return _reshape_rule(node, x, lambda v: v.flatten(m.start_dim, m.end_dim))
+        if isinstance(m, nn.Linear):
+            return _linear_rule(node, m)
+        raise _unsupported(f"module {type(m).__name__} ({node.target})")
+    if node.op in ("call_function", "call_method"):
+        t = node.target
+        x = node.args[0] if node.args else None
+        if t in (operator.add, torch.add, "add", operator.iadd):
+            return _binary_rule(node, "add")
+        if t in (operator.sub, torch.sub, "sub"):
+            return _binary_rule(node, "sub")
+        if t in (operator.mul, torch.mul, "mul", operator.imul):
+            return _binary_rule(node, "mul")
+        if t in (torch.cat, torch.concat):
+            return _cat_rule(node)
+        if t in (F.relu, torch.relu, "relu"):
+            return _relu_rule(node, x)
+        if t is F.relu6:
+            return _clamp_rule(node, x, 0.0, 6.0)
+        if t in POINTWISE_FN:
+            return _pointwise_rule(x, *POINTWISE[POINTWISE_FN[t]])
+        if t in (F.dropout, "contiguous") or t is F.dropout2d:
+            return _identity_rule(x)
+        if t in (torch.flatten, "flatten"):
+            start, end = _flatten_args(node)
+            return _reshape_rule(node, x, lambda v: v.flatten(start, end))
+        if t in ("view", "reshape", torch.reshape):
+            y_shape = _shape(node)
+            return _reshape_rule(node, x, lambda v: v.reshape(-1, *y_shape[1:]))
+        if t is F.adaptive_avg_pool2d:
+            return _adaptive_avg_rule(node, node.args[1] if len(node.args) > 1 else node.kwargs["output_size"])
+        name = getattr(t, "__name__", str(t))
+        raise _unsupported(f"operation {name!r} ({node.name})")
+    raise _unsupported(f"fx node {node.op} {node.target!r}")
+
+
+def _fetch(gm: nn.Module, target: str) -> torch.Tensor:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _depends_on_input(graph: fx.Graph, inp: fx.Node) -> set[fx.Node]:
+    live = {inp}
+    for node in graph.nodes:
+        if any(a in live for a in node.all_input_nodes):
+            live.add(node)
+    return live
+
+
+class VJPModule(nn.Module):
+    """forward(image, cotangent) -> (features, J^T cotangent) by a reverse pass over the fx graph."""
+
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...],
+                 rule_factory: Callable[[fx.Node, fx.GraphModule], Rule] = rule_for):
+        super().__init__()
+        self.net = gm
+        ShapeProp(gm).propagate(torch.zeros((2, *input_shape)))
+        nodes = list(gm.graph.nodes)
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise ModelError(None, f"the network must take one image input, not {len(placeholders)}")
+        self._input = placeholders[0]
+        self._output = next(n for n in nodes if n.op == "output").args[0]
+        if not isinstance(self._output, fx.Node):
+            raise ModelError(None, "the network must return one tensor")
+        live = _depends_on_input(gm.graph, self._input)
+        if self._output not in live:
+            raise ModelError(None, "the network's output does not depend on its input")
+        self._plan: list[tuple[fx.Node, Rule]] = []
+        needed = {a for n in live for a in n.all_input_nodes}
+        for node in nodes:
+            if node.op == "get_attr" and node in needed:  # a constant read by the network
+                self._plan.append((node, Rule([], lambda t=node.target: (_fetch(gm, t), None),
+                                              lambda g, xs, y, s: [], node.name)))
+            elif node in needed and node not in live and node.op != "placeholder":
+                raise _unsupported(f"constant subexpression {node.name}")
+            if node in live and node is not self._input and node.op != "output":
+                rule = rule_factory(node, gm)
+                bad = [a for a in node.all_input_nodes if a in live and a not in rule.inputs]
+                if bad:
+                    raise _unsupported(f"{node.name} reading {bad[0].name} outside its tensor arguments")
+                rule.name = node.name
+                rule.live = frozenset(a for a in rule.inputs if a in live)
+                self._plan.append((node, rule))
+        self._live = live
+        self.eval()  # exporters restore this mode on the shared modules afterwards
+
+    def forward(self, image: torch.Tensor, cotangent: torch.Tensor):
+        """cotangent: [N*K, *feature_shape], image-major (rows n*K .. n*K+K-1 belong to image n);
+        K = 1 is one cotangent per image. Returns features [N, ...] and input_grad [N*K, 3, H, W]."""
+        env: dict[fx.Node, Any] = {self._input: image}
+        saved: dict[fx.Node, Any] = {}
+        for node, rule in self._plan:
+            env[node], saved[node] = rule.fwd(*[env[a] for a in rule.inputs])
+        grads: dict[fx.Node, torch.Tensor] = {self._output: cotangent}
+        for node, rule in reversed(self._plan):
+            g = grads.pop(node, None)
+            if g is None:
+                continue
+            xs = [env[a] for a in rule.inputs]
+            for a, ga in zip(rule.inputs, rule.bwd(g, xs, env[node], saved[node])):
+                if ga is None or a not in self._live:
+                    continue
+                grads[a] = grads[a] + ga if a in grads else ga
+        gx = grads.get(self._input)
+        if gx is None:
+            gx = torch.zeros_like(image)
+        return env[self._output], gx

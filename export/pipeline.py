@@ -1,0 +1,226 @@
+"""The export stage end to end: backbone -> truncated fx graph -> VJP graph -> ONNX, verified, written."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+import pbv_onnx
+from pbv_onnx.atomic import atomic_file, check_writable
+from pbv_onnx.errors import ModelError, UsageError
+from pbv_onnx.images import Preprocessing
+from pbv_onnx.model import COTANGENT, FEATURES, FORMAT_VERSION, IMAGE, INPUT_GRAD, MULTI_COTANGENT, read_info
+
+from . import backbone, verify
+from .adjoint import ADJOINT_DESCRIPTION, VJPModule
+
+DEFAULT_OPSET = 17  # ScatterElements(reduction=add), needed by the max-pool adjoint, is opset >= 16
+
+
+def _stderr(msg: str) -> None:
+    print(f"pbv-onnx: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    feature_shape: tuple[int, ...]
+    verification: dict
+    seconds: float
+
+
+def to_onnx(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[int, ...],
+            opset: int) -> bytes:
+    """Serialise the VJP module with a dynamic batch axis (legacy TorchScript exporter)."""
+    image = torch.zeros((2, *input_shape))
+    cot = torch.zeros((2, *feature_shape))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # No constant folding: the adjoint's weight transposes stay ops on the shared initializers
+        # (onnxruntime folds them at session start), so the file holds each weight once.
+        torch.onnx.export(vjp, (image, cot), buf, dynamo=False, opset_version=opset,
+                          input_names=[IMAGE, COTANGENT], output_names=[FEATURES, INPUT_GRAD],
+                          # cotangent/input_grad hold K rows per image (N*K), so their batch
+                          # axis is a dimension of its own
+                          dynamic_axes={IMAGE: {0: "N"}, FEATURES: {0: "N"}, COTANGENT: {0: "NK"},
+                                        INPUT_GRAD: {0: "NK"}},
+                          do_constant_folding=False)
+    return buf.getvalue()
+
+
+def undo_initializer_dedup(proto) -> None:
+    """Turn `Identity(initializer)` nodes back into initializers, in place.
+
+    The exporter replaces initializers with equal values (e.g. BatchNorm weights that are all
+    ones) by Identity nodes; onnxruntime's Conv+BatchNorm fusion then drops Identity outputs that
+    the adjoint still reads. Such parameters are per-channel vectors, so copying them is cheap.
+    """
+    inits = {t.name: t for t in proto.graph.initializer}
+    keep = []
+    for node in proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = proto.graph.initializer.add()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+        else:
+            keep.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+
+
+def vjp_proto(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[int, ...],
+              opset: int = DEFAULT_OPSET):
+    """The VJP module as an ONNX ModelProto (no metadata yet, not verified)."""
+    import onnx
+
+    try:
+        model_bytes = to_onnx(vjp, input_shape, feature_shape, opset)
+    except Exception as exc:
+        raise ModelError(None, f"torch.onnx.export failed ({exc.__class__.__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    proto = onnx.load_from_string(model_bytes)
+    undo_initializer_dedup(proto)
+    return proto
+
+
+def multi_cotangent_error(session, x: np.ndarray, feature_shape: tuple[int, ...], seed: int = 0,
+                          k: int = 2) -> float:
+    """Worst relative L2 between input_grad of K cotangents per image in one call ([N*K, ...],
+    image-major) and the same cotangents one call each: the multi-cotangent layout is exact."""
+    rng = np.random.default_rng(seed + 1)
+    cots = rng.standard_normal((len(x), k, *feature_shape)).astype(np.float32)
+    multi = session.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cots.reshape(-1, *feature_shape)})[0]
+    multi = multi.reshape(len(x), k, *x.shape[1:])
+    return max(max(verify.rel_l2(a, b) for a, b in zip(multi[:, j], session.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cots[:, j]})[0]))
+               for j in range(k))
+
+
+def _session(model_bytes: bytes):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _features_only(proto):
+    from onnx.utils import Extractor
+
+    return Extractor(proto).extract_model([IMAGE], [FEATURES])
+
+
+def export_model(out: str | Path, arch: str | None = None, layer: str | None = None,
+                 weights: str = "none", seed: int = 0, pool: str = "none",
+                 resize: str | None = None, crop: str | None = None,
+                 mean: tuple[float, float, float] | None = None,
+                 std: tuple[float, float, float] | None = None,
+                 opset: int = DEFAULT_OPSET, tolerance: float = verify.DEFAULT_TOLERANCE,
+                 grad_tolerance: float = verify.DEFAULT_GRAD_TOLERANCE,
+                 force: bool = False, n_images: int = 4, module: nn.Module | None = None,
+                 preprocessing: Preprocessing | None = None, images: list[Path] | None = None,
+                 progress: Callable[[str], None] | None = _stderr) -> ExportResult:
+    """Export `arch` cut at `layer` (or a given fx-traceable `module`) with its gradient graph.
+
+    Verifies the ONNX graph against torch autograd before writing; beyond `tolerance` (relative
+    L2, worst sample) raises ModelError and writes nothing.
+    """
+    t0 = time.perf_counter()
+    say = progress or (lambda msg: None)
+    out = check_writable(out, force)
+    for name, value in (("--tolerance", tolerance), ("--grad-tolerance", grad_tolerance)):
+        if not 0 < value < 1:
+            raise UsageError(None, f"{name} must be in (0, 1), not {value}")
+    if opset < 16:
+        raise UsageError(None, f"--opset must be at least 16 (ScatterElements with add), not {opset}")
+    if module is None:
+        if not arch:
+            raise UsageError(None, "--arch is required")
+        say(f"building {arch} (weights: {weights})")
+        bb = backbone.load_backbone(arch, weights, seed)
+        net_module, weights_record = bb.model, bb.weights
+        spec = preprocessing or backbone.build_preprocessing(bb.preprocessing, resize, crop, mean, std)
+    else:
+        arch = arch or type(module).__name__
+        net_module = module.eval().requires_grad_(False)
+        weights_record = {"source": "module", "class": type(module).__name__}
+        spec = preprocessing or backbone.build_preprocessing(None, resize, crop, mean, std)
+    say(f"tracing up to {layer or 'the output'}" + (" + global average pooling" if pool == "avg" else ""))
+    net = backbone.truncate(net_module, layer, pool)
+    input_shape = (3, *spec.input_size)
+    vjp = VJPModule(net, input_shape)
+    with torch.no_grad():
+        feature_shape = tuple(net(torch.zeros((1, *input_shape))).shape[1:])
+
+    say(f"exporting the gradient graph to ONNX (opset {opset}, features {list(feature_shape)})")
+    proto = vjp_proto(vjp, input_shape, feature_shape, opset)
+    model_bytes = proto.SerializeToString()
+    import onnx
+
+    x, inputs_desc = verify.verification_images(spec, n_images, images)
+    say(f"verifying onnxruntime against torch autograd on {len(x)} images ({inputs_desc.split(':')[0]})")
+    session = _session(model_bytes)
+    errors = verify.measure(session, net, x, seed)
+    cotangents = errors.pop("cotangents")
+    # Engine runs features through the image->features subgraph: it must equal the VJP graph's.
+    zeros = np.zeros((len(x), *feature_shape), np.float32)
+    fwd_only = _session(_features_only(proto).SerializeToString()).run([FEATURES], {IMAGE: x})[0]
+    fwd_err = verify.rel_l2(fwd_only, session.run([FEATURES], {IMAGE: x, COTANGENT: zeros})[0])
+    multi_err = multi_cotangent_error(session, x, feature_shape, seed)
+    what, err, limit = verify.worst(errors, tolerance, grad_tolerance)
+    verification = {"tolerance": tolerance, "grad_tolerance": grad_tolerance,
+                    "floor_factor": verify.FLOOR_FACTOR,
+                    "rule": "ort_vs_torch32: features <= tolerance; input_grad <= "
+                            "max(grad_tolerance, floor_factor * torch32_vs_torch64)",
+                    "limits": verify.limits(errors, tolerance, grad_tolerance),
+                    "metric": "relative L2 ||a-b||/||b||, worst sample",
+                    "n_images": int(len(x)), "inputs": inputs_desc, "cotangents": cotangents,
+                    "errors": errors, "features_only_vs_vjp_graph": fwd_err,
+                    "multi_cotangent_vs_single": multi_err,
+                    "runtime": f"onnxruntime {_ort_version()} CPU"}
+    if not err <= limit:
+        raise ModelError(out, f"export refused: onnxruntime differs from torch autograd in {what} "
+                         f"by {err:.2e} relative L2 (limit {limit:.1e}); nothing written")
+    if not multi_err <= tolerance:
+        raise ModelError(out, "export refused: K cotangents per image in one call disagree with one "
+                         f"call per cotangent ({multi_err:.1e}); nothing written")
+    if not fwd_err <= tolerance:
+        raise ModelError(out, "export refused: the features-only subgraph disagrees with the "
+                         f"VJP graph's features ({fwd_err:.1e}); nothing written")
+
+    meta = {
+        "format_version": FORMAT_VERSION, "arch": arch, "layer": layer or "", "pool": pool,
+        "feature_shape": list(feature_shape), "preprocessing": spec.to_dict(), "weights": weights_record,
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "onnx_opset": opset, "onnx": onnx.__version__, "pbv_onnx": pbv_onnx.__version__},
+        "verification": verification, "adjoint": ADJOINT_DESCRIPTION, MULTI_COTANGENT: True,
+    }
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        proto.metadata_props.add(key=key, value=json.dumps(value))
+    proto.producer_name = "pbv-onnx export"
+    with atomic_file(out, force) as tmp:
+        onnx.save(proto, str(tmp))
+        read_info(tmp)  # the file reads back as a pbv-onnx model
+    seconds = time.perf_counter() - t0
+    say(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; worst error {err:.1e} in {what}, "
+        f"limit {limit:.1e}; {seconds:.0f} s)")
+    return ExportResult(path=out, feature_shape=feature_shape, verification=verification, seconds=seconds)
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -1,0 +1,138 @@
+"""Per-channel evaluation of fitted readouts against recorded responses, and the Fig. 3a plot."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .atomic import atomic_dir
+from .errors import InputDataError, MismatchError
+from .responses import mean_response, split_halves
+from .stats import channel_metrics
+
+COLUMNS = ("r_cv_preferred", "r_ooc", "reliability", "r_critical", "r_critical_ooc",
+           "n_preferred", "n_ooc", "alpha")
+BLUE, ORANGE, BROWN = "tab:blue", "tab:orange", "tab:brown"
+
+
+def evaluate(readouts: xr.Dataset, responses: xr.Dataset, readouts_path: str | os.PathLike | None = None,
+             responses_path: str | os.PathLike | None = None) -> xr.Dataset:
+    """Per-channel table: r of the stored predictions (held-out for preferred stimuli, full fit for
+    the others) against the recorded mean responses, split-half reliability and critical r."""
+    if "prediction" not in readouts.data_vars or "heldout" not in readouts.coords:
+        raise InputDataError(readouts_path, "readouts file has no stored predictions ('prediction', 'heldout')")
+    ch_r = readouts["channel"].values.astype(str)
+    ch_d = responses["channel"].values.astype(str)
+    missing = np.setdiff1d(ch_r, ch_d)
+    if len(missing):
+        raise MismatchError(responses_path, f"lacks channels of the readouts: {', '.join(missing[:3])}")
+    st_r = readouts["stimulus"].values.astype(str)
+    st_d = responses["stimulus"].values.astype(str)
+    missing = np.setdiff1d(st_r, st_d)
+    if len(missing):
+        raise MismatchError(responses_path, f"lacks stimuli the readouts were evaluated on: {', '.join(missing[:3])}")
+    pos_c = {c: i for i, c in enumerate(ch_d)}
+    pos_s = {s: i for i, s in enumerate(st_d)}
+    sub = responses.isel(channel=[pos_c[c] for c in ch_r], stimulus=[pos_s[s] for s in st_r])
+    preferred = str(readouts.attrs.get("preferred_category"))
+    heldout = readouts["heldout"].values.astype(bool)
+    if not np.array_equal(sub["category"].values.astype(str) == preferred, heldout):
+        raise MismatchError(responses_path, f"the {preferred!r} stimuli differ from those the readouts were fitted on")
+    halves = split_halves(sub, responses_path)
+    pred = readouts["prediction"].assign_coords(channel=sub["channel"].values, stimulus=sub["stimulus"].values)
+    table = channel_metrics(pred, heldout, mean_response(sub), halves)
+    table = table.assign_coords(channel=readouts["channel"].values)
+    if "alpha" in readouts:
+        table["alpha"] = ("channel", readouts["alpha"].values)
+    if "region" in readouts.coords:
+        table = table.assign_coords(region=("channel", readouts["region"].values))
+    table.attrs = {k: v for k, v in readouts.attrs.items()
+                   if k in ("model_sha256", "arch", "layer", "preferred_category", "folds", "seed", "cv")}
+    return table
+
+
+def write_csv(table: xr.Dataset, path: Path) -> None:
+    cols = [c for c in COLUMNS if c in table]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["channel"] + (["region"] if "region" in table.coords else []) + cols)
+        for i, ch in enumerate(table["channel"].values):
+            row = [ch] + ([table["region"].values[i]] if "region" in table.coords else [])
+            row += [_cell(table[c].values[i]) for c in cols]
+            w.writerow(row)
+
+
+def _cell(v) -> str:
+    if isinstance(v, (np.integer, int)):
+        return str(int(v))
+    return "" if not np.isfinite(v) else f"{float(v):.6g}"
+
+
+def fig3a(table: xr.Dataset, path: Path) -> None:
+    """Per channel: held-out r on preferred images (blue), r on out-of-category images (orange),
+    split-half reliability (brown dots); dashed lines at the channel means and at critical r."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.argsort(-np.nan_to_num(table["r_cv_preferred"].values, nan=-np.inf), kind="stable")
+    t = table.isel(channel=order)
+    n = t.sizes["channel"]
+    x = np.arange(n)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * n + 2), 3.6), dpi=150)
+    width = 0.4
+    pref = t["r_cv_preferred"].values
+    ooc = t["r_ooc"].values
+    rel = t["reliability"].values
+    ax.bar(x - width / 2, np.nan_to_num(pref), width, color=BLUE, label="preferred (held-out)")
+    ax.bar(x + width / 2, np.nan_to_num(ooc), width, color=ORANGE, label="out-of-category")
+    if np.isfinite(rel).any():
+        ax.plot(x, rel, "o", color=BROWN, ms=3.5, label="split-half reliability")
+    for values, color in ((pref, BLUE), (ooc, ORANGE)):
+        if np.isfinite(values).any():
+            ax.axhline(np.nanmean(values), color=color, ls="--", lw=1)
+    crit = t["r_critical"].values
+    if np.isfinite(crit).any():
+        ax.axhline(np.nanmean(crit), color="black", ls="--", lw=1, label="p = .05")
+    ax.axhline(0, color="0.6", lw=0.5)
+    labels = [str(c) for c in t["channel"].values]
+    if n <= 60:
+        ax.set_xticks(x, labels, rotation=90, fontsize=6)
+    ax.set_xlim(-0.7, n - 0.3)
+    ax.set_ylim(min(-0.2, float(np.nanmin(np.r_[pref, ooc, 0.0])) - 0.05), 1.0)
+    ax.set_xlabel("channel")
+    ax.set_ylabel("Pearson r")
+    title = f"{table.attrs.get('arch', '')} {table.attrs.get('layer', '')}".strip()
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=6, frameon=False, ncol=4, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(table: xr.Dataset, out: str | os.PathLike, force: bool = False) -> Path:
+    """The evaluation folder: channels.csv, channels.nc and fig3a.png, written as a whole."""
+    out = Path(out)
+    with atomic_dir(out, force) as tmp:
+        write_csv(table, tmp / "channels.csv")
+        table.to_netcdf(tmp / "channels.nc", engine="h5netcdf")
+        fig3a(table, tmp / "fig3a.png")
+    return out
+
+
+def evaluate_files(readouts: str | os.PathLike, responses: str | os.PathLike, out: str | os.PathLike,
+                   force: bool = False) -> xr.Dataset:
+    """`pbv-onnx evaluate`: the per-channel table and Fig. 3a for fitted readouts."""
+    from .atomic import claim_output
+    from .readouts import load_readouts
+    from .responses import load_responses
+
+    with claim_output(out, force):
+        table = evaluate(load_readouts(readouts), load_responses(responses), readouts, responses)
+        write_report(table, out, force)
+    return table

@@ -1,0 +1,416 @@
+"""Explanations: which pairs to explain, batched parallel backpropagation, the labelled result."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import xarray as xr
+
+from . import responses as resp_io
+from . import saliency
+from .errors import InputDataError, MismatchError, UsageError
+from .images import load_batch
+from .model import Engine
+from .similarity import DEFAULT_TOP_K, candidate_ids, rank_candidates, rank_order
+
+ROLES = ("ooc", "reference")
+COLORS = ("R", "G", "B")
+DEFAULT_TOP_OBJECTS = 3
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image to explain: a recorded stimulus (with its id) or an outside image file."""
+
+    label: str                # the stimulus id as text, or the path as given
+    path: Path
+    stimulus: Any = None      # the stimulus coordinate value; None for an outside image
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return ("stimulus", self.label) if self.stimulus is not None else ("path", str(self.path))
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One (channel, object, reference) to explain, with the similarity that chose the reference."""
+
+    channel: Any
+    ooc: ImageRef
+    reference: ImageRef
+    similarity: float
+
+
+@dataclass
+class Study:
+    """Everything an explanation reads: one engine, the readouts, the recorded responses."""
+
+    engine: Engine
+    readouts: xr.Dataset
+    responses: xr.Dataset
+    readouts_path: Path
+    responses_path: Path
+    preferred: str
+    mean: xr.DataArray                      # (channel, stimulus) recorded mean responses
+    paths: dict[str, Path]                  # stimulus id (text) -> image file
+    stimuli: dict[str, Any]                 # stimulus id (text) -> coordinate value
+    features_cache: Path | None = None
+    force_features: bool = False
+    progress: bool = True
+    _phi: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+
+    # -- lookups --------------------------------------------------------------------------
+    @property
+    def channels(self) -> list:
+        return self.readouts["channel"].values.tolist()
+
+    def channel(self, text: str):
+        """The readout channel whose id reads `text`."""
+        for c in self.channels:
+            if str(c) == str(text):
+                return c
+        shown = ", ".join(str(c) for c in self.channels[:8]) + (" ..." if len(self.channels) > 8 else "")
+        raise UsageError(self.readouts_path, f"unknown channel {text!r} (channels: {shown})")
+
+    def weight(self, channel) -> np.ndarray:
+        return self.readouts["weight"].sel(channel=channel).transpose("feature").values.astype(np.float64)
+
+    def bias(self, channel) -> float:
+        return float(self.readouts["bias"].sel(channel=channel)) if "bias" in self.readouts else 0.0
+
+    def region(self, channel) -> str:
+        for ds in (self.responses, self.readouts):
+            if "region" in ds.coords and channel in ds["channel"].values:
+                return str(ds["region"].sel(channel=channel).values)
+        return ""
+
+    def recorded(self, channel, ref: ImageRef) -> float:
+        """The recorded mean response of `channel` to `ref`, NaN for an outside image."""
+        if ref.stimulus is None:
+            return float("nan")
+        return float(self.mean.sel(channel=channel, stimulus=ref.stimulus))
+
+    def predicted(self, channel, ref: ImageRef) -> float:
+        return float(self.weight(channel) @ self.phi([ref])[0].astype(np.float64) + self.bias(channel))
+
+    def image(self, text: str) -> ImageRef:
+        """A stimulus id of the responses file, or an image path (a recorded one maps to its id)."""
+        text = str(text)
+        if text in self.paths:
+            return ImageRef(text, self.paths[text], self.stimuli[text])
+        p = Path(text)
+        if p.exists():
+            resolved = p.resolve()
+            for sid, sp in self.paths.items():
+                if sp.resolve() == resolved:
+                    return ImageRef(sid, sp, self.stimuli[sid])
+            return ImageRef(text, p, None)
+        raise InputDataError(text, f"neither a stimulus id in {self.responses_path} nor an image file")
+
+    def stimulus_ref(self, stimulus) -> ImageRef:
+        sid = str(stimulus)
+        return ImageRef(sid, self.paths[sid], self.stimuli[sid])
+
+    # -- features -------------------------------------------------------------------------
+    def phi(self, refs: Sequence[ImageRef]) -> np.ndarray:
+        """Flattened features [N, D] of the images, computed once each and kept."""
+        missing = list({r.key: r for r in refs if r.key not in self._phi}.values())
+        stim = [r for r in missing if r.stimulus is not None]
+        outside = [r for r in missing if r.stimulus is None]
+        if stim:
+            feats = _stimulus_features(self, stim)
+            for r, f in zip(stim, feats):
+                self._phi[r.key] = f
+        for i in range(0, len(outside), self.engine.batch_size):
+            chunk = outside[i:i + self.engine.batch_size]
+            feats = self.engine.features(load_batch([r.path for r in chunk], self.engine.info.preprocessing))
+            for r, f in zip(chunk, feats.reshape(len(chunk), -1)):
+                self._phi[r.key] = f
+        D = self.engine.info.n_features
+        return np.stack([self._phi[r.key] for r in refs]) if refs else np.empty((0, D), np.float32)
+
+
+def _stimulus_features(study: Study, refs: Sequence[ImageRef]) -> np.ndarray:
+    """Features of recorded stimuli, through the shared feature cache where one is given."""
+    from . import features as feat_io
+
+    if study.features_cache is not None:
+        # The cache covers the whole stimulus set, so later commands reuse it as is.
+        ids = list(study.stimuli.values())
+        paths = [study.paths[str(s)] for s in ids]
+    else:
+        ids = [r.stimulus for r in refs]
+        paths = [r.path for r in refs]
+    da = feat_io.load_or_compute_features(study.engine, paths, ids, cache=study.features_cache,
+                                          force=study.force_features, progress=study.progress)
+    da = da.transpose("stimulus", "feature")
+    return da.sel(stimulus=[r.stimulus for r in refs]).values
+
+
+def open_study(model: str | os.PathLike, readouts: str | os.PathLike, responses: str | os.PathLike,
+               images_root: str | os.PathLike | None = None, features_cache: str | os.PathLike | None = None,
+               device: str = "auto", batch_size: int = 16, force_features: bool = False,
+               progress: bool = True, engine: Engine | None = None) -> Study:
+    """Open the model once, and the readouts and responses it will explain (all checked)."""
+    from . import readouts as ro_io
+
+    engine = engine or Engine(model, device=device, batch_size=batch_size)
+    readouts_path, responses_path = Path(readouts), Path(responses)
+    ro = ro_io.load_readouts(readouts_path, engine.info)
+    ds = resp_io.load_responses(responses_path)
+    missing = [c for c in ro["channel"].values.tolist() if c not in set(ds["channel"].values.tolist())]
+    if missing:
+        raise MismatchError(readouts_path, f"channel(s) {', '.join(map(str, missing[:5]))} are not in {responses_path}")
+    preferred = resp_io.preferred_category(ds, None, responses_path)
+    fitted_for = str(ro.attrs.get("preferred_category", preferred))
+    if fitted_for != preferred:
+        raise MismatchError(readouts_path, f"was fitted for preferred category {fitted_for!r}, but "
+                            f"{responses_path.name} says {preferred!r}")
+    paths = resp_io.image_paths(ds, responses_path, images_root)
+    stim_values = ds["stimulus"].values.tolist()
+    return Study(engine=engine, readouts=ro, responses=ds, readouts_path=readouts_path,
+                 responses_path=responses_path,
+                 preferred=preferred,
+                 mean=resp_io.mean_response(ds),
+                 paths={str(s): p for s, p in zip(stim_values, paths)},
+                 stimuli={str(s): s for s in stim_values},
+                 features_cache=None if features_cache is None else Path(features_cache),
+                 force_features=force_features, progress=progress)
+
+
+# -- choosing pairs -------------------------------------------------------------------------
+
+def top_objects(study: Study, channel, k: int = DEFAULT_TOP_OBJECTS) -> list[ImageRef]:
+    """The channel's k most driving out-of-category stimuli by recorded mean response."""
+    if k < 1:
+        raise UsageError(None, f"--top-objects must be at least 1, not {k}")
+    cats = study.responses["category"].values.astype(str)
+    stimuli = study.responses["stimulus"].values[cats != study.preferred]
+    resp = study.mean.sel(channel=channel).sel(stimulus=stimuli).values.astype(np.float64)
+    keep = np.isfinite(resp)
+    stimuli, resp = stimuli[keep], resp[keep]
+    if len(stimuli) == 0:
+        raise InputDataError(study.responses_path, f"channel {channel} has no recorded response to any "
+                                                   f"object outside {study.preferred!r}")
+    return [study.stimulus_ref(s) for s in stimuli[rank_order(resp, stimuli)[:k]]]
+
+
+def candidates(study: Study, channel, mode: str = "top-k", k: int = DEFAULT_TOP_K,
+               exclude: ImageRef | None = None) -> list[ImageRef]:
+    """Reference candidates for the channel; the object itself is never its own reference."""
+    ids = candidate_ids(study.mean, study.responses["category"], study.preferred, channel, mode, k,
+                        source=str(study.responses_path))
+    refs = [study.stimulus_ref(s) for s in ids]
+    if exclude is not None:
+        refs = [r for r in refs if r.key != exclude.key]
+    if not refs:
+        raise InputDataError(study.responses_path, f"empty candidate set for channel {channel}")
+    return refs
+
+
+def match(study: Study, channel, obj: ImageRef, mode: str = "top-k", k: int = DEFAULT_TOP_K) -> xr.Dataset:
+    """Rank the channel's candidate references by s_n(o, b): similarity and recorded response."""
+    refs = candidates(study, channel, mode, k, exclude=obj)
+    feats = study.phi(refs)
+    cand = xr.DataArray(feats, dims=("stimulus", "feature"),
+                        coords={"stimulus": [r.stimulus for r in refs]})
+    ranked = rank_candidates(study.weight(channel), study.phi([obj])[0], cand,
+                             source=obj.label, label=f"{obj.label} (channel {channel})")
+    rec = study.mean.sel(channel=channel).sel(stimulus=ranked["stimulus"].values).values
+    return xr.Dataset({"similarity": ranked, "recorded": ("stimulus", rec)},
+                      coords={"rank": ("stimulus", np.arange(1, ranked.sizes["stimulus"] + 1))},
+                      attrs={"channel": str(channel), "object": obj.label, "candidates": mode})
+
+
+def build_pairs(study: Study, channels: Sequence | None = None, images: Sequence[str] | None = None,
+                top_k_objects: int = DEFAULT_TOP_OBJECTS, reference: str | None = None,
+                mode: str = "top-k", k: int = DEFAULT_TOP_K) -> list[Pair]:
+    """The (channel, object, reference) pairs: given objects or each channel's top drivers, each
+    with the best-matching reference, or a forced one."""
+    chans = [study.channel(c) for c in channels] if channels else study.channels
+    given = [study.image(t) for t in images] if images else None
+    forced = study.image(reference) if reference is not None else None
+    plan = [(c, o) for c in chans for o in (given if given is not None else top_objects(study, c, top_k_objects))]
+    # All features needed, computed in one pass, before any matching.
+    needed = [o for _, o in plan] + ([forced] if forced else [])
+    if forced is None:
+        for c in chans:
+            needed += candidates(study, c, mode, k)
+    study.phi(needed)
+    pairs = []
+    for c, o in plan:
+        if forced is not None:
+            s = float(saliency.hadamard_weights(study.weight(c), *study.phi([o, forced])).sum())
+            pairs.append(Pair(c, o, forced, s))
+        else:
+            ranked = match(study, c, o, mode, k)
+            best = study.stimulus_ref(ranked["stimulus"].values[0])
+            pairs.append(Pair(c, o, best, float(ranked["similarity"].values[0])))
+    return pairs
+
+
+# -- explaining -----------------------------------------------------------------------------
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="pair", file=sys.stderr, disable=None if enabled else True,
+                dynamic_ncols=True)
+
+
+def backprop_pairs(engine: Engine, images: Iterable[np.ndarray], cot_o: np.ndarray, cot_b: np.ndarray,
+                   method: str = "parallel", steps: int = saliency.DEFAULT_STEPS,
+                   baseline: str = "black") -> np.ndarray:
+    """Input gradients [P, 2, 3, H, W] of P pairs in one engine call: the 2P images of the pairs
+    (object, reference per pair, `images` [P, 2, 3, H, W]) stacked with their cotangents."""
+    x = np.asarray(images, np.float32)
+    P = len(x)
+    stacked = x.reshape(2 * P, *x.shape[2:])
+    cot = np.stack([np.asarray(cot_o), np.asarray(cot_b)], axis=1).reshape(2 * P, -1).astype(np.float32)
+    if method == "integrated":
+        x0 = saliency.baseline_images(stacked, baseline, engine.info.preprocessing)
+        grad = saliency.integrated(engine.vjp, stacked, x0, cot, steps)
+    else:
+        grad = saliency.backprop(engine.vjp, stacked, cot)
+    return grad.reshape(P, 2, *grad.shape[1:])
+
+
+def run_description(study: Study, pairs: Sequence[Pair], method: str, steps: int, baseline: str,
+                    save_inputs: bool) -> dict:
+    """What decides an explain run's gradients, for checkpoints: hashes of the model, the readouts
+    and every image, the method and its options, the pairs in order."""
+    from .features import content_hash
+    from .model import file_sha256
+
+    hashes: dict[Path, str] = {}
+
+    def image(ref: ImageRef) -> list[str]:
+        if ref.path not in hashes:
+            hashes[ref.path] = content_hash(ref.path)
+        return [ref.key[0], ref.key[1], hashes[ref.path]]
+
+    integrated = method == "integrated"
+    return {"model_sha256": study.engine.info.sha256, "readouts_sha256": file_sha256(study.readouts_path),
+            "method": method, "steps": steps if integrated else None,
+            "baseline": baseline if integrated else None, "save_inputs": bool(save_inputs),
+            "pairs": [[str(p.channel), *image(p.ooc), *image(p.reference)] for p in pairs]}
+
+
+def explain(study: Study, pairs: Sequence[Pair], method: str = "parallel",
+            steps: int = saliency.DEFAULT_STEPS, baseline: str = "black", save_inputs: bool = False,
+            options: dict | None = None, checkpoint=None) -> xr.Dataset:
+    """Backpropagate every pair (in batches through the one engine) -> the labelled result.
+
+    With a `checkpoint` (pbv_onnx.checkpoint.Checkpoints), pairs it already holds are not
+    recomputed and each finished batch is saved to it.
+    """
+    if method not in saliency.METHODS:
+        raise UsageError(None, f"--method must be one of {', '.join(saliency.METHODS)}, not {method!r}")
+    if baseline not in saliency.BASELINES:
+        raise UsageError(None, f"--baseline must be one of {', '.join(saliency.BASELINES)}, not {baseline!r}")
+    if steps < 1:
+        raise UsageError(None, f"--steps must be at least 1, not {steps}")
+    if not pairs:
+        raise UsageError(None, "nothing to explain (no pairs)")
+    eng = study.engine
+    spec = eng.info.preprocessing
+    P = len(pairs)
+    H, W = spec.input_size
+    grads = np.empty((P, 2, 3, H, W), np.float32)
+    inputs = np.empty((P, 2, 3, H, W), np.float32) if save_inputs else None
+    done = checkpoint.load(grads, inputs) if checkpoint is not None else np.zeros(P, bool)
+    if done.any():
+        checkpoint.log(f"resuming: {int(done.sum())} of {P} pairs from checkpoints in {checkpoint.folder}")
+    todo = np.flatnonzero(~done)
+    # Pairs per engine call: two images each, so one call holds about batch_size images.
+    chunk = max(1, eng.batch_size // 2)
+    try:
+        with _progress(P, study.progress, f"explain ({method})") as bar:
+            bar.update(int(done.sum()))
+            for i in range(0, len(todo), chunk):
+                idx = todo[i:i + chunk]
+                part = [pairs[j] for j in idx]
+                x = load_batch([p for pr in part for p in (pr.ooc.path, pr.reference.path)], spec)
+                x = x.reshape(len(part), 2, 3, H, W)
+                cots = [saliency.pair_cotangents(method, study.weight(pr.channel), *study.phi([pr.ooc, pr.reference]))
+                        for pr in part]
+                grads[idx] = backprop_pairs(eng, x, np.stack([c[0] for c in cots]),
+                                            np.stack([c[1] for c in cots]), method, steps, baseline)
+                if inputs is not None:
+                    inputs[idx] = x
+                if checkpoint is not None:
+                    checkpoint.save(idx, grads[idx], None if inputs is None else inputs[idx])
+                bar.update(len(part))
+    except KeyboardInterrupt:
+        if checkpoint is not None and (done.any() or checkpoint.saved):
+            checkpoint.log(f"{int(done.sum()) + checkpoint.saved} of {P} pairs are checkpointed in "
+                           f"{checkpoint.folder}; rerun with --resume to continue")
+        raise
+    return to_dataset(study, pairs, grads, inputs, method, options or {})
+
+
+def to_dataset(study: Study, pairs: Sequence[Pair], grads: np.ndarray, inputs: np.ndarray | None,
+               method: str, options: dict) -> xr.Dataset:
+    """The explanations.nc layout: pair x role x color x y x x, per-pair coordinates, provenance."""
+    info = study.engine.info
+    H, W = grads.shape[-2:]
+    per_pair = {
+        "channel": [str(p.channel) for p in pairs],
+        "region": [study.region(p.channel) for p in pairs],
+        "ooc": [p.ooc.label for p in pairs],
+        "reference": [p.reference.label for p in pairs],
+        "ooc_file": [str(p.ooc.path) for p in pairs],
+        "reference_file": [str(p.reference.path) for p in pairs],
+        "similarity": [p.similarity for p in pairs],
+        "predicted_ooc": [study.predicted(p.channel, p.ooc) for p in pairs],
+        "predicted_reference": [study.predicted(p.channel, p.reference) for p in pairs],
+        "recorded_ooc": [study.recorded(p.channel, p.ooc) for p in pairs],
+        "recorded_reference": [study.recorded(p.channel, p.reference) for p in pairs],
+        "method": [method] * len(pairs),
+    }
+    coords: dict[str, Any] = {"pair": np.arange(len(pairs)), "role": list(ROLES), "color": list(COLORS),
+                              "y": np.arange(H), "x": np.arange(W)}
+    for name, values in per_pair.items():
+        arr = np.asarray(values, dtype=np.float64) if isinstance(values[0], float) else np.asarray(values, dtype=str)
+        coords[name] = ("pair", arr)
+    data = {
+        "input_grad": (("pair", "role", "color", "y", "x"), grads.astype(np.float32),
+                       {"long_name": "J_phi(x)^T v, the raw input gradient"}),
+        "saliency": (("pair", "role", "y", "x"), saliency.display_map(grads).astype(np.float32),
+                     {"long_name": "sum over colour of |input_grad| (display map, unsmoothed)"}),
+    }
+    if inputs is not None:
+        data["image"] = (("pair", "role", "color", "y", "x"), inputs, {"long_name": "preprocessed network input"})
+    attrs = {"model_sha256": info.sha256, "model": str(info.path), "arch": info.arch, "layer": info.layer,
+             "feature_shape": json.dumps(list(info.feature_shape)),
+             "preprocessing": json.dumps(info.preprocessing.to_dict()),
+             "readouts": str(study.readouts_path), "responses": str(study.responses_path),
+             "preferred_category": study.preferred, "method": method,
+             "options": json.dumps(options, default=str), "pbv_onnx_version": _version()}
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def channel_summary(study: Study) -> xr.Dataset:
+    """Each channel's mean recorded response to all objects and to all preferred images (Fig. 3b)."""
+    import warnings
+
+    pref = study.responses["category"].values.astype(str) == study.preferred
+    m = study.mean.sel(channel=study.channels).values.astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_obj = np.nanmean(m[:, ~pref], axis=1) if (~pref).any() else np.full(len(m), np.nan)
+        mean_pref = np.nanmean(m[:, pref], axis=1) if pref.any() else np.full(len(m), np.nan)
+    return xr.Dataset({"mean_object": ("channel", mean_obj), "mean_preferred": ("channel", mean_pref)},
+                      coords={"channel": np.asarray([str(c) for c in study.channels]),
+                              "region": ("channel", np.asarray([study.region(c) for c in study.channels], str))},
+                      attrs={"preferred_category": study.preferred})

@@ -1,0 +1,170 @@
+"""The explain output folder: explanations.nc, one figure per pair, a response panel, index.html."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from . import figures
+from .atomic import atomic_dir
+from .images import Preprocessing, display_image, load_image
+from .saliency import gaussian_smooth, shared_vmax
+
+SCALES = ("run", "channel", "pair")
+NETCDF = "explanations.nc"
+
+
+def display_maps(ds: xr.Dataset, smooth: float = 0.0) -> np.ndarray:
+    """The maps as drawn [pair, role, y, x]: the stored saliency, smoothed for display if asked."""
+    maps = ds["saliency"].transpose("pair", "role", "y", "x").values
+    return gaussian_smooth(maps, smooth) if smooth > 0 else maps
+
+
+def colour_scales(ds: xr.Dataset, maps: np.ndarray, scale: str = "run") -> np.ndarray:
+    """One vmax per pair, shared by its two maps; pooled over the whole run, each channel, or the pair.
+
+    Never one per image: a weakly similar pair must look weak next to its partner (and, with the
+    run or channel scale, next to other pairs).
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}")
+    P = maps.shape[0]
+    if scale == "run":
+        return np.full(P, shared_vmax(maps))
+    if scale == "pair":
+        return np.array([shared_vmax(maps[i]) for i in range(P)])
+    chans = ds["channel"].values.astype(str)
+    out = np.empty(P)
+    for c in np.unique(chans):
+        sel = chans == c
+        out[sel] = shared_vmax(maps[sel])
+    return out
+
+
+def _slug(text: str, n: int = 40) -> str:
+    name = Path(text).stem if ("/" in text or os.sep in text) else text
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:n].strip("._") or "x"
+
+
+def pair_filename(ds: xr.Dataset, i: int) -> str:
+    return (f"pairs/{i:04d}_ch-{_slug(str(ds['channel'].values[i]))}"
+            f"_{_slug(str(ds['ooc'].values[i]))}.png")
+
+
+def write_output(ds: xr.Dataset, out: str | os.PathLike, summary: xr.Dataset | None = None,
+                 smooth: float = 0.0, scale: str = "run", force: bool = False) -> Path:
+    """Write the whole output folder atomically: nothing appears unless everything was written."""
+    spec = Preprocessing.from_dict(json.loads(ds.attrs["preprocessing"]))
+    maps = display_maps(ds, smooth)
+    vmax = colour_scales(ds, maps, scale)
+    ds = ds.assign_coords(display_vmax=("pair", vmax))
+    ds.attrs.update(display_smooth_sigma=float(smooth), display_scale=scale)
+    out = Path(out)
+    with atomic_dir(out, force) as tmp:
+        ds.to_netcdf(tmp / NETCDF, engine="h5netcdf")
+        (tmp / "pairs").mkdir()
+        files = []
+        for i in range(ds.sizes["pair"]):
+            imgs = [display_image(load_image(ds[f"{r}_file"].values[i]), spec) for r in ("ooc", "reference")]
+            name = pair_filename(ds, i)
+            figures.save_pair_figure(
+                tmp / name, imgs[0], imgs[1], maps[i, 0], maps[i, 1], float(vmax[i]),
+                channel=str(ds["channel"].values[i]), region=str(ds["region"].values[i]),
+                ooc=str(ds["ooc"].values[i]), reference=str(ds["reference"].values[i]),
+                similarity=float(ds["similarity"].values[i]),
+                recorded=(float(ds["recorded_ooc"].values[i]), float(ds["recorded_reference"].values[i])),
+                predicted=(float(ds["predicted_ooc"].values[i]), float(ds["predicted_reference"].values[i])),
+                method=str(ds["method"].values[i]), scale_note=f"{scale} scale")
+            files.append(name)
+        panel = _response_panel(ds, summary, tmp)
+        (tmp / "index.html").write_text(render_index(ds, files, panel), encoding="utf-8")
+    return out
+
+
+def _response_panel(ds: xr.Dataset, summary: xr.Dataset | None, folder: Path) -> str | None:
+    """Fig. 3b for the channels explained, where their objects are recorded stimuli."""
+    if summary is None or not np.isfinite(ds["recorded_ooc"].values).any():
+        return None
+    chans = list(dict.fromkeys(ds["channel"].values.astype(str)))
+    all_ch = summary["channel"].values.astype(str)
+    idx = [int(np.flatnonzero(all_ch == c)[0]) for c in chans]
+    objects = []
+    for c in chans:
+        sel = ds["channel"].values.astype(str) == c
+        # one dot per distinct object: the same object may appear with several references
+        seen = dict(zip(ds["ooc"].values[sel], ds["recorded_ooc"].values[sel]))
+        objects.append(list(seen.values()))
+    name = "responses.png"
+    figures.save_response_panel(folder / name, chans,
+                                [str(summary["region"].values[i]) for i in idx], objects,
+                                summary["mean_object"].values[idx], summary["mean_preferred"].values[idx],
+                                preferred=str(summary.attrs.get("preferred_category", "preferred")))
+    return name
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
+h3{font-size:1em;margin:1.4em 0 .4em}table{border-collapse:collapse;font-size:.85em}
+td,th{padding:.15em .8em .15em 0;text-align:left;vertical-align:top}
+figure{margin:.4em 0 1.2em}figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.85em;color:#444}.meta{color:#555;font-size:.9em}nav a{margin-right:1em}
+"""
+
+
+def _num(v: float, d: int = 2) -> str:
+    return "n/a" if not np.isfinite(v) else f"{v:.{d}f}"
+
+
+def render_index(ds: xr.Dataset, files: list[str], panel: str | None) -> str:
+    """An offline, self-contained HTML page: relative links only, no external assets."""
+    e = html.escape
+    a = ds.attrs
+    chans = list(dict.fromkeys(ds["channel"].values.astype(str)))
+    regions = ds["region"].values.astype(str)
+    by_region: dict[str, list[str]] = {}
+    for c in chans:
+        r = regions[ds["channel"].values.astype(str) == c][0] or "(no region)"
+        by_region.setdefault(r, []).append(c)
+    opts = json.loads(a.get("options", "{}"))
+    rows = [("model", f"{a['arch']} cut at {a['layer']} (sha256 {a['model_sha256'][:12]}\u2026)"),
+            ("method", a["method"]), ("readouts", a["readouts"]), ("responses", a["responses"]),
+            ("preferred category", a["preferred_category"]),
+            ("colour scale", f"{a['display_scale']} (shared by both maps of a pair; never per image)"),
+            ("display smoothing", f"Gaussian sigma {a['display_smooth_sigma']} px (display only)"),
+            ("pairs", str(ds.sizes["pair"]))] + [(k, str(v)) for k, v in opts.items()]
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           "<title>pbv-onnx explanations</title>", f"<style>{_CSS}</style></head><body>",
+           "<h1>Shared-feature explanations</h1>",
+           '<p class="meta">Each figure: the object, its saliency map, the most similar preferred-category '
+           "reference and its map. Maps are the summed absolute input gradients of the channel's "
+           "similarity-weighted features; both maps of a pair share one colour scale.</p>",
+           "<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows) + "</table>",
+           f'<p><a href="{NETCDF}">{NETCDF}</a> (raw input gradients and maps)</p>']
+    if panel:
+        out += ["<h2>Recorded responses</h2>",
+                f'<figure><a href="{e(panel)}"><img src="{e(panel)}" alt="recorded responses"></a>'
+                "<figcaption>Recorded responses to the explained objects (dots) against each channel's "
+                "mean response to all objects and to all preferred-category images.</figcaption></figure>"]
+    out.append("<nav>" + " ".join(f'<a href="#region-{e(_slug(r))}">{e(r)}</a>' for r in by_region) + "</nav>")
+    for r, cs in by_region.items():
+        out.append(f'<h2 id="region-{e(_slug(r))}">Region {e(r)}</h2>')
+        for c in cs:
+            out.append(f'<h3 id="channel-{e(_slug(c))}">Channel {e(c)}</h3>')
+            for i in np.flatnonzero(ds["channel"].values.astype(str) == c):
+                f = files[i]
+                cap = (f"object {e(str(ds['ooc'].values[i]))} \u2192 reference {e(str(ds['reference'].values[i]))}; "
+                       f"similarity {_num(float(ds['similarity'].values[i]), 3)}; recorded "
+                       f"{_num(float(ds['recorded_ooc'].values[i]))} / {_num(float(ds['recorded_reference'].values[i]))}, "
+                       f"predicted {_num(float(ds['predicted_ooc'].values[i]))} / "
+                       f"{_num(float(ds['predicted_reference'].values[i]))} (object / reference)")
+                out.append(f'<figure><a href="{e(f)}"><img src="{e(f)}" alt="pair {i}" loading="lazy"></a>'
+                           f"<figcaption>{cap}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out)

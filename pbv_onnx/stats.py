@@ -1,0 +1,148 @@
+"""Per-channel statistics: NaN-aware Pearson r, critical r under rho = 0, split-half reliability."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import xarray as xr
+
+
+def pearson_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson r between matching rows of `a` and `b` [C, S] over the columns where both are
+    finite, and the number of such columns per row. Rows with fewer than 3 pairs or zero
+    variance give NaN."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    n = ok.sum(axis=1)
+    a0, b0 = np.where(ok, a, 0.0), np.where(ok, b, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ma = a0.sum(1) / n
+        mb = b0.sum(1) / n
+        da = np.where(ok, a0 - ma[:, None], 0.0)
+        db = np.where(ok, b0 - mb[:, None], 0.0)
+        r = (da * db).sum(1) / np.sqrt((da * da).sum(1) * (db * db).sum(1))
+    r = np.where((n >= 3) & np.isfinite(r), np.clip(r, -1.0, 1.0), np.nan)
+    return r, n
+
+
+def spearman_brown(r: np.ndarray | float) -> np.ndarray:
+    """Reliability of the full mean from the correlation of two halves: 2r / (1 + r)."""
+    r = np.asarray(r, np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 2.0 * r / (1.0 + r)
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny, eps = 1e-300, 3e-16
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 10_000):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def p_value_r(r: float, n: int) -> float:
+    """Two-sided p of a Pearson r from n pairs under rho = 0: P(|T| >= t), T ~ t(n - 2)."""
+    df = n - 2
+    if df < 1 or not math.isfinite(r):
+        return math.nan
+    # t^2 = df r^2 / (1 - r^2), and P(|T| >= t) = I_{df/(df+t^2)}(df/2, 1/2) = I_{1-r^2}(df/2, 1/2)
+    return betainc(df / 2.0, 0.5, 1.0 - min(r * r, 1.0))
+
+
+def _critical_r_scalar(n: int, alpha: float) -> float:
+    df = n - 2
+    if df < 1:
+        return math.nan
+    # Solve I_x(df/2, 1/2) = alpha for x = 1 - r^2; I is increasing in x, so bisect.
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if betainc(df / 2.0, 0.5, mid) < alpha:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-15:
+            break
+    return math.sqrt(1.0 - 0.5 * (lo + hi))
+
+
+def critical_r(n: np.ndarray | int, alpha: float = 0.05) -> np.ndarray:
+    """Smallest |r| significant at two-sided level `alpha` under rho = 0, for n pairs (NaN if n < 3)."""
+    n_arr = np.asarray(n)
+    out = np.full(n_arr.shape, np.nan)
+    cache: dict[int, float] = {}
+    for idx, v in np.ndenumerate(n_arr):
+        v = int(v)
+        if v not in cache:
+            cache[v] = _critical_r_scalar(v, alpha)
+        out[idx] = cache[v]
+    return out if out.ndim else float(out)
+
+
+def channel_metrics(prediction: xr.DataArray, heldout: np.ndarray, mean: xr.DataArray,
+                    halves: tuple[xr.DataArray, xr.DataArray] | None, alpha: float = 0.05) -> xr.Dataset:
+    """Per-channel Fig. 3a metrics.
+
+    `prediction` (channel, stimulus): held-out predictions for preferred stimuli (`heldout` True)
+    and full-fit predictions for out-of-category stimuli (`heldout` False). `mean` (channel,
+    stimulus): recorded mean responses on the same stimuli. `halves`: mean responses of the two
+    halves over the same stimuli (reliability is computed over all of them), or None.
+    """
+    heldout = np.asarray(heldout, bool)
+    p = prediction.transpose("channel", "stimulus").values
+    y = mean.transpose("channel", "stimulus").values
+    r_pref, n_pref = pearson_rows(p[:, heldout], y[:, heldout])
+    r_ooc, n_ooc = pearson_rows(p[:, ~heldout], y[:, ~heldout])
+    if halves is not None:
+        r_half, n_half = pearson_rows(halves[0].transpose("channel", "stimulus").values,
+                                      halves[1].transpose("channel", "stimulus").values)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            reliability = spearman_brown(r_half)
+    else:
+        reliability = np.full(len(r_pref), np.nan)
+        n_half = np.zeros(len(r_pref), int)
+    ch = prediction["channel"].values
+    return xr.Dataset(
+        {"r_cv_preferred": ("channel", r_pref), "r_ooc": ("channel", r_ooc),
+         "reliability": ("channel", reliability),
+         "r_critical": ("channel", critical_r(n_pref, alpha)),
+         "r_critical_ooc": ("channel", critical_r(n_ooc, alpha)),
+         "n_preferred": ("channel", n_pref.astype(np.int64)), "n_ooc": ("channel", n_ooc.astype(np.int64)),
+         "n_reliability": ("channel", np.asarray(n_half, np.int64))},
+        coords={"channel": ch})
