@@ -165,7 +165,7 @@ def claim_output(dest: str | os.PathLike, force: bool = False) -> Iterator[Path]
     with output_lock(dest):
         _claimed.add(key)
         try:
-            check_writable(dest, force)  # may have appeared while we waited for nothing
+            check_writable(dest, force)  # it may have appeared between the first check and the lock
             yield dest
         finally:
             _claimed.discard(key)

@@ -1,0 +1,63 @@
+"""Where an exported model's time goes: onnxruntime's profiler, summed per operator type.
+
+    .venv/runtime/bin/python bench/profile_ops.py MODEL.onnx [--images 8] [--runs 3] [--top 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def profile(path: str, images: int = 8, runs: int = 3, threads: int | None = None) -> dict:
+    """{op_type: microseconds per run}, nodes of the VJP graph, on random inputs."""
+    import onnxruntime as ort
+
+    from pbv_onnx.model import COTANGENT, FEATURES, IMAGE, INPUT_GRAD, read_info, session_options
+
+    info = read_info(path)
+    opts = session_options(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.path.join(tmp, "prof")
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((images, *info.input_shape)).astype(np.float32)
+        c = rng.standard_normal((images, *info.feature_shape)).astype(np.float32)
+        sess.run([FEATURES, INPUT_GRAD], {IMAGE: x, COTANGENT: c})  # one run, first-run allocations included
+        events = json.load(open(sess.end_profiling()))
+    per_op: dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"]
+    del runs
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    per_op = profile(args.model, args.images, threads=args.threads)
+    total = sum(per_op.values())
+    print(f"{args.model}: {total / 1e3:.0f} ms of kernel time ({args.images} images, warm-up included)")
+    for op, us in list(per_op.items())[:args.top]:
+        print(f"  {op:<24} {us / 1e3:8.1f} ms  {100 * us / total:5.1f} %")
+
+
+if __name__ == "__main__":
+    main()
