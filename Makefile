@@ -65,7 +65,9 @@ clean:
 # when present, else torchvision's IMAGENET1K_V1 (downloaded or cached). Never random weights.
 DEMO := $(BUILD)/demo
 DEMO_LAYER ?= features.18
-DEMO_GT_LAYER ?= features.14
+# Ground truth: sparse, nonlinear, spatially pooled channels on the readout's own layer (see
+# pbv_onnx/demo/synthetic.py); DEMO_GT_LAYER=features.14 gives channels the readout cannot reach.
+DEMO_GT_LAYER ?= features.18
 DEMO_MODEL := $(DEMO)/mobilenet_v2-$(DEMO_LAYER).onnx
 DEMO_GT_MODEL := $(DEMO)/mobilenet_v2-$(DEMO_GT_LAYER).onnx
 DEMO_WEIGHTS = $(if $(wildcard $(WEIGHTS)),--weights $(WEIGHTS) --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5,--weights IMAGENET1K_V1)
@@ -84,7 +86,7 @@ $(DEMO)/mobilenet_v2-%.onnx: | $(VENV)/export/.done
 	       "weights use mean/std 0.5), or run once with network access so torchvision can fetch" \
 	       "IMAGENET1K_V1." >&2; exit 1; }
 
-$(DEMO)/experiment/responses.nc: $(DEMO_GT_MODEL) | $(VENV)/runtime/.done
+$(DEMO)/experiment/responses.nc: $(DEMO_GT_MODEL) $(addprefix pbv_onnx/demo/,sources.py stimuli.py synthetic.py build.py) | $(VENV)/runtime/.done
 	$(PBV) demo build --gt-model $(DEMO_GT_MODEL) --out $(DEMO)/experiment --force $(DEMO_ARGS)
 
 $(DEMO)/readouts.nc: $(DEMO)/experiment/responses.nc $(DEMO_MODEL)

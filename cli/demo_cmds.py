@@ -21,8 +21,9 @@ def _say(msg: str) -> None:
 
 @demo_app.command("build")
 def build(
-    gt_model: Path = typer.Option(..., "--gt-model", help="Exported model whose (spatial) features "
-                                  "generate the ground truth: a different layer than the one you fit."),
+    gt_model: Path = typer.Option(..., "--gt-model", help="Exported model (pool none) whose spatial "
+                                  "features generate the ground truth: sparse, pooled and nonlinear, so not "
+                                  "the linear readout even on the layer you fit."),
     out: Path = typer.Option(..., "--out", help="Experiment folder to write (stimuli, masks, "
                              "stimuli.csv, responses.nc, ground_truth.nc)."),
     channels: int = typer.Option(16, "--channels", help="Synthetic channels (half per region)."),
@@ -54,7 +55,7 @@ def validate(
     method: Optional[List[str]] = typer.Option(None, "--method", help="Saliency method(s) to score "
                                                "(default: parallel, gradient, grad-x-act, integrated)."),
     per_object: int = typer.Option(1, "--per-object", help="Channels scored per planted object (its most driven)."),
-    steps: int = typer.Option(8, "--steps", help="Integration steps for the integrated method."),
+    steps: int = typer.Option(4, "--steps", help="Integration steps for the integrated method."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     force: bool = typer.Option(True, "--force/--no-force", help="Overwrite earlier results."),
 ) -> None:

@@ -99,7 +99,21 @@ def conv_input_adjoint(g: torch.Tensor, w: torch.Tensor, x_hw, y_hw, stride, pad
     return F.conv_transpose2d(g, w, None, stride, padding, op, groups, dilation)
 
 
-def _conv_rule(node: fx.Node, m: nn.Conv2d) -> Rule:
+def _folded_bn(conv: fx.Node, gm: fx.GraphModule) -> nn.BatchNorm2d | None:
+    """The eval BatchNorm that alone reads this conv's output: its scale moves into the conv's
+    adjoint weights (one elementwise pass fewer per conv in the backward graph)."""
+    if conv.op != "call_module" or not isinstance(gm.get_submodule(conv.target), nn.Conv2d):
+        return None
+    users = list(conv.users)
+    if len(users) != 1 or users[0].op != "call_module" or users[0].args[0] is not conv:
+        return None
+    bn = gm.get_submodule(users[0].target)
+    if isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None:
+        return bn
+    return None
+
+
+def _conv_rule(node: fx.Node, m: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> Rule:
     if m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid":
         raise _unsupported(f"Conv2d with padding={m.padding!r}, padding_mode={m.padding_mode!r} ({node.target})")
     padding = (0, 0) if isinstance(m.padding, str) else _pair(m.padding)
@@ -107,8 +121,9 @@ def _conv_rule(node: fx.Node, m: nn.Conv2d) -> Rule:
     x_hw, y_hw = _shape(node.args[0])[-2:], _shape(node)[-2:]
     return Rule([node.args[0]],
                 lambda x: (F.conv2d(x, m.weight, m.bias, stride, padding, dilation, m.groups), None),
-                lambda g, xs, y, s: [conv_input_adjoint(g, m.weight, x_hw, y_hw, stride, padding,
-                                                        dilation, m.groups)])
+                lambda g, xs, y, s: [conv_input_adjoint(
+                    g, m.weight if bn is None else m.weight * _bn_scale(bn).reshape(-1, 1, 1, 1),
+                    x_hw, y_hw, stride, padding, dilation, m.groups)])
 
 
 def _bn_scale(m: nn.BatchNorm2d) -> torch.Tensor:
@@ -118,16 +133,52 @@ def _bn_scale(m: nn.BatchNorm2d) -> torch.Tensor:
     return scale.reshape(1, -1, 1, 1)
 
 
-def _bn_rule(node: fx.Node, m: nn.BatchNorm2d) -> Rule:
+def _bn_rule(node: fx.Node, m: nn.BatchNorm2d, folded: bool = False) -> Rule:
     if m.running_var is None:
         raise _unsupported(f"BatchNorm2d without running statistics ({node.target})")
     return Rule([node.args[0]],
                 lambda x: (F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False,
                                         0.0, m.eps), None),
-                lambda g, xs, y, s: [g * _bn_scale(m)])
+                (lambda g, xs, y, s: [g]) if folded else (lambda g, xs, y, s: [g * _bn_scale(m)]))
+
+
+def _tiled_maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule | None:
+    """Max pooling over non-overlapping windows (kernel = stride, no padding or dilation).
+
+    The forward pass stays a plain MaxPool (onnxruntime's fast kernel; its MaxPool with indices
+    is a slow generic one); the adjoint's choice of pixel is a one-hot of ArgMax over each
+    window's pixels in scan order (the first maximum, as torch picks), computed beside it.
+    """
+    kernel, stride = _pair(m.kernel_size), _pair(m.stride or m.kernel_size)
+    if kernel != stride or _pair(m.padding) != (0, 0) or _pair(m.dilation) != (1, 1):
+        return None
+    c, h_in, w_in = _shape(node.args[0])[1:]
+    kh, kw = kernel
+    h, w = _shape(node)[-2:]
+    if (h, w) != (h_in // kh, w_in // kw):  # ceil_mode windows hanging over the edge
+        return None
+    pad = (0, w_in - w * kw, 0, h_in - h * kh)  # rows/columns no window covers get no gradient
+
+    def fwd(x):
+        tiles = (x[:, :, :h * kh, :w * kw].reshape(-1, c, h, kh, w, kw).permute(0, 1, 2, 4, 3, 5)
+                 .reshape(-1, c, h, w, kh * kw))
+        first = torch.argmax(tiles, dim=-1, keepdim=True)
+        onehot = (first == torch.arange(kh * kw)).to(x.dtype)
+        return F.max_pool2d(x, kernel, stride), onehot
+
+    def bwd(g, xs, y, onehot):
+        n = onehot.shape[0]
+        gx = g.reshape(n, -1, c, h, w, 1) * onehot.reshape(n, 1, c, h, w, kh * kw)
+        gx = gx.reshape(-1, c, h, w, kh, kw).permute(0, 1, 2, 4, 3, 5).reshape(-1, c, h * kh, w * kw)
+        return [F.pad(gx, pad) if any(pad) else gx]
+
+    return Rule([node.args[0]], fwd, bwd)
 
 
 def _maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule:
+    tiled = _tiled_maxpool_rule(node, m)
+    if tiled is not None:
+        return tiled
     args = (m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
     x_shape = _shape(node.args[0])
 
@@ -291,9 +342,9 @@ def rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:
         m = gm.get_submodule(node.target)
         x = node.args[0]
         if isinstance(m, nn.Conv2d):
-            return _conv_rule(node, m)
+            return _conv_rule(node, m, _folded_bn(node, gm))
         if isinstance(m, nn.BatchNorm2d):
-            return _bn_rule(node, m)
+            return _bn_rule(node, m, isinstance(x, fx.Node) and _folded_bn(x, gm) is m)
         if type(m) is nn.ReLU:
             return _relu_rule(node, x)
         if isinstance(m, nn.ReLU6) or type(m) is nn.Hardtanh:

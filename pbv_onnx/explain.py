@@ -327,15 +327,19 @@ def explain(study: Study, pairs: Sequence[Pair], method: str = "parallel",
     if done.any():
         checkpoint.log(f"resuming: {int(done.sum())} of {P} pairs from checkpoints in {checkpoint.folder}")
     todo = np.flatnonzero(~done)
-    # Pairs per engine call: two images each, so one call holds about batch_size images.
-    chunk = max(1, eng.batch_size // 2)
+    # Pairs per engine call: up to batch_size (the engine splits the 2 x batch_size rows into
+    # calls of batch_size). Pairs sharing an image (one object for several channels, a common
+    # reference) load it once, and Engine.vjp runs its forward pass once for all its cotangents.
+    chunk = max(1, eng.batch_size)
     try:
         with _progress(P, study.progress, f"explain ({method})") as bar:
             bar.update(int(done.sum()))
             for i in range(0, len(todo), chunk):
                 idx = todo[i:i + chunk]
                 part = [pairs[j] for j in idx]
-                x = load_batch([p for pr in part for p in (pr.ooc.path, pr.reference.path)], spec)
+                files = [p for pr in part for p in (pr.ooc.path, pr.reference.path)]
+                row = {f: r for r, f in enumerate(dict.fromkeys(files))}
+                x = load_batch(list(row), spec)[[row[f] for f in files]]
                 x = x.reshape(len(part), 2, 3, H, W)
                 cots = [saliency.pair_cotangents(method, study.weight(pr.channel), *study.phi([pr.ooc, pr.reference]))
                         for pr in part]

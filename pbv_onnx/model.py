@@ -136,12 +136,16 @@ PRECISIONS = ("fp32", "fp16")
 
 
 def session_options(threads: int | None = None):
-    """onnxruntime options: all graph optimisations (measured fastest, bench/run.py), `threads`
-    intra-op threads (default: onnxruntime's choice, one per physical core)."""
+    """onnxruntime options, chosen by measurement (bench/run.py, 2-core machine): all graph
+    optimisations (NCHWc convolutions; basic/extended levels were 10-25 % slower); worker threads
+    that sleep instead of spinning between kernels (30 % faster when other processes share the
+    cores, as on a rig machine); `threads` intra-op threads (default: one per physical core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3

@@ -1,8 +1,12 @@
-"""Synthetic body-selective channels with a known answer, from a second layer of the backbone.
+"""Synthetic body-selective channels with a known answer, from a spatial feature map of the backbone.
 
-The ground truth is deliberately not the readout a user fits: it reads a different layer
-(`phi_gt`, a spatial map [F, h, w] of an earlier block), uses a sparse set of K features, and is
-nonlinear. For channel n, with feature indices k_1..k_K and positive coefficients a:
+The ground truth is deliberately not the readout a user fits: it reads the spatial map
+`phi_gt` [F, h, w] of a block of the backbone (by default the very layer the readouts are fitted
+on, so that the features that drive a channel are in the model's reach, as the paper's object
+correlations, Fig. 3a, suggest they are for real neurons), but uses a sparse set of K features,
+pools over space and is nonlinear, where the readout is a dense, position-specific linear map
+fitted on noisy responses to bodies only. For channel n, with feature indices k_1..k_K and
+positive coefficients a:
 
     m_n(x)[y, x'] = relu(sum_j a_j phi_gt_kj(x)[y, x'])              a local body-part detector map
     g_n(x)        = (mean_yx m_n(x)^p)^(1/p)                          a soft-max spatial pool

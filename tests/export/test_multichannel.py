@@ -1,0 +1,123 @@
+"""K cotangents per image in one call (the [N*K] image-major layout): exact against one call per
+cotangent and against torch autograd; the speed-motivated adjoints (BatchNorm folded into the conv
+adjoint, tiled max-pool by ArgMax) against torch autograd, ties included; refusal of a wrong layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from conftest import MNV2_WEIGHTS, tiny_cnn
+from export import adjoint, export_model
+from export.verify import rel_l2, smooth_images
+from pbv_onnx.errors import ModelError
+from pbv_onnx.model import Engine
+from test_parity import _resnet_trunk, assert_parity, autograd_vjp, photos, seeded
+
+
+class TiledNet(nn.Module):
+    """conv-BN-ReLU blocks, non-overlapping max-pools with odd sizes (uncovered edge rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.pool2 = nn.MaxPool2d(3)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        x = self.pool1(torch.relu(self.bn1(self.conv1(x))))
+        return self.pool2(torch.relu(self.bn2(self.conv2(x))))
+
+
+def tiled_net() -> nn.Module:
+    torch.manual_seed(1)
+    return TiledNet().eval()
+
+
+@pytest.fixture(scope="module")
+def tiled_model(export_dir):
+    out = export_dir / "tiled.onnx"
+    if not out.exists():
+        export_model(out, module=tiled_net(), resize="35x35", progress=None, n_images=2)
+    return out
+
+
+def assert_multi_equals_single(engine: Engine, x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """vjp_multi's K gradients per image equal K separate vjp calls; returns the cotangents."""
+    rng = np.random.default_rng(seed)
+    cot = rng.standard_normal((len(x), k, *engine.info.feature_shape)).astype(np.float32)
+    f, g = engine.vjp_multi(x, cot)
+    assert g.shape == (len(x), k, *x.shape[1:])
+    for j in range(k):
+        f1, g1 = engine.vjp(x, cot[:, j])
+        np.testing.assert_allclose(f, f1, rtol=1e-5, atol=1e-6)
+        for i in range(len(x)):
+            assert rel_l2(g[i, j], g1[i]) < 1e-5, (i, j, rel_l2(g[i, j], g1[i]))
+    return cot
+
+
+def test_multi_cotangent_layout_on_every_adjoint_rule(tiny_cnn_model, tiled_model):
+    for path in (tiny_cnn_model, tiled_model):
+        eng = Engine(path, device="cpu", batch_size=6)
+        x = smooth_images(3, eng.info.input_shape[1:], eng.info.preprocessing, seed=5)
+        assert_multi_equals_single(eng, x, k=4)
+
+
+def test_multi_cotangent_gradients_equal_torch_autograd(resnet18_model):
+    eng = Engine(resnet18_model, device="cpu")
+    reference = _resnet_trunk(seeded(torchvision.models.resnet18, 4))
+    x = photos(eng.info.preprocessing, 2)
+    cot = np.random.default_rng(3).standard_normal((2, 3, *eng.info.feature_shape)).astype(np.float32)
+    _, g = eng.vjp_multi(x, cot)
+    for j in range(3):
+        _, g32 = autograd_vjp(reference, x, cot[:, j])
+        _, g64 = autograd_vjp(reference, x, cot[:, j], torch.float64)
+        for i in range(2):
+            assert rel_l2(g[i, j], g32[i]) < max(1e-3, 10 * rel_l2(g32[i], g64[i]))
+
+
+def test_mobilenet_v2_real_weights_multi_equals_single(mnv2_model):
+    eng = Engine(mnv2_model, device="cpu")
+    assert_multi_equals_single(eng, photos(eng.info.preprocessing, 2), k=3)
+
+
+def test_folded_batchnorm_and_tiled_maxpool_match_torch_with_exact_ties(tiled_model):
+    eng = Engine(tiled_model, device="cpu")
+    x = smooth_images(4, (35, 35), eng.info.preprocessing, seed=6)
+    x[:2, :, 4:20, 6:22] = 0.25  # a flat patch: exactly tied maxima inside pooling windows
+    assert_parity(eng, tiled_net(), x, seed=7)
+    graph = onnx.load(str(tiled_model)).graph
+    pools = [n for n in graph.node if n.op_type == "MaxPool"]
+    assert pools and all(len(n.output) == 1 for n in pools)  # no MaxPool-with-indices left
+
+
+def test_a_wrong_multi_cotangent_layout_is_refused(tmp_path, monkeypatch):
+    def k_major(g, t):  # right for K = 1, pairs rows with the wrong images for K > 1
+        n = t.shape[0]
+        return (g.reshape(-1, n, *g.shape[1:]) * t.reshape(1, n, *t.shape[1:])).reshape(g.shape)
+
+    monkeypatch.setattr(adjoint, "kmul", k_major)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(ModelError, match="K cotangents per image"):
+        export_model(out, module=tiny_cnn(), resize="33x33", progress=None, n_images=2)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not MNV2_WEIGHTS.is_file(), reason="real MobileNetV2 weights not present")
+def test_export_records_the_multi_cotangent_check(mnv2_model):
+    from pbv_onnx.model import MULTI_COTANGENT, read_info
+
+    meta = read_info(mnv2_model).metadata
+    assert meta[MULTI_COTANGENT] is True
+    assert meta["verification"]["multi_cotangent_vs_single"] <= meta["verification"]["tolerance"]

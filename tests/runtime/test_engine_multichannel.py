@@ -1,0 +1,157 @@
+"""Several cotangents per image: Engine.vjp_multi, duplicate images routed to it, explain using it.
+
+The reference is the tiny hand-built model (one cotangent per image, tests/tinymodel.py); the
+multi-cotangent model is the same graph and weights with the backward masks read through the
+[N*K] image-major layout the export stage writes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from pbv_onnx import explain as ex
+from pbv_onnx.errors import UsageError
+from pbv_onnx.model import MULTI_COTANGENT, Engine, duplicate_groups
+from test_explain import make_study_files
+from tinymodel import FEATURE_SHAPE, PREPROCESSING, SIZE, build_tiny_model
+
+MASKED = {"g2": ("cotangent", "m2", FEATURE_SHAPE), "g1m": ("g1", "m1", (4, SIZE, SIZE))}
+
+
+def build_multi_tiny_model(path, seed: int = 0):
+    """The tiny model with each mask product g * m done as reshape(g, [N, K, ...]) * m[:, None]."""
+    model = onnx.load(str(build_tiny_model(path, seed)))
+    nodes = [helper.make_node("Shape", ["image"], ["n_shape"], end=1)]
+    inits = []
+    for node in model.graph.node:
+        if node.op_type == "Mul" and node.output[0] in MASKED:
+            g, m, shape = MASKED[node.output[0]]
+            out = node.output[0]
+            inits += [numpy_helper.from_array(np.array([-1, *shape], np.int64), f"{out}_flat"),
+                      numpy_helper.from_array(np.array([1], np.int64), f"{out}_axis")]
+            nodes += [helper.make_node("Concat", ["n_shape", f"{out}_flat"], [f"{out}_5d"], axis=0),
+                      helper.make_node("Reshape", [g, f"{out}_5d"], [f"{out}_g"]),
+                      helper.make_node("Unsqueeze", [m, f"{out}_axis"], [f"{out}_m"]),
+                      helper.make_node("Mul", [f"{out}_g", f"{out}_m"], [f"{out}_p"]),
+                      helper.make_node("Reshape", [f"{out}_p", f"{out}_flat"], [out])]
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(inits)
+    for vi in (*model.graph.input, *model.graph.output):
+        if vi.name in ("cotangent", "input_grad"):
+            vi.type.tensor_type.shape.dim[0].dim_param = "NK"
+    model.metadata_props.add(key=MULTI_COTANGENT, value=json.dumps(True))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("multi")
+    return build_tiny_model(folder / "single.onnx"), build_multi_tiny_model(folder / "multi.onnx")
+
+
+def _inputs(n: int, k: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
+    return x, rng.standard_normal((n, k, *FEATURE_SHAPE)).astype(np.float32)
+
+
+def test_k_cotangents_per_image_equal_k_single_vjps(models):
+    single, multi = (Engine(p, device="cpu") for p in models)
+    assert multi.multi and not single.multi
+    x, cot = _inputs(3, 5)
+    f, g = multi.vjp_multi(x, cot)
+    assert f.shape == (3, *FEATURE_SHAPE) and g.shape == (3, 5, 3, SIZE, SIZE)
+    for k in range(5):
+        f1, g1 = single.vjp(x, cot[:, k])
+        np.testing.assert_allclose(f, f1, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(g[:, k], g1, rtol=1e-5, atol=1e-6)
+    assert np.abs(g[:, 0] - g[:, 1]).max() > 1e-3  # the cotangents are not mixed up
+
+
+def test_k_larger_than_batch_size_and_flat_cotangents(models):
+    single = Engine(models[0], device="cpu")
+    multi = Engine(models[1], device="cpu", batch_size=3)
+    x, cot = _inputs(4, 7, seed=1)
+    _, g = multi.vjp_multi(x, cot.reshape(4, 7, -1))  # [N, K, D] accepted too
+    for k in range(7):
+        np.testing.assert_allclose(g[:, k], single.vjp(x, cot[:, k])[1], rtol=1e-5, atol=1e-6)
+
+
+def test_model_without_the_layout_falls_back_to_repeated_images(models):
+    single = Engine(models[0], device="cpu")
+    x, cot = _inputs(2, 3, seed=2)
+    f, g = single.vjp_multi(x, cot)
+    for k in range(3):
+        np.testing.assert_allclose(g[:, k], single.vjp(x, cot[:, k])[1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(f, single.features(x), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_cotangent_shapes_are_usage_errors(models):
+    multi = Engine(models[1], device="cpu")
+    x, cot = _inputs(2, 3)
+    with pytest.raises(UsageError, match="cotangents must be"):
+        multi.vjp_multi(x, cot[:1])
+    with pytest.raises(UsageError, match="cotangents must be"):
+        multi.vjp_multi(x, cot[:, :, :2])
+
+
+def test_duplicate_groups_are_bitwise_and_ordered():
+    a, b = np.zeros((3, 4, 4), np.float32), np.ones((3, 4, 4), np.float32)
+    c = b.copy()
+    c[0, 0, 0] = np.nextafter(np.float32(1), np.float32(2))  # one ulp apart: a different image
+    groups = duplicate_groups(np.stack([b, a, b, c, a, b]))
+    assert [g.tolist() for g in groups] == [[0, 2, 5], [1, 4], [3]]
+
+
+def test_vjp_with_repeated_images_runs_each_forward_once(models):
+    single = Engine(models[0], device="cpu")
+    multi = Engine(models[1], device="cpu", batch_size=4)
+    x, cot = _inputs(3, 1, seed=3)
+    order = [0, 1, 0, 2, 0, 1, 2, 0]  # image 0 four times, 1 and 2 twice each
+    images, cots = x[order], np.random.default_rng(4).standard_normal((8, *FEATURE_SHAPE)).astype(np.float32)
+    fed = []
+    run = multi._run
+
+    def counting(sess, outputs, feeds):
+        fed.append(feeds["image"].copy())
+        return run(sess, outputs, feeds)
+
+    multi._run = counting
+    f, g = multi.vjp(images, cots)
+    f1, g1 = single.vjp(images, cots)
+    np.testing.assert_allclose(f, f1, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-6)
+    assert sum(len(b) for b in fed) == 3  # three distinct images, one forward pass each
+
+
+def test_explain_one_object_for_several_channels_shares_its_forward_pass(models, tmp_path):
+    files = make_study_files(tmp_path / "study", models[1])
+    results = {}
+    for multi in (True, False):
+        study = ex.open_study(files["model"], files["readouts"], files["responses"], device="cpu",
+                              progress=False)
+        study.engine.multi = multi
+        pairs = ex.build_pairs(study, images=["o00"], reference="b01")  # 3 channels, 1 object, 1 reference
+        assert len(pairs) == 3
+        fed = []
+        run = study.engine._run
+
+        def counting(sess, outputs, feeds, run=run, fed=fed):
+            fed.append(len(feeds["image"]))  # images whose forward pass this call runs
+            return run(sess, outputs, feeds)
+
+        study.engine._run = counting
+        results[multi] = (ex.explain(study, pairs), sum(fed))
+    (shared, n_shared), (separate, n_separate) = results[True], results[False]
+    np.testing.assert_allclose(shared["input_grad"].values, separate["input_grad"].values, rtol=1e-5, atol=1e-7)
+    assert n_shared == 2 and n_separate == 6  # forward passes: object and reference once each
