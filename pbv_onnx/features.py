@@ -14,6 +14,7 @@ import xarray as xr
 from . import __version__
 from .atomic import write_netcdf
 from .errors import InputDataError, MismatchError, OutputLockedError, UsageError
+from .netcdf import read_netcdf
 from .images import load_batch
 from .model import ModelInfo
 
@@ -88,13 +89,7 @@ def check_model(attrs: dict, n_features: int, info: ModelInfo | None, path: str 
 def load_features(path: str | os.PathLike, info: ModelInfo | None = None) -> xr.DataArray:
     """Read a features file; with `info`, refuse one made by another model."""
     path = Path(path)
-    if not path.is_file():
-        raise InputDataError(path, "features file not found")
-    try:
-        with xr.open_dataset(path, engine="h5netcdf") as ds:
-            ds = ds.load()
-    except Exception as exc:
-        raise InputDataError(path, f"not a readable NetCDF features file ({exc.__class__.__name__})") from None
+    ds = read_netcdf(path, "features")
     if FEATURES not in ds.data_vars or ds[FEATURES].dims != ("stimulus", "feature"):
         raise InputDataError(path, "not a features file (no 'features' variable with dims (stimulus, feature))")
     for key in ("model_sha256", "feature_shape"):

@@ -19,6 +19,7 @@ import xarray as xr
 from . import __version__
 from .atomic import write_netcdf
 from .errors import InputDataError, MismatchError, UsageError
+from .netcdf import read_netcdf
 from .features import check_model, model_attrs
 from .model import ModelInfo
 from .responses import mean_response, split_halves
@@ -233,13 +234,7 @@ def write_readouts(ds: xr.Dataset, path: str | os.PathLike, force: bool = False)
 def load_readouts(path: str | os.PathLike, info: ModelInfo | None = None) -> xr.Dataset:
     """Read a readouts file; with `info`, refuse one fitted on another model's features."""
     path = Path(path)
-    if not path.is_file():
-        raise InputDataError(path, "readouts file not found")
-    try:
-        with xr.open_dataset(path, engine="h5netcdf") as ds:
-            ds = ds.load()
-    except Exception as exc:
-        raise InputDataError(path, f"not a readable NetCDF readouts file ({exc.__class__.__name__})") from None
+    ds = read_netcdf(path, "readouts")
     for name, dims in (("weight", ("channel", "feature")), ("bias", ("channel",))):
         if name not in ds.data_vars or ds[name].dims != dims:
             raise InputDataError(path, f"not a readouts file (no {name!r} variable with dims {dims})")

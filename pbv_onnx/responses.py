@@ -12,21 +12,11 @@ import numpy as np
 import xarray as xr
 
 from .errors import InputDataError, UsageError
+from .netcdf import read_netcdf
 
 RESPONSE = "response"
 CORE_DIMS = ("channel", "stimulus")
 REPETITION = "repetition"
-
-
-def _open_netcdf(path: Path, what: str) -> xr.Dataset:
-    """Open a NetCDF file fully into memory, turning every failure into an InputDataError."""
-    if not path.is_file():
-        raise InputDataError(path, f"{what} file not found")
-    try:
-        with xr.open_dataset(path, engine="h5netcdf") as ds:
-            return ds.load()
-    except Exception as exc:  # h5py/h5netcdf/xarray raise many unrelated types on garbage
-        raise InputDataError(path, f"not a readable NetCDF {what} file ({exc.__class__.__name__})") from None
 
 
 def _fmt(values: Sequence, limit: int = 3) -> str:
@@ -88,7 +78,7 @@ def validate_responses(ds: xr.Dataset, path: str | os.PathLike) -> xr.Dataset:
 def load_responses(path: str | os.PathLike) -> xr.Dataset:
     """Read and validate a responses NetCDF file, fully loaded into memory."""
     path = Path(path)
-    return validate_responses(_open_netcdf(path, "responses"), path)
+    return validate_responses(read_netcdf(path, "responses"), path)
 
 
 def mean_response(ds: xr.Dataset) -> xr.DataArray:
