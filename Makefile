@@ -34,10 +34,10 @@ $(VENV)/runtime/.done: pyproject.toml
 export: $(VENV)/export/.done
 	$(VENV)/export/bin/pbv-onnx export --arch $(ARCH) --layer $(LAYER) --weights $(WEIGHTS) --out $(OUT) $(EXPORT_ARGS)
 
-# Models the runtime tests use, exported with the export environment. The MobileNetV2 pair
-# (the demo's fitted layer and its ground-truth layer) needs the offline weights in ../shared.
+# Models the runtime tests use, exported with the export environment. MobileNetV2 features.18
+# (the demo backbone) needs the offline weights in ../shared.
 TEST_MODELS := $(BUILD)/models/resnet18_avg.onnx \
-  $(if $(wildcard $(WEIGHTS)),$(BUILD)/models/mobilenet_v2-features.18.onnx $(BUILD)/models/mobilenet_v2-features.14.onnx)
+  $(if $(wildcard $(WEIGHTS)),$(BUILD)/models/mobilenet_v2-features.18.onnx)
 
 models: $(TEST_MODELS)
 
