@@ -13,7 +13,7 @@ LAYER ?= features.18
 OUT ?= models/$(ARCH)-$(LAYER).onnx
 EXPORT_ARGS ?=
 
-.PHONY: envs export models demo test test-runtime test-export bench clean
+.PHONY: envs export models demo test test-runtime test-export bench gpu-check clean
 
 envs: $(VENV)/export/.done $(VENV)/runtime/.done
 
@@ -59,6 +59,16 @@ test-export: $(VENV)/export/.done
 
 clean:
 	rm -rf $(BUILD)
+
+# ---- benchmark (not part of `make test`; ~3 min on 2 cores): bench/results/latest.{md,json} ----
+BENCH_ARGS ?=
+bench: $(VENV)/export/.done $(VENV)/runtime/.done
+	$(EXPORT_PY) bench/run.py $(BENCH_ARGS)
+	$(RUNTIME_PY) bench/fit_speed.py
+
+# On a machine with an NVIDIA GPU and onnxruntime-gpu (bench/gpu_check.sh says what it needs)
+gpu-check:
+	bash bench/gpu_check.sh
 
 # ---- demo: real photos, synthetic body-selective channels with a known answer (build/demo/) ----
 # Weights: ../shared/weights' offline MobileNetV2 (its own preprocessing: 224x224, mean/std 0.5)

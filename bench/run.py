@@ -36,10 +36,10 @@ MNV2_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
 
 # name, arch, layer, weights, preprocessing overrides (mean, std), repeats
 BACKBONES = [
-    ("mobilenet_v2", "mobilenet_v2", "features.18", "shared", 7),
-    ("alexnet", "alexnet", "features", "none", 7),
-    ("resnet50", "resnet50", "layer4", "none", 3),
-    ("vgg16", "vgg16", "features.29", "none", 3),
+    ("mobilenet_v2", "mobilenet_v2", "features.18", "shared", 15),
+    ("alexnet", "alexnet", "features", "none", 15),
+    ("resnet50", "resnet50", "layer4", "none", 5),
+    ("vgg16", "vgg16", "features.29", "none", 5),
 ]
 
 
@@ -87,6 +87,9 @@ def build_model(arch: str, layer: str, weights: str, threads: int):
     net = backbone.truncate(bb.model, layer, "none")
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"{arch}-{layer}-{weights}-{_source_hash()}.onnx"
+    for stale in CACHE.glob(f"{arch}-{layer}-{weights}-*.onnx"):  # built by older export code
+        if stale != path:
+            stale.unlink()
     if not path.is_file():
         import onnx
 
@@ -163,23 +166,243 @@ def bench_backbone(name, arch, layer, weights, repeats, n_images, threads) -> di
     return row
 
 
+OBJECTS = {"sunflower", "hot_dog", "missvickie_potato_chips", "kite_and_cold", "dragonfly"}
+
+
+def make_study(folder: Path, model: Path, channels: int = 16, seed: int = 0) -> dict:
+    """Responses and readouts for the shared photos (objects: sunflower, hot dog, chips, kite,
+    dragonfly; the rest bodies), `channels` synthetic channels = random readouts + noise."""
+    import xarray as xr
+
+    from pbv_onnx.features import model_attrs
+    from pbv_onnx.images import load_batch
+    from pbv_onnx.model import Engine
+    from pbv_onnx.readouts import write_readouts
+    from pbv_onnx.responses import make_responses
+
+    files = sorted(p for p in (SHARED / "images").glob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    stim = [p.stem for p in files]
+    cats = ["object" if s in OBJECTS else "body" for s in stim]
+    eng = Engine(model, device="cpu")
+    phi = eng.features(load_batch(files, eng.info.preprocessing)).reshape(len(files), -1).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((channels, phi.shape[1])) / np.sqrt(phi.shape[1])
+    resp = (phi @ w.T).T[:, :, None] + rng.standard_normal((channels, len(files), 2)) * 0.1
+    ds = make_responses(resp, list(range(channels)), stim, cats, file=[str(f) for f in files], preferred="body")
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.to_netcdf(folder / "responses.nc", engine="h5netcdf")
+    ro = xr.Dataset({"weight": (("channel", "feature"), w.astype(np.float32)),
+                     "bias": ("channel", np.zeros(channels, np.float32))},
+                    coords={"channel": list(range(channels))},
+                    attrs={**model_attrs(eng.info), "preferred_category": "body"})
+    write_readouts(ro, folder / "readouts.nc", force=True)
+    obj = next(s for s in stim if s in OBJECTS)
+    return {"model": model, "readouts": folder / "readouts.nc", "responses": folder / "responses.nc",
+            "object": obj, "bodies": [s for s, c in zip(stim, cats) if c == "body"], "folder": folder}
+
+
+def bench_multichannel(study_files: dict, threads: int, repeats: int = 3, k: int = 16) -> dict:
+    """One object explained for K channels (one call) vs the same K pairs one call each; with a
+    reference per channel and with one shared reference; and the K pairs with sharing switched off."""
+    from pbv_onnx import explain as ex
+    from pbv_onnx.model import Engine
+
+    eng = Engine(study_files["model"], device="cpu", threads=threads)
+    study = ex.open_study(study_files["model"], study_files["readouts"], study_files["responses"],
+                          device="cpu", progress=False, engine=eng)
+    channels = [str(c) for c in study.channels[:k]]
+    forced = ex.build_pairs(study, channels, [study_files["object"]], reference=study_files["bodies"][0])
+    # Each channel with its own reference where there are enough bodies (matching on random
+    # readouts picks the same body for all): the object is the only image shared.
+    bodies = [study.image(b) for b in study_files["bodies"]]
+    matched = [ex.Pair(p.channel, p.ooc, bodies[i % len(bodies)], p.similarity) for i, p in enumerate(forced)]
+    out = {"k": len(channels), "object": study_files["object"],
+           "distinct_references_matched": len({p.reference.key for p in matched})}
+
+    def shared(pairs):
+        return lambda: ex.explain(study, pairs)
+
+    def separate(pairs):
+        return lambda: [ex.explain(study, [p]) for p in pairs]
+
+    def unshared(pairs):
+        def run():
+            eng.multi = False
+            try:
+                ex.explain(study, pairs)
+            finally:
+                eng.multi = True
+        return run
+
+    times = _median_times({"matched_shared": shared(matched), "matched_separate": separate(matched),
+                           "matched_no_multi": unshared(matched), "forced_shared": shared(forced),
+                           "forced_separate": separate(forced)}, repeats)
+    out.update({name: round(v, 3) for name, v in times.items()})
+    out["ratio_matched"] = round(times["matched_shared"] / times["matched_separate"], 3)
+    out["ratio_forced"] = round(times["forced_shared"] / times["forced_separate"], 3)
+    out["load"] = _machine_load()
+    print(json.dumps(out), flush=True)
+    return out
+
+
+COLD_PROBE = """
+import json, sys, time
+t0 = time.perf_counter()
+import cli.main  # everything `pbv-onnx explain` imports
+t1 = time.perf_counter()
+from pbv_onnx.model import Engine
+Engine(sys.argv[1], device="cpu")
+t2 = time.perf_counter()
+from pbv_onnx import explain as ex
+study = ex.open_study(sys.argv[1], sys.argv[2], sys.argv[3], features_cache=sys.argv[4], device="cpu",
+                      progress=False)
+ds = ex.explain(study, ex.build_pairs(study, ["0"], [sys.argv[5]]))
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "engine_s": t2 - t1, "explain_s": t3 - t2}))
+"""
+
+
+def bench_cold(study_files: dict, repeats: int = 3) -> dict:
+    """`pbv-onnx explain` of one pair in a fresh runtime-environment process: wall time, peak RSS,
+    and how much of it is imports and session creation (separate probe processes)."""
+    exe = RUNTIME_ENV / "bin" / "pbv-onnx"
+    py = RUNTIME_ENV / "bin" / "python"
+    if not exe.is_file():
+        return {"skipped": f"{exe} not found"}
+    folder = study_files["folder"]
+    args = [str(exe), "explain", "--model", str(study_files["model"]), "--readouts", str(study_files["readouts"]),
+            "--responses", str(study_files["responses"]), "--features", str(folder / "features.nc"),
+            "--channel", "0", "--image", study_files["object"], "--device", "cpu", "--force"]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    walls, rss = [], []
+    subprocess.run(args + ["--out", str(folder / "warm")], check=True, capture_output=True, env=env)  # fills the cache
+    timer = ["/usr/bin/time", "-f", "%M", "-o", str(folder / "rss.txt")] if Path("/usr/bin/time").is_file() else []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(timer + args + ["--out", str(folder / f"cold{i}")], check=True, capture_output=True, env=env)
+        walls.append(time.perf_counter() - t0)
+        if timer:  # the child's own peak (getrusage would count the pages it shared with us at fork)
+            rss.append(int((folder / "rss.txt").read_text().split()[-1]))
+    probe = [str(py), "-c", COLD_PROBE, str(study_files["model"]), str(study_files["readouts"]),
+             str(study_files["responses"]), str(folder / "features.nc"), study_files["object"]]
+    probes = [json.loads(subprocess.run(probe, cwd=ROOT, check=True, capture_output=True, text=True,
+                                        env=env).stdout.strip().splitlines()[-1]) for _ in range(repeats)]
+    out = {"wall_s": round(statistics.median(walls), 2),
+           **{k: round(statistics.median(p[k] for p in probes), 2) for k in ("import_s", "engine_s", "explain_s")},
+           "peak_rss_mb": round(max(rss) / 1024, 1) if rss else None, "repeats": repeats, "load": _machine_load()}
+    out["report_and_rest_s"] = round(out["wall_s"] - out["import_s"] - out["engine_s"] - out["explain_s"], 2)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def _du_mb(path: Path) -> float | None:
+    if not path.is_dir():
+        return None
+    out = subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True)
+    return round(int(out.stdout.split()[0]) / 1024, 1) if out.returncode == 0 else None
+
+
+def env_sizes() -> dict:
+    """Disk size of both environments, and of the runtime's core packages alone (without the
+    demo/test extras: matplotlib, scikit-image, scipy, pytest, hypothesis...)."""
+    runtime, export = _du_mb(RUNTIME_ENV), _du_mb(EXPORT_ENV)
+    site = next(iter(sorted((RUNTIME_ENV / "lib").glob("python*/site-packages"))), None)
+    core = None
+    if site is not None:
+        core_pkgs = ("onnxruntime", "onnx", "numpy", "xarray", "pandas", "h5netcdf", "h5py", "PIL",
+                     "typer", "click", "rich", "tqdm", "protobuf", "google", "flatbuffers", "packaging",
+                     "coloredlogs", "humanfriendly", "sympy", "mpmath", "dateutil", "pytz", "tzdata",
+                     "six", "shellingham", "markdown_it", "mdurl", "pygments", "typing_extensions")
+        core = round(sum(_du_mb(site / p) or 0.0 for p in core_pkgs), 1)
+    return {"runtime_mb": runtime, "export_mb": export, "runtime_core_packages_mb": core,
+            "runtime_over_export": round(runtime / export, 3) if runtime and export else None,
+            "core_over_export": round(core / export, 3) if core and export else None}
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        "# pbv-onnx benchmark (bench/run.py)",
+        "",
+        f"Machine: {m['cpus']} CPUs, {m['platform']}; onnxruntime {m['onnxruntime']}, torch {m['torch']}, "
+        f"{m['threads']} threads for both; load average at start {m['load_at_start']} (other jobs were "
+        "running: ratios are same-process, interleaved, medians).",
+        "",
+        "## Forward + VJP, 8 images 224x224 (real photos), one call",
+        "",
+        "| backbone | weights | torch autograd (s) | ORT fwd+VJP (s) | ORT fwd only (s) | ORT/torch | ORT/(2 x fwd) | grad rel. L2 vs torch | repeats | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["backbones"]:
+        lines.append(f"| {r['arch']} {r['layer']} | {r['weights']} | {r['torch_vjp']:.3f} | {r['ort_vjp']:.3f} | "
+                     f"{r['ort_forward']:.3f} | **{r['ort_over_torch']:.2f}** | **{r['ort_over_2fwd']:.2f}** | "
+                     f"{r['grad_rel_l2_vs_torch']:.1e} | {r['repeats']} | {r['load'][0]} |")
+    mc = results.get("multichannel")
+    if mc:
+        lines += ["", f"## Multi-channel explain: one object ({mc['object']}) for K={mc['k']} channels, "
+                  "mobilenet_v2 features.18", "",
+                  "| references | K pairs, one `explain` (s) | K pairs, one `explain` each (s) | ratio | sharing off, one `explain` (s) |",
+                  "|---|---|---|---|---|",
+                  f"| one per channel ({mc['distinct_references_matched']} distinct) | {mc['matched_shared']:.2f} | "
+                  f"{mc['matched_separate']:.2f} | **{mc['ratio_matched']:.2f}** | {mc['matched_no_multi']:.2f} |",
+                  f"| one forced reference | {mc['forced_shared']:.2f} | {mc['forced_separate']:.2f} | "
+                  f"**{mc['ratio_forced']:.2f}** | |"]
+    cold = results.get("cold")
+    if cold and "wall_s" in cold:
+        lines += ["", "## Cold `pbv-onnx explain`, one pair, mobilenet_v2 (runtime env, feature cache present)", "",
+                  "| wall (s) | imports (s) | session creation (s) | study + matching + VJP (s) | "
+                  "report: NetCDF, figures, HTML, and the rest (s) | peak RSS (MB) |", "|---|---|---|---|---|---|",
+                  f"| **{cold['wall_s']:.2f}** | {cold['import_s']:.2f} | {cold['engine_s']:.2f} | "
+                  f"{cold['explain_s']:.2f} | {cold['report_and_rest_s']:.2f} | {cold['peak_rss_mb']} |"]
+    env = results.get("env")
+    if env:
+        lines += ["", "## Environments on disk", "",
+                  "| .venv/runtime (MB) | .venv/export (MB) | runtime/export | runtime core packages only (MB) | core/export |",
+                  "|---|---|---|---|---|",
+                  f"| {env['runtime_mb']} | {env['export_mb']} | **{env['runtime_over_export']}** | "
+                  f"{env['runtime_core_packages_mb']} | {env['core_over_export']} |"]
+    lines += ["", f"Peak RSS of the benchmark process: {results['peak_rss_mb']:.0f} MB. "
+              f"Total benchmark time: {results['seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
+    import onnxruntime
+    import torch
+
+    t_start = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="backbone names to run (default: all)")
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--quick", action="store_true", help="one repeat each (smoke test)")
-    ap.add_argument("--skip-explain", action="store_true")
+    ap.add_argument("--skip-explain", action="store_true", help="backbone timings only")
+    ap.add_argument("--out", type=Path, default=RESULTS / "latest")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                           "load_at_start": _machine_load(), "threads": args.threads}, "backbones": []}
+                           "load_at_start": _machine_load(), "threads": args.threads,
+                           "onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
+               "backbones": []}
     for name, arch, layer, weights, repeats in BACKBONES:
         if args.only and name not in args.only:
             continue
         results["backbones"].append(bench_backbone(name, arch, layer, weights, 1 if args.quick else repeats,
                                                    args.images, args.threads))
+    if not args.skip_explain and MNV2_WEIGHTS.is_file():
+        _, model = build_model("mobilenet_v2", "features.18", "shared", args.threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = make_study(Path(tmp), model)
+            results["multichannel"] = bench_multichannel(files, args.threads, 1 if args.quick else 3)
+            results["cold"] = bench_cold(files, 1 if args.quick else 3)
+    results["env"] = env_sizes()
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    print(json.dumps(results, indent=1))
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    text = markdown(results)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,12 @@ ADJOINT_DESCRIPTION = (
     "hand-written adjoints on the torch.fx graph of the truncated network, reverse pass over its "
     "nodes: stride-1 Conv adjoint = Conv with flipped, in/out-transposed weights (computed in-graph "
     "from the forward weights), strided Conv adjoint = ConvTranspose with output_padding; BatchNorm "
-    "(eval) = per-channel scale; ReLU/ReLU6 = mask of the forward output; MaxPool = indices + "
+    "(eval) = per-channel scale, folded into the adjoint weights of the conv it alone follows; "
+    "ReLU/ReLU6 = mask of the forward output; MaxPool with non-overlapping windows = mask of each "
+    "window's first maximum (ArgMax) times the nearest-upsampled gradient, other MaxPool = indices + "
     "ScatterElements(add); Avg/AdaptiveAvgPool = ConvTranspose with a constant kernel; "
-    "add/mul/cat/flatten/Linear/Hardswish/SiLU/Sigmoid/Hardsigmoid by their closed forms")
+    "add/mul/cat/flatten/Linear/Hardswish/SiLU/Sigmoid/Hardsigmoid by their closed forms; "
+    "cotangent [N*K, ...] image-major: K backward passes per forward pass")
 
 
 class UnsupportedOp(ModelError):
@@ -90,11 +93,26 @@ def _output_padding(x_hw, y_hw, stride, padding, dilation, kernel) -> tuple[int,
 
 def conv_input_adjoint(g: torch.Tensor, w: torch.Tensor, x_hw, y_hw, stride, padding, dilation,
                        groups: int) -> torch.Tensor:
-    """J^T g for y = conv2d(x, w): Conv with flipped weights at stride 1, else ConvTranspose."""
+    """J^T g for y = conv2d(x, w): Conv with flipped weights at stride 1; strided depthwise convs
+    the same on the zero-upsampled gradient (onnxruntime's grouped ConvTranspose runs group by
+    group, far slower than its depthwise Conv); other strided convs ConvTranspose."""
     kernel = tuple(w.shape[-2:])
     adj_pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding))
     if stride == (1, 1) and min(adj_pad) >= 0:
         return F.conv2d(g, conv_adjoint_weight(w, groups), None, 1, adj_pad, dilation, groups)
+    c = int(w.shape[0])
+    if groups == c and int(w.shape[1]) == 1 and min(adj_pad) >= 0:
+        (h, wd), (sh, sw) = y_hw, stride
+        # u[s*i] = g[i], zeros between: nearest upsampling times a 0/1 grid (both fast kernels;
+        # Pad or Concat on the 6-D view are slow in onnxruntime)
+        grid = torch.zeros((1, 1, h * sh, wd * sw), dtype=g.dtype)
+        grid[..., ::sh, ::sw] = 1.0
+        u = F.interpolate(g, size=(h * sh, wd * sw), mode="nearest") * grid
+        right = (x_hw[0] + padding[0] - h * sh, x_hw[1] + padding[1] - wd * sw)
+        if right == adj_pad:
+            return F.conv2d(u, conv_adjoint_weight(w, groups), None, 1, adj_pad, dilation, groups)
+        u = F.pad(u, (adj_pad[1], right[1], adj_pad[0], right[0]))  # negative: crop
+        return F.conv2d(u, conv_adjoint_weight(w, groups), None, 1, 0, dilation, groups)
     op = _output_padding(x_hw, y_hw, stride, padding, dilation, kernel)
     return F.conv_transpose2d(g, w, None, stride, padding, op, groups, dilation)
 
@@ -146,8 +164,10 @@ def _tiled_maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule | None:
     """Max pooling over non-overlapping windows (kernel = stride, no padding or dilation).
 
     The forward pass stays a plain MaxPool (onnxruntime's fast kernel; its MaxPool with indices
-    is a slow generic one); the adjoint's choice of pixel is a one-hot of ArgMax over each
-    window's pixels in scan order (the first maximum, as torch picks), computed beside it.
+    is a slow generic one). Beside it, a mask in the input's layout marks each window's first
+    maximum in scan order (torch's choice at ties): ArgMax over the window's pixels, upsampled,
+    compared with each pixel's position in its window. The adjoint is the gradient upsampled
+    (nearest) times that mask.
     """
     kernel, stride = _pair(m.kernel_size), _pair(m.stride or m.kernel_size)
     if kernel != stride or _pair(m.padding) != (0, 0) or _pair(m.dilation) != (1, 1):
@@ -157,20 +177,24 @@ def _tiled_maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule | None:
     h, w = _shape(node)[-2:]
     if (h, w) != (h_in // kh, w_in // kw):  # ceil_mode windows hanging over the edge
         return None
-    pad = (0, w_in - w * kw, 0, h_in - h * kh)  # rows/columns no window covers get no gradient
+    size = (h * kh, w * kw)
+    pad = (0, w_in - size[1], 0, h_in - size[0])  # rows/columns no window covers: no gradient
+    yy, xx = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+    position = F.pad(((yy % kh) * kw + xx % kw).float(), pad, value=-2.0)[None, None]
 
     def fwd(x):
-        tiles = (x[:, :, :h * kh, :w * kw].reshape(-1, c, h, kh, w, kw).permute(0, 1, 2, 4, 3, 5)
-                 .reshape(-1, c, h, w, kh * kw))
-        first = torch.argmax(tiles, dim=-1, keepdim=True)
-        onehot = (first == torch.arange(kh * kw)).to(x.dtype)
-        return F.max_pool2d(x, kernel, stride), onehot
+        xs = x[:, :, :size[0], :size[1]] if any(pad) else x
+        # [N, C, h, w, kh*kw]: swapping two middle axes keeps kw contiguous (a fast transpose)
+        tiles = xs.reshape(-1, c, h, kh, w, kw).transpose(3, 4).reshape(-1, c, h, w, kh * kw)
+        first = torch.argmax(tiles, dim=-1).to(x.dtype)
+        first = F.interpolate(first, size=size, mode="nearest")
+        if any(pad):
+            first = F.pad(first, pad, value=-1.0)
+        return F.max_pool2d(x, kernel, stride), (first == position.to(x.dtype)).to(x.dtype)
 
-    def bwd(g, xs, y, onehot):
-        n = onehot.shape[0]
-        gx = g.reshape(n, -1, c, h, w, 1) * onehot.reshape(n, 1, c, h, w, kh * kw)
-        gx = gx.reshape(-1, c, h, w, kh, kw).permute(0, 1, 2, 4, 3, 5).reshape(-1, c, h * kh, w * kw)
-        return [F.pad(gx, pad) if any(pad) else gx]
+    def bwd(g, xs, y, mask):
+        gx = F.interpolate(g, size=size, mode="nearest")
+        return [kmul(F.pad(gx, pad) if any(pad) else gx, mask)]
 
     return Rule([node.args[0]], fwd, bwd)
 

@@ -280,6 +280,25 @@ def backprop_pairs(engine: Engine, images: Iterable[np.ndarray], cot_o: np.ndarr
     return grad.reshape(P, 2, *grad.shape[1:])
 
 
+def _chunks(pairs: Sequence[Pair], todo: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
+    """Pairs per engine call, in order: up to batch_size distinct images each (batch_size // 2
+    pairs when none share one). Pairs sharing an image (one object for several channels, a common
+    reference) go together: the image is loaded once and Engine.vjp runs its forward pass once
+    for all its cotangents."""
+    start = 0
+    while start < len(todo):
+        seen: set = set()
+        end = start
+        while end < len(todo) and end - start < 2 * batch_size:
+            keys = {pairs[todo[end]].ooc.key, pairs[todo[end]].reference.key}
+            if end > start and len(seen | keys) > batch_size:
+                break
+            seen |= keys
+            end += 1
+        yield todo[start:end]
+        start = end
+
+
 def run_description(study: Study, pairs: Sequence[Pair], method: str, steps: int, baseline: str,
                     save_inputs: bool) -> dict:
     """What decides an explain run's gradients, for checkpoints: hashes of the model, the readouts
@@ -327,15 +346,10 @@ def explain(study: Study, pairs: Sequence[Pair], method: str = "parallel",
     if done.any():
         checkpoint.log(f"resuming: {int(done.sum())} of {P} pairs from checkpoints in {checkpoint.folder}")
     todo = np.flatnonzero(~done)
-    # Pairs per engine call: up to batch_size (the engine splits the 2 x batch_size rows into
-    # calls of batch_size). Pairs sharing an image (one object for several channels, a common
-    # reference) load it once, and Engine.vjp runs its forward pass once for all its cotangents.
-    chunk = max(1, eng.batch_size)
     try:
         with _progress(P, study.progress, f"explain ({method})") as bar:
             bar.update(int(done.sum()))
-            for i in range(0, len(todo), chunk):
-                idx = todo[i:i + chunk]
+            for idx in _chunks(pairs, todo, eng.batch_size):
                 part = [pairs[j] for j in idx]
                 files = [p for pr in part for p in (pr.ooc.path, pr.reference.path)]
                 row = {f: r for r, f in enumerate(dict.fromkeys(files))}

@@ -135,17 +135,28 @@ def choose_providers(device: str) -> list[str]:
 PRECISIONS = ("fp32", "fp16")
 
 
-def session_options(threads: int | None = None):
+def _cores_busy() -> bool:
+    """True when other processes already keep every core busy (1-minute load average)."""
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except (AttributeError, OSError):  # no load average on this platform
+        return False
+
+
+def session_options(threads: int | None = None, spin: bool | None = None):
     """onnxruntime options, chosen by measurement (bench/run.py, 2-core machine): all graph
-    optimisations (NCHWc convolutions; basic/extended levels were 10-25 % slower); worker threads
-    that sleep instead of spinning between kernels (30 % faster when other processes share the
-    cores, as on a rig machine); `threads` intra-op threads (default: one per physical core)."""
+    optimisations (NCHWc convolutions; basic/extended levels were 10-35 % slower); worker threads
+    that spin between kernels (13 % faster at load 1.7 on 2 cores) but sleep when other processes
+    already keep every core busy (30 % faster at load 5 on 2 cores), as on a busy rig machine
+    (`spin=None`: decided from the load average at session start); `threads` intra-op threads
+    (default: one per physical core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if not (spin if spin is not None else not _cores_busy()):
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3

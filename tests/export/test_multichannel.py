@@ -20,7 +20,8 @@ from test_parity import _resnet_trunk, assert_parity, autograd_vjp, photos, seed
 
 
 class TiledNet(nn.Module):
-    """conv-BN-ReLU blocks, non-overlapping max-pools with odd sizes (uncovered edge rows)."""
+    """conv-BN-ReLU blocks, non-overlapping max-pools with odd sizes (uncovered edge rows),
+    strided depthwise convs (zero-upsampled adjoint; padded and cropped borders)."""
 
     def __init__(self):
         super().__init__()
@@ -28,6 +29,8 @@ class TiledNet(nn.Module):
         self.pool1 = nn.MaxPool2d(2)
         self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
         self.pool2 = nn.MaxPool2d(3)
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)  # strided depthwise, odd size
+        self.dw_wide = nn.Conv2d(8, 8, 5, stride=3, padding=1, dilation=1, groups=8)
         with torch.no_grad():
             for bn in (self.bn1, self.bn2):
                 bn.running_mean.uniform_(-0.2, 0.2)
@@ -37,7 +40,8 @@ class TiledNet(nn.Module):
 
     def forward(self, x):
         x = self.pool1(torch.relu(self.bn1(self.conv1(x))))
-        return self.pool2(torch.relu(self.bn2(self.conv2(x))))
+        x = self.pool2(torch.relu(self.bn2(self.conv2(x))))
+        return self.dw_wide(torch.relu(self.dw(x)))
 
 
 def tiled_net() -> nn.Module:
@@ -49,7 +53,7 @@ def tiled_net() -> nn.Module:
 def tiled_model(export_dir):
     out = export_dir / "tiled.onnx"
     if not out.exists():
-        export_model(out, module=tiled_net(), resize="35x35", progress=None, n_images=2)
+        export_model(out, module=tiled_net(), resize="71x71", progress=None, n_images=2)
     return out
 
 
@@ -94,8 +98,8 @@ def test_mobilenet_v2_real_weights_multi_equals_single(mnv2_model):
 
 def test_folded_batchnorm_and_tiled_maxpool_match_torch_with_exact_ties(tiled_model):
     eng = Engine(tiled_model, device="cpu")
-    x = smooth_images(4, (35, 35), eng.info.preprocessing, seed=6)
-    x[:2, :, 4:20, 6:22] = 0.25  # a flat patch: exactly tied maxima inside pooling windows
+    x = smooth_images(4, (71, 71), eng.info.preprocessing, seed=6)
+    x[:2, :, 8:40, 12:44] = 0.25  # a flat patch: exactly tied maxima inside pooling windows
     assert_parity(eng, tiled_net(), x, seed=7)
     graph = onnx.load(str(tiled_model)).graph
     pools = [n for n in graph.node if n.op_type == "MaxPool"]
