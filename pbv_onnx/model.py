@@ -198,9 +198,11 @@ class Engine:
         self._options = session_options(threads)
         if precision == "fp16":
             self._proto = to_fp16(self._proto)
+        # fp32 reads the file itself (already checked above; its external data, if any, lies in its
+        # folder): no second copy of the serialised graph. fp16 runs the converted copy.
+        source = self._proto.SerializeToString() if precision == "fp16" else str(self.path)
         try:
-            self._vjp = ort.InferenceSession(self._proto.SerializeToString(), self._options,
-                                             providers=self._providers)
+            self._vjp = ort.InferenceSession(source, self._options, providers=self._providers)
         except Exception as exc:
             raise ModelError(self.path, f"onnxruntime cannot load the model ({exc})") from None
         names = {i.name for i in self._vjp.get_inputs()} | {o.name for o in self._vjp.get_outputs()}

@@ -136,7 +136,13 @@ def test_concurrent_runs_into_different_folders_succeed_and_into_one_folder_the_
     first = subprocess.Popen(explain_cmd(files, a), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     other = subprocess.Popen(explain_cmd(files, b), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_checkpoint(first, a)
-    second = run(explain_cmd(files, a))
+    # Paused (its lock still held) while the second run tries: a fast first run must not finish
+    # before the second one has started up.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = run(explain_cmd(files, a))
+    finally:
+        first.send_signal(signal.SIGCONT)
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 6, second.stderr
     assert len(lines) == 1 and lines[0].startswith("pbv-onnx: error: ") and str(a) in lines[0], second.stderr
