@@ -218,7 +218,6 @@ class Engine:
     def _forward_session(self):
         """The features-only subgraph of the same file: a forward pass costs a forward pass."""
         if self._fwd is None:
-            import onnx
             import onnxruntime as ort
             from onnx.utils import Extractor
 
@@ -226,7 +225,6 @@ class Engine:
             sub.metadata_props.extend(self._proto.metadata_props)
             self._fwd = ort.InferenceSession(sub.SerializeToString(), self._options,
                                              providers=self._providers)
-            del onnx
         return self._fwd
 
     def _run(self, sess, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
