@@ -83,31 +83,37 @@ def _check_external_data(model, path: Path) -> None:
                     raise ModelError(path, f"external data {entry.value!r} points outside the model's folder")
 
 
-def load_model_proto(path: str | os.PathLike):
-    """Parse an ONNX file safely (external data checked, not loaded yet)."""
+def read_model(path: str | os.PathLike):
+    """Read an ONNX file once: (its bytes, the parsed model with external data checked and loaded,
+    whether it has external data).
+
+    The bytes are what gets hashed and run, so the recorded sha256 is of exactly the graph used.
+    """
     import onnx
 
     path = Path(path)
     if not path.is_file():
         raise ModelError(path, "model file not found")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        data = path.read_bytes()
+        model = onnx.load_model_from_string(data)
     except Exception as exc:  # protobuf raises several unrelated types on garbage
         raise ModelError(path, f"not a readable ONNX model ({exc.__class__.__name__})") from None
     _check_external_data(model, path)
-    if any(t.external_data for t in model.graph.initializer):
+    external = any(t.external_data for t in model.graph.initializer)
+    if external:
         from onnx.external_data_helper import load_external_data_for_model
         load_external_data_for_model(model, str(path.parent))
-    return model
+    return data, model, external
 
 
-def read_info(path: str | os.PathLike, model=None) -> ModelInfo:
-    """Read a model's metadata and hash without creating a session."""
+def read_info(path: str | os.PathLike, data: bytes | None = None, model=None) -> ModelInfo:
+    """Read a model's metadata and hash without creating a session (from `read_model`'s result if given)."""
     path = Path(path)
-    if model is None:
-        model = load_model_proto(path)
+    if data is None or model is None:
+        data, model, _ = read_model(path)
     meta = parse_metadata({p.key: p.value for p in model.metadata_props}, path)
-    return ModelInfo(path=path, sha256=file_sha256(path), arch=str(meta["arch"]),
+    return ModelInfo(path=path, sha256=hashlib.sha256(data).hexdigest(), arch=str(meta["arch"]),
                      layer=str(meta["layer"]), pool=str(meta.get("pool", "none")),
                      feature_shape=tuple(int(v) for v in meta["feature_shape"]),
                      preprocessing=Preprocessing.from_dict(meta["preprocessing"]), metadata=meta)
@@ -186,8 +192,8 @@ class Engine:
         if precision not in PRECISIONS:
             raise UsageError(None, f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.path = Path(path)
-        self._proto = load_model_proto(self.path)
-        self.info = read_info(self.path, self._proto)
+        data, self._proto, external = read_model(self.path)
+        self.info = read_info(self.path, data, self._proto)
         self.batch_size = batch_size
         # Several cotangents per image in one call (one forward pass for all): models that say so.
         self.multi = bool(self.info.metadata.get(MULTI_COTANGENT, False))
@@ -198,9 +204,15 @@ class Engine:
         self._options = session_options(threads)
         if precision == "fp16":
             self._proto = to_fp16(self._proto)
-        # fp32 reads the file itself (already checked above; its external data, if any, lies in its
-        # folder): no second copy of the serialised graph. fp16 runs the converted copy.
-        source = self._proto.SerializeToString() if precision == "fp16" else str(self.path)
+        # fp32 runs the very bytes that were checked and hashed (a model with external data runs
+        # from its path: that data lies in its folder, checked above); fp16 runs the converted copy.
+        if precision == "fp16":
+            source = self._proto.SerializeToString()
+        elif external:
+            source = str(self.path)
+        else:
+            source = data
+        del data
         try:
             self._vjp = ort.InferenceSession(source, self._options, providers=self._providers)
         except Exception as exc:

@@ -185,16 +185,14 @@ class Truth:
 
 def load_truth(experiment: Path, study: ex.Study, device: str = "auto") -> Truth | None:
     """The ground truth beside an experiment, when its model is there too (else None)."""
-    import xarray as xr
-
     from ..model import Engine
+    from ..netcdf import read_netcdf
     from . import synthetic
 
     gt_path = experiment / "ground_truth.nc"
     if not gt_path.is_file():
         return None
-    with xr.open_dataset(gt_path, engine="h5netcdf") as ds:
-        gt_ds = ds.load()
+    gt_ds = read_netcdf(gt_path, "ground-truth")
     if gt_ds.attrs.get("model_sha256") == study.engine.info.sha256:
         engine = study.engine  # same model: one set of features serves readout and ground truth
     else:

@@ -43,3 +43,25 @@ def test_wrong_shapes_and_files_are_refused(tiny_model, tmp_path):
         Engine(bad)
     with pytest.raises(ModelError, match="not found"):
         Engine(tmp_path / "missing.onnx")
+
+
+def test_model_with_external_data_in_its_folder_runs_like_the_inline_one(tiny_model, tmp_path):
+    import onnx
+
+    model = onnx.load(str(tiny_model))
+    ext = tmp_path / "ext.onnx"
+    onnx.save(model, str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.weights", size_threshold=0)
+    assert (tmp_path / "ext.weights").is_file()
+    x = np.random.default_rng(3).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    ct = np.random.default_rng(4).standard_normal((2, *FEATURE_SHAPE)).astype(np.float32)
+    inline, external = Engine(tiny_model, device="cpu"), Engine(ext, device="cpu")
+    for a, b in zip(inline.vjp(x, ct), external.vjp(x, ct)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(inline.features(x), external.features(x))
+
+
+def test_model_sha256_is_the_hash_of_the_file(tiny_model):
+    import hashlib
+
+    assert Engine(tiny_model, device="cpu").info.sha256 == hashlib.sha256(tiny_model.read_bytes()).hexdigest()
