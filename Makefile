@@ -30,6 +30,16 @@ $(VENV)/runtime/.done: pyproject.toml
 	@! $(RUNTIME_PY) -c 'import torch' 2>/dev/null || (echo "torch leaked into the runtime environment" && false)
 	touch $@
 
+# What a rig machine installs: `pip install .`, no extras, not editable (measured by `make bench`).
+CORE_PY := $(VENV)/core/bin/python
+$(VENV)/core/.done: pyproject.toml $(wildcard pbv_onnx/*.py pbv_onnx/*/*.py cli/*.py)
+	rm -rf $(VENV)/core
+	$(PYTHON) -m venv $(VENV)/core
+	$(CORE_PY) -m pip install -q --upgrade pip
+	$(CORE_PY) -m pip install -q .
+	@! $(CORE_PY) -c 'import torch' 2>/dev/null || (echo "torch leaked into the core environment" && false)
+	touch $@
+
 # make export ARCH=vgg16 LAYER=features.29 WEIGHTS=IMAGENET1K_V1
 export: $(VENV)/export/.done
 	$(VENV)/export/bin/pbv-onnx export --arch $(ARCH) --layer $(LAYER) --weights $(WEIGHTS) --out $(OUT) $(EXPORT_ARGS)
@@ -62,7 +72,7 @@ clean:
 
 # ---- benchmark (not part of `make test`; ~3 min on 2 cores): bench/results/latest.{md,json} ----
 BENCH_ARGS ?=
-bench: $(VENV)/export/.done $(VENV)/runtime/.done
+bench: $(VENV)/export/.done $(VENV)/runtime/.done $(VENV)/core/.done
 	$(EXPORT_PY) bench/run.py $(BENCH_ARGS)
 	$(RUNTIME_PY) bench/fit_speed.py
 

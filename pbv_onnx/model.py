@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DependencyError, ModelError, UsageError
+from .errors import ModelError, UsageError
 from .images import Preprocessing
+from .sessions import choose_providers, create_session, session_options  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 # Metadata key: true when the cotangent batch may hold K cotangents per image (see Engine.vjp_multi).
@@ -119,54 +120,7 @@ def read_info(path: str | os.PathLike, data: bytes | None = None, model=None) ->
                      preprocessing=Preprocessing.from_dict(meta["preprocessing"]), metadata=meta)
 
 
-def choose_providers(device: str) -> list[str]:
-    """`auto|cuda|cpu` -> onnxruntime execution providers, CUDA only where it can run."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise DependencyError(None, "--device cuda: onnxruntime has no CUDA provider here "
-                                  "(install pbv-onnx[gpu] on a machine with an NVIDIA GPU)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device != "auto":
-        raise UsageError(None, f"--device must be auto, cuda or cpu, not {device!r}")
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
 PRECISIONS = ("fp32", "fp16")
-
-
-def _cores_busy() -> bool:
-    """True when other processes already keep every core busy (1-minute load average)."""
-    try:
-        return os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except (AttributeError, OSError):  # no load average on this platform
-        return False
-
-
-def session_options(threads: int | None = None, spin: bool | None = None):
-    """onnxruntime options, chosen by measurement (bench/run.py, 2-core machine): all graph
-    optimisations (NCHWc convolutions; basic/extended levels were 10-35 % slower); worker threads
-    that spin between kernels (13 % faster at load 1.7 on 2 cores) but sleep when other processes
-    already keep every core busy (30 % faster at load 5 on 2 cores), as on a busy rig machine
-    (`spin=None`: decided from the load average at session start); `threads` intra-op threads
-    (default: one per physical core)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not (spin if spin is not None else not _cores_busy()):
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    return opts
 
 
 def to_fp16(proto):
@@ -185,8 +139,6 @@ class Engine:
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
                  threads: int | None = None, verbose: bool = False, precision: str = "fp32"):
-        import onnxruntime as ort
-
         if batch_size < 1:
             raise UsageError(None, f"--batch-size must be at least 1, not {batch_size}")
         if precision not in PRECISIONS:
@@ -213,8 +165,10 @@ class Engine:
         else:
             source = data
         del data
+        # fp16 graphs are not cached (keyed by the file's hash, they would collide with fp32)
+        cache_id = self.info.sha256 if precision == "fp32" else None
         try:
-            self._vjp = ort.InferenceSession(source, self._options, providers=self._providers)
+            self._vjp, self.cache = create_session(source, self._options, self._providers, cache_id, "vjp")
         except Exception as exc:
             raise ModelError(self.path, f"onnxruntime cannot load the model ({exc})") from None
         names = {i.name for i in self._vjp.get_inputs()} | {o.name for o in self._vjp.get_outputs()}
@@ -230,13 +184,15 @@ class Engine:
     def _forward_session(self):
         """The features-only subgraph of the same file: a forward pass costs a forward pass."""
         if self._fwd is None:
-            import onnxruntime as ort
-            from onnx.utils import Extractor
+            def subgraph() -> bytes:
+                from onnx.utils import Extractor
 
-            sub = Extractor(self._proto).extract_model([IMAGE], [FEATURES])
-            sub.metadata_props.extend(self._proto.metadata_props)
-            self._fwd = ort.InferenceSession(sub.SerializeToString(), self._options,
-                                             providers=self._providers)
+                sub = Extractor(self._proto).extract_model([IMAGE], [FEATURES])
+                sub.metadata_props.extend(self._proto.metadata_props)
+                return sub.SerializeToString()
+
+            cache_id = self.info.sha256 if self.precision == "fp32" else None
+            self._fwd, _ = create_session(subgraph, self._options, self._providers, cache_id, "features")
         return self._fwd
 
     def _run(self, sess, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

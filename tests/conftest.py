@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# The session cache of this test run (inherited by the CLI subprocesses), never the user's own.
+_CACHE = tempfile.TemporaryDirectory(prefix="pbv-onnx-test-cache-")
+os.environ["PBV_ONNX_CACHE"] = _CACHE.name
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,7 @@ def test_runtime_preprocessing_equals_torchvision_transforms(resize, crop):
 
 
 def test_a_wrong_adjoint_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
-    def relu_passes_everything(node, x):  # a deliberately wrong ReLU adjoint
+    def relu_passes_everything(node, x, gm):  # a deliberately wrong ReLU adjoint
         return adjoint.Rule([x], lambda v: (torch.relu(v), None), lambda g, xs, y, s: [g])
 
     monkeypatch.setattr(adjoint, "_relu_rule", relu_passes_everything)

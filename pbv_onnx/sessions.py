@@ -1,0 +1,185 @@
+"""onnxruntime sessions: providers, options chosen by measurement, and a cache of optimised graphs.
+
+Creating a CPU session spends most of its time in graph optimisation (NCHWc layouts, fusions):
+0.25-0.4 s for mobilenet_v2's gradient graph, against 0.04-0.07 s to load the graph it produces.
+The first session of a model on a machine saves that optimised graph in a cache folder; later
+sessions load it with optimisation off. The entry is keyed by the model's sha256, the
+onnxruntime version and the CPU (the optimised graph uses this CPU's NCHWc block size). It is
+published whole (written to a temporary file, renamed), and a sidecar records its size and
+modification time, checked on every load (hashing it would cost more than half of what the cache
+saves). Any cache problem (unwritable folder, damaged or replaced entry) falls back to optimising
+in memory: the cache can make a run faster, never different or failed.
+
+Folder: `$PBV_ONNX_CACHE`, else `$XDG_CACHE_HOME/pbv-onnx`, else `~/.cache/pbv-onnx`;
+`PBV_ONNX_CACHE=off` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from .errors import DependencyError, UsageError
+
+CACHE_ENV = "PBV_ONNX_CACHE"
+CACHE_OFF = {"off", "0", "no", "false", "none"}
+
+
+def choose_providers(device: str) -> list[str]:
+    """`auto|cuda|cpu` -> onnxruntime execution providers, CUDA only where it can run."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise DependencyError(None, "--device cuda: onnxruntime has no CUDA provider here "
+                                  "(install pbv-onnx[gpu] on a machine with an NVIDIA GPU)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device != "auto":
+        raise UsageError(None, f"--device must be auto, cuda or cpu, not {device!r}")
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _cores_busy() -> bool:
+    """True when other processes already keep every core busy (1-minute load average)."""
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except (AttributeError, OSError):  # no load average on this platform
+        return False
+
+
+def session_options(threads: int | None = None, spin: bool | None = None):
+    """onnxruntime options, chosen by measurement (bench/run.py, 2-core machine): all graph
+    optimisations (NCHWc convolutions; basic/extended levels were 10-35 % slower); worker threads
+    that spin between kernels (13 % faster at load 1.7 on 2 cores) but sleep when other processes
+    already keep every core busy (30 % faster at load 5 on 2 cores), as on a busy rig machine
+    (`spin=None`: decided from the load average at session start); `threads` intra-op threads
+    (default: one per physical core)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not (spin if spin is not None else not _cores_busy()):
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return opts
+
+
+def cache_dir() -> Path | None:
+    """The cache folder, or None when `PBV_ONNX_CACHE=off`."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in CACHE_OFF or not value.strip() else Path(value)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pbv-onnx"
+
+
+def _cpu_identity() -> str:
+    """What the optimised graph depends on besides the model: machine and instruction-set flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                    break
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def cache_key(model_sha256: str, graph: str) -> str:
+    """Entry name for one graph (`vjp` or `features`) of one model on this machine and runtime."""
+    import onnxruntime as ort
+
+    ident = "\n".join([model_sha256, graph, ort.__version__, _cpu_identity(), "level=all"])
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size} {st.st_mtime_ns}"
+
+
+def _load_entry(path: Path) -> bytes | None:
+    """The cached graph if it is the file the cache wrote (size and mtime as recorded), else None."""
+    try:
+        want = path.with_suffix(".stamp").read_text().strip()
+        if _stamp(path) != want:
+            return None
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _store_entry(folder: Path, path: Path, make_session):
+    """Create the session with onnxruntime writing its optimised graph to a temporary file, then
+    publish that file and its stamp (a reader never sees a graph with a stale stamp: the old stamp
+    goes first, the new one last)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.onnx", dir=folder)
+    os.close(fd)
+    try:
+        sess = make_session(tmp)
+        path.with_suffix(".stamp").unlink(missing_ok=True)
+        os.replace(tmp, path)
+        stamp_tmp = Path(tmp).with_suffix(".stamp")
+        stamp_tmp.write_text(_stamp(path) + "\n")
+        os.replace(stamp_tmp, path.with_suffix(".stamp"))
+        return sess
+    finally:
+        for leftover in (Path(tmp), Path(tmp).with_suffix(".stamp")):
+            leftover.unlink(missing_ok=True)
+
+
+def create_session(source: bytes | str | Callable[[], bytes | str], options, providers: list[str],
+                   model_sha256: str | None = None, graph: str = "vjp"):
+    """An InferenceSession for `source` (model bytes or path, or a function making them, called
+    only on a cache miss). On the CPU provider with a known model hash, the optimised graph comes
+    from the cache when it holds a whole entry, and goes into it otherwise.
+    Returns (session, "hit" | "stored" | "off")."""
+    import onnxruntime as ort
+
+    def plain():
+        return ort.InferenceSession(source() if callable(source) else source, options, providers=providers)
+
+    folder = cache_dir()
+    if (folder is None or model_sha256 is None or providers[0] != "CPUExecutionProvider"
+            or options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        return plain(), "off"
+    path = folder / f"{cache_key(model_sha256, graph)}.onnx"
+    cached = _load_entry(path)
+    if cached is not None:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(cached, options, providers=providers), "hit"
+        except Exception:  # an entry this runtime cannot load: rebuild it below
+            pass
+        finally:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+    if callable(source):
+        source = source()
+
+    def make(tmp: str):
+        options.optimized_model_filepath = tmp
+        try:
+            return ort.InferenceSession(source, options, providers=providers)
+        finally:
+            options.optimized_model_filepath = ""
+
+    try:
+        return _store_entry(folder, path, make), "stored"
+    except Exception:  # unwritable or full cache folder; a bad model fails again just below
+        return plain(), "off"

@@ -1,0 +1,122 @@
+"""Single adjoint rules against torch autograd in float64, and the ONNX they export to."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export import adjoint
+from export.adjoint import VJPModule
+
+
+def autograd_input_grad(f, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    x = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(f(x), x, g)
+    return gx
+
+
+@pytest.mark.parametrize("cin, cout, kernel, stride, padding, size", [
+    (3, 8, (11, 11), (4, 4), (2, 2), (67, 67)),   # AlexNet's first layer, smaller
+    (4, 5, (4, 4), (2, 2), (1, 1), (17, 17)),     # no zero taps; odd input: rows no output reached
+    (2, 3, (5, 3), (2, 1), (2, 1), (15, 12)),     # unequal strides and kernels
+    (2, 3, (8, 8), (4, 4), (0, 0), (30, 31)),     # no padding, uneven right edge
+])
+def test_subpixel_conv_adjoint_equals_autograd(cin, cout, kernel, stride, padding, size):
+    torch.manual_seed(0)
+    w = torch.randn(cout, cin, *kernel, dtype=torch.float64)
+    x = torch.randn(2, cin, *size, dtype=torch.float64)
+    conv = lambda v: F.conv2d(v, w, None, stride, padding)  # noqa: E731
+    y = conv(x)
+    g = torch.randn_like(y)
+    assert adjoint._subpixel_pays(kernel, stride)
+    got = adjoint._subpixel_adjoint(g, w, size, stride, padding)
+    torch.testing.assert_close(got, autograd_input_grad(conv, x, g), rtol=1e-10, atol=1e-10)
+
+
+def test_subpixel_form_is_chosen_only_where_it_measured_faster():
+    assert adjoint._subpixel_pays((11, 11), (4, 4))
+    assert not adjoint._subpixel_pays((7, 7), (2, 2))
+    assert not adjoint._subpixel_pays((3, 3), (2, 2))
+    assert not adjoint._subpixel_pays((1, 1), (2, 2))
+    assert not adjoint._subpixel_pays((3, 3), (1, 1))
+
+
+class Pool(nn.Module):
+    def __init__(self, relu_module: bool = False, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.relu = nn.ReLU(inplace=True) if relu_module else torch.relu
+        self.pool = nn.MaxPool2d(**kw)
+
+    def forward(self, x):
+        return self.pool(self.relu(self.conv(x)))
+
+
+def export_vjp(net: nn.Module, x: torch.Tensor, cot: torch.Tensor) -> bytes:
+    vjp = VJPModule(torch.fx.symbolic_trace(net), tuple(x.shape[1:]))
+    buf = io.BytesIO()
+    torch.onnx.export(vjp, (x, cot), buf, dynamo=False, opset_version=17,
+                      input_names=["image", "cotangent"], output_names=["features", "input_grad"],
+                      dynamic_axes={"image": {0: "n"}, "cotangent": {0: "nk"}})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=2, stride=2), dict(kernel_size=3, stride=2),
+                                dict(kernel_size=3, stride=2, padding=1)])
+@pytest.mark.parametrize("relu_module", [False, True])
+def test_relu_then_maxpool_with_exact_ties_matches_autograd(kw, relu_module):
+    """Flat image regions give exactly tied window maxima (positive and zero): the gradient must
+    go to torch's choice, the first maximum in scan order, with the ReLU mask moved onto the
+    pooled output."""
+    import onnxruntime as ort
+
+    torch.manual_seed(2)
+    net = Pool(relu_module, **kw).eval()
+    x = torch.randn(2, 3, 20, 22)
+    x[:, :, 4:14, 3:15] = 0.7      # a flat patch: equal conv outputs, positive or not per channel
+    x[1, :, :, 15:] = -0.2
+    with torch.no_grad():
+        y = net(x)
+    assert (y > 0).any() and (y == 0).any()
+    cot = torch.randn_like(y)
+    sess = ort.InferenceSession(export_vjp(net, x, cot), providers=["CPUExecutionProvider"])
+    _, gx = sess.run(None, {"image": x.numpy(), "cotangent": cot.numpy()})
+    np.testing.assert_allclose(gx, autograd_input_grad(net, x, cot).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2), dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=3, stride=2, ceil_mode=True)])
+def test_overlapping_maxpool_exports_one_indices_node_kept_out_of_the_forward_graph(kw):
+    """The backward reads indices from a single MaxPool node (no per-plane offset MaxPool), and the
+    features-only subgraph runs only the plain, fast MaxPool; both graphs match autograd."""
+    import onnxruntime as ort
+    from onnx.utils import Extractor
+
+    torch.manual_seed(1)
+    net = Pool(**kw).eval()
+    gm = torch.fx.symbolic_trace(net)
+    vjp = VJPModule(gm, (3, 20, 21))
+    x = torch.randn(2, 3, 20, 21)
+    with torch.no_grad():
+        y = net(x)
+    cot = torch.randn_like(y)
+    buf = io.BytesIO()
+    torch.onnx.export(vjp, (x, cot), buf, dynamo=False, opset_version=17,
+                      input_names=["image", "cotangent"], output_names=["features", "input_grad"])
+    proto = onnx.load_model_from_string(buf.getvalue())
+    pools = [n for n in proto.graph.node if n.op_type == "MaxPool"]
+    assert sorted(len([o for o in n.output if o]) for n in pools) == [1, 2]
+    fwd = Extractor(proto).extract_model(["image"], ["features"])
+    assert [len([o for o in n.output if o]) for n in fwd.graph.node if n.op_type == "MaxPool"] == [1]
+
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    f, gx = sess.run(None, {"image": x.numpy(), "cotangent": cot.numpy()})
+    np.testing.assert_allclose(f, y.numpy(), rtol=1e-5, atol=1e-6)
+    want = autograd_input_grad(net, x, cot).numpy()
+    np.testing.assert_allclose(gx, want, rtol=1e-4, atol=1e-5)
