@@ -6,6 +6,7 @@ import html
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -66,22 +67,31 @@ def write_output(ds: xr.Dataset, out: str | os.PathLike, summary: xr.Dataset | N
     ds = ds.assign_coords(display_vmax=("pair", vmax))
     ds.attrs.update(display_smooth_sigma=float(smooth), display_scale=scale)
     out = Path(out)
+
+    def draw(tmp: Path, i: int) -> str:
+        imgs = [display_image(load_image(ds[f"{r}_file"].values[i]), spec) for r in ("ooc", "reference")]
+        name = pair_filename(ds, i)
+        figures.save_pair_figure(
+            tmp / name, imgs[0], imgs[1], maps[i, 0], maps[i, 1], float(vmax[i]),
+            channel=str(ds["channel"].values[i]), region=str(ds["region"].values[i]),
+            ooc=str(ds["ooc"].values[i]), reference=str(ds["reference"].values[i]),
+            similarity=float(ds["similarity"].values[i]),
+            recorded=(float(ds["recorded_ooc"].values[i]), float(ds["recorded_reference"].values[i])),
+            predicted=(float(ds["predicted_ooc"].values[i]), float(ds["predicted_reference"].values[i])),
+            method=str(ds["method"].values[i]), scale_note=f"{scale} scale")
+        return name
+
     with atomic_dir(out, force) as tmp:
-        ds.to_netcdf(tmp / NETCDF, engine="h5netcdf")
         (tmp / "pairs").mkdir()
-        files = []
-        for i in range(ds.sizes["pair"]):
-            imgs = [display_image(load_image(ds[f"{r}_file"].values[i]), spec) for r in ("ooc", "reference")]
-            name = pair_filename(ds, i)
-            figures.save_pair_figure(
-                tmp / name, imgs[0], imgs[1], maps[i, 0], maps[i, 1], float(vmax[i]),
-                channel=str(ds["channel"].values[i]), region=str(ds["region"].values[i]),
-                ooc=str(ds["ooc"].values[i]), reference=str(ds["reference"].values[i]),
-                similarity=float(ds["similarity"].values[i]),
-                recorded=(float(ds["recorded_ooc"].values[i]), float(ds["recorded_reference"].values[i])),
-                predicted=(float(ds["predicted_ooc"].values[i]), float(ds["predicted_reference"].values[i])),
-                method=str(ds["method"].values[i]), scale_note=f"{scale} scale")
-            files.append(name)
+        # Figures are drawn in worker threads while this one writes the NetCDF file: Pillow
+        # releases the GIL while it decodes, resizes and PNG-encodes, h5py while HDF5 writes.
+        pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+        try:
+            drawn = [pool.submit(draw, tmp, i) for i in range(ds.sizes["pair"])]
+            ds.to_netcdf(tmp / NETCDF, engine="h5netcdf")
+            files = [f.result() for f in drawn]
+        finally:  # on an error or Ctrl-C: drop the figures not started, wait for the running ones
+            pool.shutdown(wait=True, cancel_futures=True)
         panel = _response_panel(ds, summary, tmp)
         (tmp / "index.html").write_text(render_index(ds, files, panel), encoding="utf-8")
     return out
