@@ -38,9 +38,9 @@ MNV2_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
 # name, arch, layer, weights, preprocessing overrides (mean, std), repeats
 BACKBONES = [
     ("mobilenet_v2", "mobilenet_v2", "features.18", "shared", 15),
-    ("alexnet", "alexnet", "features", "none", 15),
-    ("resnet50", "resnet50", "layer4", "none", 5),
-    ("vgg16", "vgg16", "features.29", "none", 5),
+    ("alexnet", "alexnet", "features", "none", 21),
+    ("resnet50", "resnet50", "layer4", "none", 7),
+    ("vgg16", "vgg16", "features.29", "none", 7),
 ]
 
 
@@ -111,17 +111,25 @@ def build_model(arch: str, layer: str, weights: str, threads: int):
     return net, path
 
 
-def _median_times(fns: dict, repeats: int) -> dict[str, float]:
-    """Run each function once to warm up, then `repeats` interleaved rounds; median seconds."""
+def _median_times(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Run each function once to warm up, then `repeats` interleaved rounds (the order rotating
+    each round); median seconds, and every round's times (for paired ratios)."""
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+def _paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of a/b within each round: runs close in time share the machine's state
+    (on a shared machine its speed drifts by tens of per cent within minutes)."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def bench_backbone(name, arch, layer, weights, repeats, n_images, threads) -> dict:
@@ -153,15 +161,15 @@ def bench_backbone(name, arch, layer, weights, repeats, n_images, threads) -> di
     def ort_fwd():
         eng.features(x)
 
-    times = _median_times({"torch_vjp": torch_vjp, "ort_vjp": ort_vjp, "ort_forward": ort_fwd}, repeats)
+    times, rounds = _median_times({"torch_vjp": torch_vjp, "ort_vjp": ort_vjp, "ort_forward": ort_fwd}, repeats)
     err = rel_l2(out["ort"], out["torch"].numpy())
     row = {"name": name, "arch": arch, "layer": layer,
            "weights": "shared real (file)" if weights == "shared" else "random (seed 0)",
            "feature_shape": list(eng.info.feature_shape), "images": desc, "repeats": repeats,
            "model_mb": round(path.stat().st_size / 1e6, 1), "build_s": round(build_s, 1),
            **{k: round(v, 4) for k, v in times.items()},
-           "ort_over_torch": round(times["ort_vjp"] / times["torch_vjp"], 3),
-           "ort_over_2fwd": round(times["ort_vjp"] / (2 * times["ort_forward"]), 3),
+           "ort_over_torch": round(_paired(rounds, "ort_vjp", "torch_vjp"), 3),
+           "ort_over_2fwd": round(_paired(rounds, "ort_vjp", "ort_forward") / 2, 3),
            "grad_rel_l2_vs_torch": float(f"{err:.2e}"), "load": _machine_load()}
     print(json.dumps(row), flush=True)
     return row
@@ -235,12 +243,12 @@ def bench_multichannel(study_files: dict, threads: int, repeats: int = 3, k: int
                 eng.multi = True
         return run
 
-    times = _median_times({"matched_shared": shared(matched), "matched_separate": separate(matched),
-                           "matched_no_multi": unshared(matched), "forced_shared": shared(forced),
-                           "forced_separate": separate(forced)}, repeats)
+    times, rounds = _median_times({"matched_shared": shared(matched), "matched_separate": separate(matched),
+                                   "matched_no_multi": unshared(matched), "forced_shared": shared(forced),
+                                   "forced_separate": separate(forced)}, repeats)
     out.update({name: round(v, 3) for name, v in times.items()})
-    out["ratio_matched"] = round(times["matched_shared"] / times["matched_separate"], 3)
-    out["ratio_forced"] = round(times["forced_shared"] / times["forced_separate"], 3)
+    out["ratio_matched"] = round(_paired(rounds, "matched_shared", "matched_separate"), 3)
+    out["ratio_forced"] = round(_paired(rounds, "forced_shared", "forced_separate"), 3)
     out["load"] = _machine_load()
     print(json.dumps(out), flush=True)
     return out
@@ -327,7 +335,8 @@ def markdown(results: dict) -> str:
         "",
         f"Machine: {m['cpus']} CPUs, {m['platform']}; onnxruntime {m['onnxruntime']}, torch {m['torch']}, "
         f"{m['threads']} threads for both; load average at start {m['load_at_start']} (a shared machine: "
-        "times move with other jobs, so every ratio compares runs interleaved in one process).",
+        "times move with other jobs, so every ratio is the median over rounds of the ratio within a round, "
+        "runs interleaved in one process).",
         "",
         "## Forward + VJP, 8 images 224x224 (real photos), one call",
         "",
