@@ -45,10 +45,10 @@ def median_time(fn, repeats: int) -> float:
 
 
 def images_for(spec, n: int) -> np.ndarray:
+    from pbv_onnx.demo.sources import shared_photos
     from pbv_onnx.images import load_batch
 
-    files = sorted(p for p in (ROOT.parent / "shared" / "images").glob("*")
-                   if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    files = shared_photos(ROOT.parent / "shared" / "images")
     if files:
         return load_batch([files[i % len(files)] for i in range(n)], spec)
     rng = np.random.default_rng(0)

@@ -52,7 +52,9 @@ def _images(spec, n: int) -> tuple[np.ndarray, str]:
     from export.verify import smooth_images
     from pbv_onnx.images import load_batch
 
-    files = sorted(p for p in (SHARED / "images").glob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    from pbv_onnx.demo.sources import shared_photos
+
+    files = shared_photos(SHARED / "images")
     if len(files) >= 1:
         chosen = [files[i % len(files)] for i in range(n)]
         return load_batch(chosen, spec), f"{n} photos from ../shared/images"
@@ -189,7 +191,9 @@ def make_study(folder: Path, model: Path, channels: int = 16, seed: int = 0) -> 
     from pbv_onnx.readouts import write_readouts
     from pbv_onnx.responses import make_responses
 
-    files = sorted(p for p in (SHARED / "images").glob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    from pbv_onnx.demo.sources import shared_photos
+
+    files = shared_photos(SHARED / "images")
     stim = [p.stem for p in files]
     cats = ["object" if s in OBJECTS else "body" for s in stim]
     eng = Engine(model, device="cpu")

@@ -8,10 +8,8 @@ from typing import List, Optional
 import typer
 
 from cli.app import app
+from cli.options import BATCH_SIZE, DEVICE, FEATURES, FORCE, IMAGES, MODEL
 
-DEVICE_HELP = "Where onnxruntime runs: auto (CUDA if available), cuda or cpu."
-BATCH_HELP = "Images per onnxruntime call."
-FORCE_HELP = "Overwrite an existing output."
 
 
 @app.command("import-responses")
@@ -26,7 +24,7 @@ def import_responses(
                                             "array's channel order (default ids 0..C-1)."),
     preferred: Optional[str] = typer.Option(None, "--preferred", help="Preferred category, e.g. body."),
     units: str = typer.Option("", "--units", help="Response units, e.g. spikes/s."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: bool = FORCE,
 ) -> None:
     """Build a responses file from a CSV table or a .npy array."""
     from pbv_onnx.responses import import_responses as run
@@ -39,14 +37,13 @@ def import_responses(
 
 @app.command("features")
 def features(
-    model: Path = typer.Option(..., "--model", help="Exported ONNX model."),
+    model: Path = MODEL,
     responses: Path = typer.Option(..., "--responses", help="Responses file naming the stimulus images."),
     out: Path = typer.Option(..., "--out", help="Features file; an existing one for the same model is "
                              "reused as a cache and updated."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Folder the stimulus 'file' paths are "
-                                          "relative to (default: the responses file's folder)."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    batch_size: int = typer.Option(16, "--batch-size", help=BATCH_HELP),
+    images: Optional[Path] = IMAGES,
+    device: str = DEVICE,
+    batch_size: int = BATCH_SIZE,
     force: bool = typer.Option(False, "--force", help="Recompute everything and replace --out."),
 ) -> None:
     """Compute (or update) the latent features of every stimulus image."""
@@ -58,11 +55,11 @@ def features(
 
 @app.command("fit")
 def fit(
-    model: Path = typer.Option(..., "--model", help="Exported ONNX model."),
+    model: Path = MODEL,
     responses: Path = typer.Option(..., "--responses", help="Responses file."),
     out: Path = typer.Option(..., "--out", help="Readouts NetCDF file to write."),
-    images: Optional[Path] = typer.Option(None, "--images", help="Folder the stimulus 'file' paths are relative to."),
-    features: Optional[Path] = typer.Option(None, "--features", help="Features cache file (reused and updated)."),
+    images: Optional[Path] = IMAGES,
+    features: Optional[Path] = FEATURES,
     preferred: Optional[str] = typer.Option(None, "--preferred", help="Preferred category (default: the "
                                             "responses file's preferred_category)."),
     alphas: Optional[List[str]] = typer.Option(None, "--alphas", help="Relative ridge penalties (times the mean "
@@ -70,9 +67,9 @@ def fit(
                                                "default 1e-3,1e-2,0.1,1,10,100."),
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds (nested for the held-out r)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the fold assignment."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    batch_size: int = typer.Option(16, "--batch-size", help=BATCH_HELP),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    device: str = DEVICE,
+    batch_size: int = BATCH_SIZE,
+    force: bool = FORCE,
 ) -> None:
     """Fit a ridge readout per channel on the preferred-category images."""
     from pbv_onnx.readouts import fit_files, parse_alphas
@@ -85,14 +82,14 @@ def fit(
 
 @app.command("predict")
 def predict(
-    model: Path = typer.Option(..., "--model", help="Exported ONNX model."),
+    model: Path = MODEL,
     readouts: Path = typer.Option(..., "--readouts", help="Readouts file fitted on this model."),
     images: List[Path] = typer.Option(..., "--images", help="Image files or folders (more may follow as arguments)."),
     more: Optional[List[Path]] = typer.Argument(None, help="More image files or folders.", show_default=False),
     out: Optional[Path] = typer.Option(None, "--out", help="Write predictions to .nc or .csv instead of printing."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    batch_size: int = typer.Option(16, "--batch-size", help=BATCH_HELP),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    device: str = DEVICE,
+    batch_size: int = BATCH_SIZE,
+    force: bool = FORCE,
 ) -> None:
     """Predict every channel's response to images."""
     from pbv_onnx.readouts import prediction_table, predict_files
@@ -109,7 +106,7 @@ def evaluate(
     readouts: Path = typer.Option(..., "--readouts", help="Readouts file from `pbv-onnx fit`."),
     responses: Path = typer.Option(..., "--responses", help="Responses file."),
     out: Path = typer.Option(..., "--out", help="Folder to write: channels.csv, channels.nc, fig3a.png."),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    force: bool = FORCE,
 ) -> None:
     """Per-channel table and Fig. 3a: held-out r, out-of-category r, reliability, critical r."""
     from pbv_onnx.evaluate import evaluate_files

@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 
 from cli.app import app
+from cli.options import DEVICE
 
 demo_app = typer.Typer(help="The embedded demo: real photographs, synthetic body-selective channels "
                        "with a known answer, and validation against it.", no_args_is_help=True)
@@ -34,7 +35,7 @@ def build(
     shared: Optional[Path] = typer.Option(None, "--shared-images", help="Folder of extra labelled photos "
                                           "(default: ../shared/images beside the project, if present)."),
     no_shared: bool = typer.Option(False, "--no-shared", help="Use only photos shipped in registry packages."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="Replace an existing experiment folder."),
 ) -> None:
     """Build the demo experiment: real photos, planted objects, synthetic body-selective responses."""
@@ -56,7 +57,7 @@ def validate(
                                                "(default: parallel, gradient, grad-x-act, integrated)."),
     per_object: int = typer.Option(1, "--per-object", help="Channels scored per planted object (its most driven)."),
     steps: int = typer.Option(4, "--steps", help="Integration steps for the integrated method."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    device: str = DEVICE,
     force: bool = typer.Option(True, "--force/--no-force", help="Overwrite earlier results."),
 ) -> None:
     """Score the maps against the planted body parts; print and write the validation table."""

@@ -10,18 +10,16 @@ from typing import List, Optional
 import typer
 
 from cli.app import app
+from cli.options import BATCH_SIZE, DEVICE, FEATURES, IMAGES, MODEL
 from pbv_onnx import explain as ex
 from pbv_onnx import checkpoint, report
 from pbv_onnx.atomic import claim_output
 from pbv_onnx.errors import UsageError
-from pbv_onnx.saliency import BASELINES, DEFAULT_STEPS, METHODS
+from pbv_onnx.saliency import BASELINES, DEFAULT_STEPS, METHODS, check_options
 from pbv_onnx.similarity import CANDIDATE_MODES, DEFAULT_TOP_K
 
-_MODEL = typer.Option(..., "--model", help="Exported .onnx model.")
 _READOUTS = typer.Option(..., "--readouts", help="Readouts file (from `pbv-onnx fit`) for this model.")
 _RESPONSES = typer.Option(..., "--responses", help="Recorded responses file (NetCDF).")
-_IMAGES = typer.Option(None, "--images", help="Folder that relative stimulus file names are resolved against "
-                       "(default: the responses file's folder).")
 _CANDIDATES = typer.Option("top-k", "--candidates",
                            help=f"Reference candidates: {' or '.join(CANDIDATE_MODES)} (the channel's top-k "
                            "preferred stimuli by recorded response, or all preferred stimuli).")
@@ -34,16 +32,16 @@ def _num(v: float) -> str:
 
 @app.command()
 def match(
-    model: Path = _MODEL,
+    model: Path = MODEL,
     readouts: Path = _READOUTS,
     responses: Path = _RESPONSES,
     channel: str = typer.Option(..., "--channel", help="Channel id."),
     image: str = typer.Option(..., "--image", help="The object: a stimulus id of the responses file or an image path."),
-    images: Optional[Path] = _IMAGES,
+    images: Optional[Path] = IMAGES,
     candidates: str = _CANDIDATES,
     top_k: int = _TOP_K,
-    features: Optional[Path] = typer.Option(None, "--features", help="Feature cache file (read and updated)."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    features: Optional[Path] = FEATURES,
+    device: str = DEVICE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Rank a channel's candidate references by the neuron-specific similarity s_n(object, reference)."""
@@ -68,7 +66,7 @@ def match(
 
 @app.command()
 def explain(
-    model: Path = _MODEL,
+    model: Path = MODEL,
     readouts: Path = _READOUTS,
     responses: Path = _RESPONSES,
     out: Path = typer.Option(..., "--out", help="Output folder (explanations.nc, figures, index.html)."),
@@ -84,10 +82,10 @@ def explain(
     method: str = typer.Option("parallel", "--method", help=f"{' | '.join(METHODS)}."),
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Integration steps for --method integrated."),
     baseline: str = typer.Option("black", "--baseline", help=f"Integrated-gradients baseline: {' or '.join(BASELINES)}."),
-    images: Optional[Path] = _IMAGES,
-    features: Optional[Path] = typer.Option(None, "--features", help="Feature cache file (read and updated)."),
-    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Images per onnxruntime call."),
+    images: Optional[Path] = IMAGES,
+    features: Optional[Path] = FEATURES,
+    device: str = DEVICE,
+    batch_size: int = BATCH_SIZE,
     smooth: float = typer.Option(0.0, "--smooth", help="Gaussian sigma (pixels) for the displayed maps only."),
     scale: str = typer.Option("run", "--scale", help="Colour scale shared by: run (all pairs), channel, or pair "
                               "(always shared by both maps of a pair)."),
@@ -102,8 +100,7 @@ def explain(
         raise UsageError(None, f"--scale must be one of {', '.join(report.SCALES)}, not {scale!r}")
     if smooth < 0:
         raise UsageError(None, f"--smooth must be non-negative, not {smooth}")
-    if method not in METHODS:
-        raise UsageError(None, f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    check_options([method], steps, baseline)
     # Held for the whole run, before any computation: a second run into --out is refused at once.
     with claim_output(out, force):
         checkpoint.check_leftovers(out, resume, force)
@@ -117,5 +114,5 @@ def explain(
                                        resume=resume, force=force)
         ds = ex.explain(study, pairs, method, steps, baseline, save_inputs, options, checkpoint=saved)
         report.write_output(ds, out, ex.channel_summary(study), smooth, scale, force)
-        saved.remove()
+        saved.discard()
     typer.echo(f"{len(pairs)} pairs -> {out}/index.html")

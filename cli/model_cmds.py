@@ -10,6 +10,7 @@ import typer
 
 from cli.app import app
 from pbv_onnx.errors import DependencyError
+from pbv_onnx.model import DEFAULT_GRAD_TOLERANCE, DEFAULT_OPSET, DEFAULT_TOLERANCE, FLOOR_FACTOR
 
 EXPORT_HINT = "the export stage needs PyTorch: pip install 'pbv-onnx[export]'"
 
@@ -38,10 +39,10 @@ def export_cmd(
     crop: Optional[str] = typer.Option(None, "--crop", help="Centre crop N or HxW after resizing."),
     mean: Optional[Tuple[float, float, float]] = typer.Option(None, "--mean", help="Normalisation mean R G B."),
     std: Optional[Tuple[float, float, float]] = typer.Option(None, "--std", help="Normalisation std R G B."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset (16 or later)."),
-    tolerance: float = typer.Option(1e-4, "--tolerance", help="Largest relative L2 error of the features (onnxruntime vs torch)."),
-    grad_tolerance: float = typer.Option(5e-2, "--grad-tolerance",
-                                         help="Largest relative L2 error of input_grad (raised to 10x the fp32 floor where that is larger)."),
+    opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset (16 or later)."),
+    tolerance: float = typer.Option(DEFAULT_TOLERANCE, "--tolerance", help="Largest relative L2 error of the features (onnxruntime vs torch)."),
+    grad_tolerance: float = typer.Option(DEFAULT_GRAD_TOLERANCE, "--grad-tolerance",
+                                         help=f"Largest relative L2 error of input_grad (raised to {FLOOR_FACTOR:g}x the fp32 floor where that is larger)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
 ) -> None:
     """Export a truncated torchvision backbone and its gradient graph to one verified ONNX model."""

@@ -45,7 +45,6 @@ class Rule:
     inputs: list[fx.Node]
     fwd: Callable[..., tuple[torch.Tensor, Any]]
     bwd: Callable[[torch.Tensor, list, torch.Tensor, Any], list] | None
-    name: str = ""
     live: frozenset = frozenset()  # the inputs that depend on the image (set by VJPModule)
 
 
@@ -297,8 +296,7 @@ class MaxPoolIndices(torch.autograd.Function):
         return g.op("Sub", idx, offsets)
 
 
-def _avgpool_rule(node: fx.Node, kernel, stride, padding, ceil_mode=False,
-                  count_include_pad=True) -> Rule:
+def _avgpool_rule(node: fx.Node, kernel, stride, padding, count_include_pad=True) -> Rule:
     """Average pooling as a depthwise conv with a constant kernel; its adjoint a ConvTranspose."""
     kernel, stride, padding = _pair(kernel), _pair(stride or kernel), _pair(padding)
     c, *x_hw = _shape(node.args[0])[1:]
@@ -309,7 +307,7 @@ def _avgpool_rule(node: fx.Node, kernel, stride, padding, ceil_mode=False,
     if list(y_hw) != expect:  # ceil_mode windows hanging over the edge average fewer pixels
         raise _unsupported(f"average pooling with ceil_mode windows ({node.name})")
     if tuple(x_hw) == tuple(y_hw) and kernel == (1, 1):
-        return Rule([node.args[0]], lambda x: (x, None), lambda g, xs, y, s: [g])
+        return _identity_rule(node.args[0])
     weight = torch.full((c, 1, *kernel), 1.0 / (kernel[0] * kernel[1]))
     op = _output_padding(x_hw, y_hw, stride, padding, (1, 1), kernel)
     if tuple(y_hw) == (1, 1) and tuple(x_hw) == kernel and not any(padding):
@@ -338,10 +336,13 @@ def _relu_rule(node: fx.Node, x: fx.Node, gm: fx.GraphModule) -> Rule:
                 lambda g, xs, y, s: [kmul(g, (y > 0).to(g.dtype))])
 
 
+RELU_FUNCTIONS = (F.relu, torch.relu, "relu")
+
+
 def _is_relu(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)) is nn.ReLU
-    return node.op in ("call_function", "call_method") and node.target in (F.relu, torch.relu, "relu")
+    return node.op in ("call_function", "call_method") and node.target in RELU_FUNCTIONS
 
 
 def _relu_into_maxpool(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -398,7 +399,7 @@ def _identity_rule(x: fx.Node) -> Rule:
     return Rule([x], lambda v: (v, None), lambda g, xs, y, s: [g])
 
 
-def _reshape_rule(node: fx.Node, x: fx.Node, fwd) -> Rule:
+def _reshape_rule(x: fx.Node, fwd) -> Rule:
     x_shape = _shape(x)
     return Rule([x], lambda v: (fwd(v), None), lambda g, xs, y, s: [g.reshape(-1, *x_shape[1:])])
 
@@ -463,6 +464,8 @@ def _flatten_args(node: fx.Node) -> tuple[int, int]:
 # -- dispatch -------------------------------------------------------------------------------------
 def rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:
     """The forward + adjoint rule of one fx node, or UnsupportedOp naming it."""
+    if _is_relu(node, gm):
+        return _relu_rule(node, node.args[0], gm)
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         x = node.args[0]
@@ -470,8 +473,6 @@ def rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:
             return _conv_rule(node, m, _folded_bn(node, gm))
         if isinstance(m, nn.BatchNorm2d):
             return _bn_rule(node, m, isinstance(x, fx.Node) and _folded_bn(x, gm) is m)
-        if type(m) is nn.ReLU:
-            return _relu_rule(node, x, gm)
         if isinstance(m, nn.ReLU6) or type(m) is nn.Hardtanh:
             return _clamp_rule(node, x, float(m.min_val), float(m.max_val))
         if isinstance(m, nn.MaxPool2d):
@@ -480,7 +481,7 @@ def rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:
         if isinstance(m, nn.AvgPool2d):
             if m.divisor_override:
                 raise _unsupported(f"AvgPool2d with divisor_override ({node.target})")
-            return _avgpool_rule(node, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
+            return _avgpool_rule(node, m.kernel_size, m.stride, m.padding, m.count_include_pad)
         if isinstance(m, nn.AdaptiveAvgPool2d):
             return _adaptive_avg_rule(node, m.output_size)
         if type(m) in POINTWISE:
@@ -488,7 +489,7 @@ def rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:
         if isinstance(m, (nn.Dropout, nn.Identity)):
             return _identity_rule(x)
         if isinstance(m, nn.Flatten):
-            return _reshape_rule(node, x, lambda v: v.flatten(m.start_dim, m.end_dim))
+            return _reshape_rule(x, lambda v: v.flatten(m.start_dim, m.end_dim))
         if isinstance(m, nn.Linear):
             return _linear_rule(node, m)
         raise _unsupported(f"module {type(m).__name__} ({node.target})")
@@ -503,8 +504,6 @@ def rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:
             return _binary_rule(node, "mul")
         if t in (torch.cat, torch.concat):
             return _cat_rule(node)
-        if t in (F.relu, torch.relu, "relu"):
-            return _relu_rule(node, x, gm)
         if t is F.relu6:
             return _clamp_rule(node, x, 0.0, 6.0)
         if t in POINTWISE_FN:
@@ -513,10 +512,10 @@ def rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:
             return _identity_rule(x)
         if t in (torch.flatten, "flatten"):
             start, end = _flatten_args(node)
-            return _reshape_rule(node, x, lambda v: v.flatten(start, end))
+            return _reshape_rule(x, lambda v: v.flatten(start, end))
         if t in ("view", "reshape", torch.reshape):
             y_shape = _shape(node)
-            return _reshape_rule(node, x, lambda v: v.reshape(-1, *y_shape[1:]))
+            return _reshape_rule(x, lambda v: v.reshape(-1, *y_shape[1:]))
         if t is F.adaptive_avg_pool2d:
             return _adaptive_avg_rule(node, node.args[1] if len(node.args) > 1 else node.kwargs["output_size"])
         name = getattr(t, "__name__", str(t))
@@ -542,8 +541,7 @@ def _depends_on_input(graph: fx.Graph, inp: fx.Node) -> set[fx.Node]:
 class VJPModule(nn.Module):
     """forward(image, cotangent) -> (features, J^T cotangent) by a reverse pass over the fx graph."""
 
-    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...],
-                 rule_factory: Callable[[fx.Node, fx.GraphModule], Rule] = rule_for):
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...]):
         super().__init__()
         self.net = gm
         ShapeProp(gm).propagate(torch.zeros((2, *input_shape)))
@@ -563,15 +561,14 @@ class VJPModule(nn.Module):
         for node in nodes:
             if node.op == "get_attr" and node in needed:  # a constant read by the network
                 self._plan.append((node, Rule([], lambda t=node.target: (_fetch(gm, t), None),
-                                              lambda g, xs, y, s: [], node.name)))
+                                              lambda g, xs, y, s: [])))
             elif node in needed and node not in live and node.op != "placeholder":
                 raise _unsupported(f"constant subexpression {node.name}")
             if node in live and node is not self._input and node.op != "output":
-                rule = rule_factory(node, gm)
+                rule = rule_for(node, gm)
                 bad = [a for a in node.all_input_nodes if a in live and a not in rule.inputs]
                 if bad:
                     raise _unsupported(f"{node.name} reading {bad[0].name} outside its tensor arguments")
-                rule.name = node.name
                 rule.live = frozenset(a for a in rule.inputs if a in live)
                 self._plan.append((node, rule))
         self._live = live

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from torch import nn
 
 from pbv_onnx.errors import ModelError, UsageError
 from pbv_onnx.images import Preprocessing
+from pbv_onnx.model import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,14 +28,6 @@ class Backbone:
     model: nn.Module
     weights: dict[str, Any]
     preprocessing: Preprocessing | None = None  # from torchvision weights' transforms, if any
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def available_archs() -> list[str]:
@@ -99,7 +91,7 @@ def load_backbone(arch: str, weights: str = "none", seed: int = 0) -> Backbone:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ModelError(path, f"state_dict does not fit {arch}: {str(exc).splitlines()[-1].strip()}") from None
-        record = {"source": "file", "path": str(path), "sha256": _sha256(path)}
+        record = {"source": "file", "path": str(path), "sha256": file_sha256(path)}
         spec = None
     else:
         w = _weights_enum(arch, weights)
@@ -111,7 +103,7 @@ def load_backbone(arch: str, weights: str = "none", seed: int = 0) -> Backbone:
                              "without network access pass a state_dict file with --weights PATH") from None
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
         record = {"source": "torchvision", "name": f"{type(w).__name__}.{w.name}", "url": w.url,
-                  "sha256": _sha256(cached) if cached.is_file() else None}
+                  "sha256": file_sha256(cached) if cached.is_file() else None}
         spec = _preprocessing_from_weights(w)
     model.eval()
     for p in model.parameters():

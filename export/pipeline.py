@@ -20,12 +20,12 @@ import pbv_onnx
 from pbv_onnx.atomic import atomic_file, check_writable
 from pbv_onnx.errors import ModelError, UsageError
 from pbv_onnx.images import Preprocessing
-from pbv_onnx.model import COTANGENT, FEATURES, FORMAT_VERSION, IMAGE, INPUT_GRAD, MULTI_COTANGENT, read_info
+from pbv_onnx.model import (COTANGENT, DEFAULT_OPSET, FEATURES, FORMAT_VERSION, IMAGE, INPUT_GRAD, MULTI_COTANGENT,
+                            features_subgraph, read_info)
+from pbv_onnx.sessions import session_options
 
 from . import backbone, verify
 from .adjoint import ADJOINT_DESCRIPTION, VJPModule
-
-DEFAULT_OPSET = 17  # ScatterElements(reduction=add), needed by the max-pool adjoint, is opset >= 16
 
 
 def _stderr(msg: str) -> None:
@@ -113,16 +113,7 @@ def multi_cotangent_error(session, x: np.ndarray, feature_shape: tuple[int, ...]
 def _session(model_bytes: bytes):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
-
-
-def _features_only(proto):
-    from onnx.utils import Extractor
-
-    return Extractor(proto).extract_model([IMAGE], [FEATURES])
+    return ort.InferenceSession(model_bytes, session_options(), providers=["CPUExecutionProvider"])
 
 
 def export_model(out: str | Path, arch: str | None = None, layer: str | None = None,
@@ -179,7 +170,7 @@ def export_model(out: str | Path, arch: str | None = None, layer: str | None = N
     cotangents = errors.pop("cotangents")
     # Engine runs features through the image->features subgraph: it must equal the VJP graph's.
     zeros = np.zeros((len(x), *feature_shape), np.float32)
-    fwd_only = _session(_features_only(proto).SerializeToString()).run([FEATURES], {IMAGE: x})[0]
+    fwd_only = _session(features_subgraph(proto).SerializeToString()).run([FEATURES], {IMAGE: x})[0]
     fwd_err = verify.rel_l2(fwd_only, session.run([FEATURES], {IMAGE: x, COTANGENT: zeros})[0])
     multi_err = multi_cotangent_error(session, x, feature_shape, seed)
     what, err, limit = verify.worst(errors, tolerance, grad_tolerance)

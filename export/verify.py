@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from pbv_onnx.demo.sources import shared_photos
 from pbv_onnx.images import Preprocessing, load_batch
-from pbv_onnx.model import COTANGENT, FEATURES, IMAGE, INPUT_GRAD
+from pbv_onnx.model import (COTANGENT, DEFAULT_GRAD_TOLERANCE, DEFAULT_TOLERANCE, FEATURES,  # noqa: F401
+                            FLOOR_FACTOR, IMAGE, INPUT_GRAD)
 
-SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "images"
-DEFAULT_TOLERANCE = 1e-4
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,8 +45,8 @@ def smooth_images(n: int, size: tuple[int, int], spec: Preprocessing, seed: int 
 
 def verification_images(spec: Preprocessing, n: int, images: list[Path] | None = None) -> tuple[np.ndarray, str]:
     """Real photographs (given, or ../shared/images when present), else smooth synthetic images."""
-    if images is None and SHARED_IMAGES.is_dir():
-        images = sorted(p for p in SHARED_IMAGES.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
+    if images is None:
+        images = shared_photos()
     if images:
         chosen = [images[int(i)] for i in np.linspace(0, len(images) - 1, min(n, len(images)))]
         x = load_batch(chosen, spec)
@@ -105,8 +105,6 @@ def measure(session, net: nn.Module, x: np.ndarray, seed: int = 0) -> dict:
     return result
 
 
-FLOOR_FACTOR = 10.0
-DEFAULT_GRAD_TOLERANCE = 5e-2
 
 
 def limits(errors: dict, tolerance: float, grad_tolerance: float) -> dict[str, float]:

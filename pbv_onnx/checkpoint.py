@@ -80,11 +80,8 @@ class Checkpoints:
                                 "add --force to discard them and start afresh")
 
     def discard(self) -> None:
+        """Remove the checkpoints (the output is in place, or --force starts afresh)."""
         shutil.rmtree(self.folder, ignore_errors=True)
-
-    def remove(self) -> None:
-        """The output is in place: the checkpoints are no longer needed."""
-        self.discard()
 
     def _start(self) -> None:
         if (self.folder / RUN).exists():

@@ -124,20 +124,20 @@ class Study:
         stim = [r for r in missing if r.stimulus is not None]
         outside = [r for r in missing if r.stimulus is None]
         if stim:
-            feats = _stimulus_features(self, stim)
-            for r, f in zip(stim, feats):
-                self._phi[r.key] = f
-        for i in range(0, len(outside), self.engine.batch_size):
-            chunk = outside[i:i + self.engine.batch_size]
-            feats = self.engine.features(load_batch([r.path for r in chunk], self.engine.info.preprocessing))
-            for r, f in zip(chunk, feats.reshape(len(chunk), -1)):
-                self._phi[r.key] = f
+            # every row the feature cache returned is kept: later calls do not re-read it
+            self._phi.update(_stimulus_features(self, stim))
+        if outside:
+            from .features import compute_features
+
+            feats = compute_features(self.engine, [r.path for r in outside], progress=False)
+            self._phi.update({r.key: f for r, f in zip(outside, feats)})
         D = self.engine.info.n_features
         return np.stack([self._phi[r.key] for r in refs]) if refs else np.empty((0, D), np.float32)
 
 
-def _stimulus_features(study: Study, refs: Sequence[ImageRef]) -> np.ndarray:
-    """Features of recorded stimuli, through the shared feature cache where one is given."""
+def _stimulus_features(study: Study, refs: Sequence[ImageRef]) -> dict[tuple[str, str], np.ndarray]:
+    """{key: features} of recorded stimuli, through the shared feature cache where one is given
+    (then of the whole stimulus set, which the cache covers)."""
     from . import features as feat_io
 
     if study.features_cache is not None:
@@ -149,8 +149,8 @@ def _stimulus_features(study: Study, refs: Sequence[ImageRef]) -> np.ndarray:
         paths = [r.path for r in refs]
     da = feat_io.load_or_compute_features(study.engine, paths, ids, cache=study.features_cache,
                                           force=study.force_features, progress=study.progress)
-    da = da.transpose("stimulus", "feature")
-    return da.sel(stimulus=[r.stimulus for r in refs]).values
+    values = da.transpose("stimulus", "feature").values
+    return {("stimulus", str(s)): row for s, row in zip(ids, values)}
 
 
 def open_study(model: str | os.PathLike, readouts: str | os.PathLike, responses: str | os.PathLike,
@@ -328,12 +328,7 @@ def explain(study: Study, pairs: Sequence[Pair], method: str = "parallel",
     With a `checkpoint` (pbv_onnx.checkpoint.Checkpoints), pairs it already holds are not
     recomputed and each finished batch is saved to it.
     """
-    if method not in saliency.METHODS:
-        raise UsageError(None, f"--method must be one of {', '.join(saliency.METHODS)}, not {method!r}")
-    if baseline not in saliency.BASELINES:
-        raise UsageError(None, f"--baseline must be one of {', '.join(saliency.BASELINES)}, not {baseline!r}")
-    if steps < 1:
-        raise UsageError(None, f"--steps must be at least 1, not {steps}")
+    saliency.check_options([method], steps, baseline)
     if not pairs:
         raise UsageError(None, "nothing to explain (no pairs)")
     eng = study.engine

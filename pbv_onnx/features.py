@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from .atomic import write_netcdf
 from .errors import InputDataError, MismatchError, OutputLockedError, UsageError
 from .netcdf import read_netcdf
 from .images import load_batch
-from .model import ModelInfo
+from .model import ModelInfo, file_sha256
 
 FEATURES = "features"
 
@@ -26,14 +25,10 @@ def content_hash(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_file():
         raise InputDataError(path, "image file not found")
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError as exc:
         raise InputDataError(path, f"cannot read image file ({exc.strerror})") from None
-    return h.hexdigest()
 
 
 def compute_features(engine, paths: Sequence[str | os.PathLike], progress: bool = True) -> np.ndarray:

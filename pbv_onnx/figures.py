@@ -200,7 +200,8 @@ def panel_boxes() -> dict[str, tuple[int, int, int, int]]:
     return out
 
 
-def _fmt(v: float, digits: int = 2) -> str:
+def format_number(v: float | None, digits: int = 2) -> str:
+    """`digits` decimals, or n/a for a missing or non-finite number."""
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
 
 
@@ -271,9 +272,9 @@ def save_pair_figure(dest: str | os.PathLike, ooc_image: np.ndarray, ref_image: 
     _colorbar(canvas, draw, boxes["colorbar"], vmax, label)
     head: list[Run] = [("channel " + str(channel) + (f" ({region})" if region else "") + "    similarity ",
                         10, True, False, 0.0), ("s", 10, True, True, 0.0), ("n", 7, True, True, 0.3),
-                       (f" = {_fmt(similarity, 3)}", 10, True, False, 0.0)]
-    sub = (f"object: recorded {_fmt(recorded[0])}, predicted {_fmt(predicted[0])}    "
-           f"reference: recorded {_fmt(recorded[1])}, predicted {_fmt(predicted[1])}")
+                       (f" = {format_number(similarity, 3)}", 10, True, False, 0.0)]
+    sub = (f"object: recorded {format_number(recorded[0])}, predicted {format_number(predicted[0])}    "
+           f"reference: recorded {format_number(recorded[1])}, predicted {format_number(predicted[1])}")
     x0 = round(MARGIN_IN * DPI)
     _draw_runs(draw, x0, round(0.2 * DPI) + _font(10, True).getmetrics()[0], head)
     draw.text((x0, round(0.43 * DPI)), sub, font=_font(8), fill=SUBTITLE_GREY, anchor="la")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,13 @@ FORMAT_VERSION = 1
 MULTI_COTANGENT = "multi_cotangent"
 # Graph I/O names fixed by the export format (METHOD.md section 5).
 IMAGE, COTANGENT, FEATURES, INPUT_GRAD = "image", "cotangent", "features", "input_grad"
+# Export defaults (export/, and the torch-free CLI's help): ScatterElements(reduction=add), needed
+# by the max-pool adjoint, is opset >= 16; verification limits, relative L2 against torch autograd:
+# features, and input_grad (raised to FLOOR_FACTOR x the fp32-vs-fp64 difference where larger).
+DEFAULT_OPSET = 17
+DEFAULT_TOLERANCE = 1e-4
+DEFAULT_GRAD_TOLERANCE = 5e-2
+FLOOR_FACTOR = 10.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,16 @@ def read_info(path: str | os.PathLike, data: bytes | None = None, model=None) ->
                      preprocessing=Preprocessing.from_dict(meta["preprocessing"]), metadata=meta)
 
 
+def features_subgraph(proto):
+    """The image -> features part of an exported graph (with the model's metadata): what a forward
+    pass runs, so it costs a forward pass."""
+    from onnx.utils import Extractor
+
+    sub = Extractor(proto).extract_model([IMAGE], [FEATURES])
+    sub.metadata_props.extend(proto.metadata_props)
+    return sub
+
+
 PRECISIONS = ("fp32", "fp16")
 
 
@@ -138,7 +154,7 @@ class Engine:
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
-                 threads: int | None = None, verbose: bool = False, precision: str = "fp32"):
+                 threads: int | None = None, precision: str = "fp32"):
         if batch_size < 1:
             raise UsageError(None, f"--batch-size must be at least 1, not {batch_size}")
         if precision not in PRECISIONS:
@@ -166,9 +182,9 @@ class Engine:
             source = data
         del data
         # fp16 graphs are not cached (keyed by the file's hash, they would collide with fp32)
-        cache_id = self.info.sha256 if precision == "fp32" else None
+        self._cache_id = self.info.sha256 if precision == "fp32" else None
         try:
-            self._vjp, self.cache = create_session(source, self._options, self._providers, cache_id, "vjp")
+            self._vjp, self.cache = create_session(source, self._options, self._providers, self._cache_id, "vjp")
         except Exception as exc:
             raise ModelError(self.path, f"onnxruntime cannot load the model ({exc})") from None
         names = {i.name for i in self._vjp.get_inputs()} | {o.name for o in self._vjp.get_outputs()}
@@ -177,22 +193,13 @@ class Engine:
         self._fwd = None
         self.provider = self._vjp.get_providers()[0]
         self._bind = self.provider == "CUDAExecutionProvider"
-        if verbose:
-            print(f"pbv-onnx: {self.path.name} on {self.provider}", file=sys.stderr)
 
     # -- sessions -------------------------------------------------------------------------
     def _forward_session(self):
         """The features-only subgraph of the same file: a forward pass costs a forward pass."""
         if self._fwd is None:
-            def subgraph() -> bytes:
-                from onnx.utils import Extractor
-
-                sub = Extractor(self._proto).extract_model([IMAGE], [FEATURES])
-                sub.metadata_props.extend(self._proto.metadata_props)
-                return sub.SerializeToString()
-
-            cache_id = self.info.sha256 if self.precision == "fp32" else None
-            self._fwd, _ = create_session(subgraph, self._options, self._providers, cache_id, "features")
+            self._fwd, _ = create_session(lambda: features_subgraph(self._proto).SerializeToString(),
+                                          self._options, self._providers, self._cache_id, "features")
         return self._fwd
 
     def _run(self, sess, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -316,8 +323,6 @@ def duplicate_groups(images: np.ndarray) -> list[np.ndarray]:
     Rows are bucketed by a hash of every 61st value (hashing whole 224x224 images cost 10 ms per 8,
     several per cent of a small model's VJP); rows in one bucket are compared in full, so equal
     samples of different images only cost a comparison, never a wrong group."""
-    import hashlib
-
     buckets: dict[bytes, list[list[int]]] = {}
     out: list[list[int]] = []
     flat = images.reshape(len(images), -1)

@@ -169,6 +169,15 @@ def ridge_cv(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float], folds: int =
 
 # -- datasets ----------------------------------------------------------------------------------
 
+def check_folds(n_pref: int, preferred: str, folds: int, responses_path) -> None:
+    """UsageError for fewer than 2 folds; InputDataError when the preferred images cannot fill them."""
+    if folds < 2:
+        raise UsageError(None, f"--folds must be at least 2, not {folds}")
+    if n_pref < min_images(folds):
+        raise InputDataError(responses_path, f"only {n_pref} preferred-category ({preferred!r}) stimuli; "
+                             f"--folds {folds} needs at least {min_images(folds)}")
+
+
 def fit_readouts(features: xr.DataArray, responses: xr.Dataset, preferred: str, info: ModelInfo,
                  alphas: Sequence[float] = DEFAULT_ALPHAS, folds: int = 5, seed: int = 0,
                  responses_path: str | os.PathLike | None = None, progress: bool = False) -> xr.Dataset:
@@ -179,19 +188,15 @@ def fit_readouts(features: xr.DataArray, responses: xr.Dataset, preferred: str, 
     alphas = [float(a) for a in alphas]
     if not alphas or any(not np.isfinite(a) or a <= 0 for a in alphas):
         raise UsageError(None, f"--alphas must be positive numbers, got {alphas}")
-    if folds < 2:
-        raise UsageError(None, f"--folds must be at least 2, not {folds}")
     stim = responses["stimulus"].values
     missing = np.setdiff1d(stim.astype(str), features["stimulus"].values.astype(str))
     if len(missing):
         raise MismatchError(None, f"features lack stimuli of the responses file: {', '.join(missing[:3])}")
     feats = features.sel(stimulus=stim)
-    mean = mean_response(responses)
     is_pref = responses["category"].values.astype(str) == preferred
     n_pref = int(is_pref.sum())
-    if n_pref < min_images(folds):
-        raise InputDataError(responses_path, f"only {n_pref} preferred-category ({preferred!r}) stimuli; "
-                             f"--folds {folds} needs at least {min_images(folds)}")
+    check_folds(n_pref, preferred, folds, responses_path)
+    mean = mean_response(responses)
     Y = mean.values[:, is_pref].T  # [n_pref, C]
     if np.isnan(Y).any():
         c, s = np.argwhere(np.isnan(Y.T))[0]
@@ -302,12 +307,7 @@ def _fit_files(model, responses, out, images, features, preferred, alphas, folds
 
     ds = load_responses(responses)
     pref = preferred_category(ds, preferred, responses)
-    if folds < 2:
-        raise UsageError(None, f"--folds must be at least 2, not {folds}")
-    n_pref = int((ds["category"].values.astype(str) == pref).sum())
-    if n_pref < min_images(folds):
-        raise InputDataError(responses, f"only {n_pref} preferred-category ({pref!r}) stimuli; "
-                             f"--folds {folds} needs at least {min_images(folds)}")
+    check_folds(int((ds["category"].values.astype(str) == pref).sum()), pref, folds, responses)
     paths = image_paths(ds, responses, images)
     engine = Engine(model, device=device, batch_size=batch_size)
     feats = load_or_compute_features(engine, paths, ds["stimulus"].values,

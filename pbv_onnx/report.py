@@ -68,8 +68,12 @@ def write_output(ds: xr.Dataset, out: str | os.PathLike, summary: xr.Dataset | N
     ds.attrs.update(display_smooth_sigma=float(smooth), display_scale=scale)
     out = Path(out)
 
+    # each distinct image decoded and resized once, however many pairs show it
+    files = {str(f) for r in ("ooc", "reference") for f in ds[f"{r}_file"].values}
+    shown = {f: display_image(load_image(f), spec) for f in sorted(files)}
+
     def draw(tmp: Path, i: int) -> str:
-        imgs = [display_image(load_image(ds[f"{r}_file"].values[i]), spec) for r in ("ooc", "reference")]
+        imgs = [shown[str(ds[f"{r}_file"].values[i])] for r in ("ooc", "reference")]
         name = pair_filename(ds, i)
         figures.save_pair_figure(
             tmp / name, imgs[0], imgs[1], maps[i, 0], maps[i, 1], float(vmax[i]),
@@ -128,10 +132,6 @@ figcaption{font-size:.85em;color:#444}.meta{color:#555;font-size:.9em}nav a{marg
 """
 
 
-def _num(v: float, d: int = 2) -> str:
-    return "n/a" if not np.isfinite(v) else f"{v:.{d}f}"
-
-
 def render_index(ds: xr.Dataset, files: list[str], panel: str | None) -> str:
     """An offline, self-contained HTML page: relative links only, no external assets."""
     e = html.escape
@@ -170,10 +170,10 @@ def render_index(ds: xr.Dataset, files: list[str], panel: str | None) -> str:
             for i in np.flatnonzero(ds["channel"].values.astype(str) == c):
                 f = files[i]
                 cap = (f"object {e(str(ds['ooc'].values[i]))} \u2192 reference {e(str(ds['reference'].values[i]))}; "
-                       f"similarity {_num(float(ds['similarity'].values[i]), 3)}; recorded "
-                       f"{_num(float(ds['recorded_ooc'].values[i]))} / {_num(float(ds['recorded_reference'].values[i]))}, "
-                       f"predicted {_num(float(ds['predicted_ooc'].values[i]))} / "
-                       f"{_num(float(ds['predicted_reference'].values[i]))} (object / reference)")
+                       f"similarity {figures.format_number(float(ds['similarity'].values[i]), 3)}; recorded "
+                       f"{figures.format_number(float(ds['recorded_ooc'].values[i]))} / {figures.format_number(float(ds['recorded_reference'].values[i]))}, "
+                       f"predicted {figures.format_number(float(ds['predicted_ooc'].values[i]))} / "
+                       f"{figures.format_number(float(ds['predicted_reference'].values[i]))} (object / reference)")
                 out.append(f'<figure><a href="{e(f)}"><img src="{e(f)}" alt="pair {i}" loading="lazy"></a>'
                            f"<figcaption>{cap}</figcaption></figure>")
     out.append("</body></html>")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import UsageError
 from .images import Preprocessing
 
 METHODS = ("parallel", "gradient", "grad-x-act", "integrated")
@@ -17,6 +18,17 @@ BLUR_SIGMA_FRACTION = 0.05
 
 # engine.vjp-shaped callable: (images [N,3,H,W], cotangents [N,D]) -> (features, input_grad)
 Vjp = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def check_options(methods: Sequence[str], steps: int = DEFAULT_STEPS, baseline: str = "black") -> None:
+    """UsageError for an unknown method or baseline or too few steps (before any computation)."""
+    for method in methods:
+        if method not in METHODS:
+            raise UsageError(None, f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if baseline not in BASELINES:
+        raise UsageError(None, f"--baseline must be one of {', '.join(BASELINES)}, not {baseline!r}")
+    if steps < 1:
+        raise UsageError(None, f"--steps must be at least 1, not {steps}")
 
 
 def hadamard_weights(weight: np.ndarray, phi_o: np.ndarray, phi_b: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ Folder: `$PBV_ONNX_CACHE`, else `$XDG_CACHE_HOME/pbv-onnx`, else `~/.cache/pbv-o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -85,6 +86,7 @@ def cache_dir() -> Path | None:
     return Path(base) / "pbv-onnx"
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_identity() -> str:
     """What the optimised graph depends on besides the model: machine and instruction-set flags."""
     flags = ""

@@ -7,7 +7,6 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 from ..atomic import atomic_dir
 from ..errors import UsageError
@@ -62,10 +61,3 @@ def build_experiment(out: str | os.PathLike, gt_model: str | os.PathLike, counts
                               "ground_truth": GROUND_TRUTH}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def body_selectivity(ds) -> np.ndarray:
-    """Mean body minus mean object response per channel, over trials (a quick summary)."""
-    resp = ds["response"].mean("repetition").values
-    body = ds["category"].values.astype(str) == "body"
-    return resp[:, body].mean(1) - resp[:, ~body].mean(1)

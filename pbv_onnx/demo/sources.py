@@ -101,6 +101,20 @@ def default_shared() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "images"
 
 
+def shared_photos(folder: Path | None = None) -> list[Path]:
+    """The photographs in `folder` (default `default_shared()`), sorted; [] where there are none."""
+    from ..errors import InputDataError
+    from ..readouts import image_files
+
+    folder = default_shared() if folder is None else folder
+    if not folder.is_dir():
+        return []
+    try:
+        return image_files([folder])
+    except InputDataError:  # a folder without images
+        return []
+
+
 def available_sources(shared: Path | None = None, use_shared: bool = True
                       ) -> list[tuple[Source, Image.Image]]:
     """Load every catalogued photo that is available here, in catalogue order.

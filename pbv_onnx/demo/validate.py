@@ -15,7 +15,7 @@ from .. import explain as ex
 from ..atomic import atomic_file
 from ..errors import InputDataError
 from ..images import Preprocessing, display_image, load_batch
-from ..saliency import METHODS
+from ..saliency import METHODS, check_options
 from .stimuli import TABLE, Stimulus, load_mask, read_table
 
 if TYPE_CHECKING:
@@ -253,6 +253,7 @@ def run_validation(model: str | os.PathLike, readouts: str | os.PathLike, experi
                    top_k: int = 20, seed: int = 0, device: str = "auto", batch_size: int = 16,
                    progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Every validation number on an experiment folder built by `pbv-onnx demo build`."""
+    check_options(methods, steps)
     say = log or (lambda msg: None)
     experiment = Path(experiment)
     table = read_table(experiment / TABLE)
