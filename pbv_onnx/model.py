@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelError, UsageError
+from .errors import DependencyError, ModelError, UsageError
 from .images import Preprocessing
-from .sessions import choose_providers, create_session, session_options  # noqa: F401  (re-exported)
+from .sessions import (choose_providers, create_session, provider_name, quiet_cuda_log,  # noqa: F401
+                       session_options, with_cuda_options)
 
 FORMAT_VERSION = 1
 # Metadata key: true when the cotangent batch may hold K cotangents per image (see Engine.vjp_multi).
@@ -137,24 +138,50 @@ def features_subgraph(proto):
 
 
 PRECISIONS = ("fp32", "fp16")
+# Kept in float32 inside a float16 graph: onnxruntime's CPU provider has no float16 ScatterElements
+# with reduction=add (the max-pool adjoint), and summing gradients in float16 would lose them.
+FP32_ONLY = ("ScatterElements",)
 
 
 def to_fp16(proto):
-    """The model with float16 weights and compute, float32 inputs and outputs (for CUDA)."""
+    """A float16 copy of the model (weights and compute), float32 inputs and outputs; FP32_ONLY
+    nodes run in float32 between casts. The original is left as it is."""
+    import copy
+
+    from onnx import TensorProto, helper
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    return convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=True)
+    half = convert_float_to_float16(copy.deepcopy(proto), keep_io_types=True, disable_shape_infer=True)
+    nodes = []
+    for node in half.graph.node:
+        if node.op_type not in FP32_ONLY:
+            nodes.append(node)
+            continue
+        for i in (0, 2):  # data and updates; input 1 holds the indices
+            name = f"{node.name}_in{i}_fp32"
+            nodes.append(helper.make_node("Cast", [node.input[i]], [name], name=name, to=TensorProto.FLOAT))
+            node.input[i] = name
+        out = node.output[0]
+        node.output[0] = f"{node.name}_out_fp32"
+        nodes.append(node)
+        nodes.append(helper.make_node("Cast", [node.output[0]], [out], name=f"{node.name}_out_fp16",
+                                      to=TensorProto.FLOAT16))
+    del half.graph.node[:]
+    half.graph.node.extend(nodes)
+    return half
 
 
 class Engine:
     """One exported model: a session for features + VJP, a forward-only session made on demand.
 
     `precision="fp16"` (CUDA only) runs a float16 copy of the graph; compare it with fp32 before
-    trusting it (bench/gpu_check.py does). On CUDA, inputs and outputs go through IO binding.
+    trusting it (bench/gpu_check.py does). On CUDA, inputs and outputs go through IO binding, and
+    `cuda_options` override the CUDA provider's options (sessions.CUDA_OPTIONS).
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
-                 threads: int | None = None, precision: str = "fp32"):
+                 threads: int | None = None, precision: str = "fp32",
+                 cuda_options: dict[str, str] | None = None):
         if batch_size < 1:
             raise UsageError(None, f"--batch-size must be at least 1, not {batch_size}")
         if precision not in PRECISIONS:
@@ -165,8 +192,8 @@ class Engine:
         self.batch_size = batch_size
         # Several cotangents per image in one call (one forward pass for all): models that say so.
         self.multi = bool(self.info.metadata.get(MULTI_COTANGENT, False))
-        self._providers = choose_providers(device)
-        if precision == "fp16" and self._providers[0] != "CUDAExecutionProvider":
+        self._providers = with_cuda_options(choose_providers(device), cuda_options)
+        if precision == "fp16" and provider_name(self._providers[0]) != "CUDAExecutionProvider":
             raise UsageError(None, "precision fp16 needs the CUDA provider (--device cuda)")
         self.precision = precision
         self._options = session_options(threads)
@@ -192,6 +219,12 @@ class Engine:
             raise ModelError(self.path, "graph lacks the image/cotangent -> features/input_grad interface")
         self._fwd = None
         self.provider = self._vjp.get_providers()[0]
+        if device == "cuda" and self.provider != "CUDAExecutionProvider":
+            # onnxruntime falls back to the CPU when the CUDA provider cannot load (its log says why)
+            raise DependencyError(self.path, "--device cuda: onnxruntime's CUDA provider did not load "
+                                  "(CUDA or cuDNN libraries missing?); use --device cpu or auto")
+        if self.provider == "CUDAExecutionProvider":
+            quiet_cuda_log()
         self._bind = self.provider == "CUDAExecutionProvider"
 
     # -- sessions -------------------------------------------------------------------------

@@ -49,6 +49,35 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+# CUDA provider options, measured on an H100 (bench/gpu_check.py, bench/results/gpu_check.json).
+# TF32 off: with TF32 the input gradients were 8-16 % (relative L2) away from the CPU provider's,
+# without it 0.03-0.14 %. Heuristic cuDNN algorithm choice: the same speed per call as exhaustive
+# search, without its benchmarking of every convolution on each new input shape (a cold
+# `explain` meets several batch sizes; the first call took 1.4 s instead of 3.1 s on mobilenet_v2).
+CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def provider_name(provider) -> str:
+    """The name of a provider entry (a name, or a (name, options) pair)."""
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def with_cuda_options(providers: list, overrides: dict[str, str] | None = None) -> list:
+    """The provider list with CUDA_OPTIONS (and `overrides`) attached to the CUDA provider."""
+    options = {**CUDA_OPTIONS, **{k: str(v) for k, v in (overrides or {}).items()}}
+    return [(p, options) if p == "CUDAExecutionProvider" else p for p in providers]
+
+
+def quiet_cuda_log() -> None:
+    """Silence onnxruntime's process-wide log once a CUDA session exists: cuDNN's frontend logs an
+    error for each convolution it hands back to the classic path ("No execution plans support the
+    graph"), which is routine. Call only after the provider has loaded: its load failures go to the
+    same log."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)
+
+
 def _cores_busy() -> bool:
     """True when other processes already keep every core busy (1-minute load average)."""
     try:
@@ -145,7 +174,7 @@ def _store_entry(folder: Path, path: Path, make_session):
             leftover.unlink(missing_ok=True)
 
 
-def create_session(source: bytes | str | Callable[[], bytes | str], options, providers: list[str],
+def create_session(source: bytes | str | Callable[[], bytes | str], options, providers: list,
                    model_sha256: str | None = None, graph: str = "vjp"):
     """An InferenceSession for `source` (model bytes or path, or a function making them, called
     only on a cache miss). On the CPU provider with a known model hash, the optimised graph comes
@@ -157,7 +186,7 @@ def create_session(source: bytes | str | Callable[[], bytes | str], options, pro
         return ort.InferenceSession(source() if callable(source) else source, options, providers=providers)
 
     folder = cache_dir()
-    if (folder is None or model_sha256 is None or providers[0] != "CPUExecutionProvider"
+    if (folder is None or model_sha256 is None or provider_name(providers[0]) != "CPUExecutionProvider"
             or options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
         return plain(), "off"
     path = folder / f"{cache_key(model_sha256, graph)}.onnx"
