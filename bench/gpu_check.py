@@ -7,7 +7,7 @@ against a plain run, and torch CUDA autograd where torch is importable.
 Without models given it uses build/bench/*.onnx, build/models/*.onnx and models/*.onnx. `--weights`
 is a folder searched (by file name, checked by sha256) for weights files the models' metadata name
 at a path that does not exist here. Exits 0 after reporting, also when no CUDA provider exists (the
-report says so); 1 on a failed parity check.
+report says so); 1 on a failed fp32 parity check (fp16 is reported, not required).
 """
 
 from __future__ import annotations
@@ -34,6 +34,16 @@ FP32_TOL = 1e-2
 FP16_TOL = 5e-2   # fp16 vs fp32, reported (fp16_ok), not part of `ok`: fp16 is an option to weigh
 # CUDA provider configurations compared (over sessions.CUDA_OPTIONS, the default).
 CONFIGS = {"default": {}, "exhaustive": {"cudnn_conv_algo_search": "EXHAUSTIVE"}, "tf32": {"use_tf32": "1"}}
+
+
+def gpu_name() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def rel_l2(a, b) -> float:
@@ -189,6 +199,38 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
     return row
 
 
+def markdown(report: dict) -> str:
+    """The report as a markdown table (times in ms, per call of `images` images)."""
+    ms = lambda v: f"{v * 1e3:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+    lines = [f"GPU check: onnxruntime {report['onnxruntime']}, {report.get('gpu', '')}, "
+             f"providers {', '.join(report['providers'])}", ""]
+    if not report["models"]:
+        return "\n".join(lines + [report.get("note", "no models checked")]) + "\n"
+    lines += ["| model | images | ORT fwd+VJP ms | ORT fwd ms | fwd+VJP / fwd | torch CUDA ms (cudnn.benchmark) "
+              "| ORT / torch | grad vs CPU (rel L2) | first call s | exhaustive: first s, fwd+VJP ms | TF32: fwd+VJP ms, grad vs CPU "
+              "| plain run ms (no IO binding) | K=16 multi / 16 single | fp16: fwd+VJP ms, grad vs fp32, map corr | ok |",
+              "|" + "---|" * 15]
+    for r in report["models"]:
+        if "error" in r:
+            lines.append(f"| {Path(r['model']).name} | error: {r['error']} |" + " |" * 13)
+            continue
+        d, e, t, h, tc = r["default"], r["exhaustive"], r["tf32"], r["fp16"], r["torch_cuda"]
+        torch_cell = (f"{ms(tc['vjp_s'])} ({ms(tc['vjp_benchmark_s'])})" if "vjp_s" in tc else tc.get("skipped", "-"))
+        ratio = f"{r['ort_over_torch_cuda']:.2f}" if "ort_over_torch_cuda" in r else "-"
+        fp16 = (f"{ms(h['vjp_s'])}, {h['input_grad_vs_fp32']:.3f}, {h['map_corr_vs_fp32']:.3f}" if "vjp_s" in h
+                else h.get("failed", "-"))
+        lines.append(
+            f"| {r['arch']} {r['layer']} | {r['images']} | {ms(d['vjp_s'])} | {ms(d['forward_s'])} | "
+            f"{d['vjp_over_forward']:.2f} | {torch_cell} | {ratio} | {d['input_grad_vs_cpu']:.1e} | "
+            f"{d['first_vjp_s']:.2f} | {e['first_vjp_s']:.2f}, {ms(e['vjp_s'])} | {ms(t['vjp_s'])}, {t['input_grad_vs_cpu']:.3f} | "
+            f"{ms(d.get('vjp_plain_run_s'))} | {r['multi_k16_s'] / r['single_x16_s']:.2f} | {fp16} | "
+            f"{'yes' if r['ok'] else 'NO'} |")
+    lines += ["", "Times are medians per call of `images` images, float32 with TF32 off unless named. The default "
+              "configuration runs first in the process: its first call also pays for starting CUDA and cuDNN. "
+              "`ok`: CUDA within the fp32 tolerance of the CPU provider, multi-cotangent equal to single calls."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*", type=Path)
@@ -197,7 +239,11 @@ def main() -> int:
     ap.add_argument("--weights", type=Path, default=None, help="folder searched for weights files")
     ap.add_argument("--photos", type=Path, default=None, help="folder of photographs (default: the shared one)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check")
+    ap.add_argument("--render", type=Path, default=None, help="only write the markdown table of this JSON report")
     args = ap.parse_args()
+    if args.render is not None:
+        args.out.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        return 0
     try:  # torch first: its CUDA libraries (cuDNN, cuBLAS) then serve onnxruntime's provider too
         import torch  # noqa: F401
     except Exception:
@@ -206,7 +252,7 @@ def main() -> int:
 
     report: dict = {"python": sys.version.split()[0], "platform": platform.platform(),
                     "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
-                    "device": ort.get_device(), "models": []}
+                    "device": ort.get_device(), "gpu": gpu_name(), "models": []}
     print(json.dumps({k: report[k] for k in ("onnxruntime", "providers", "device")}), flush=True)
     if "CUDAExecutionProvider" not in report["providers"]:
         report["note"] = ("no CUDAExecutionProvider in this onnxruntime: install onnxruntime-gpu "
@@ -225,6 +271,7 @@ def main() -> int:
             print(json.dumps(row, default=float), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
+    args.out.with_suffix(".md").write_text(markdown(report))
     return 0 if all(r.get("ok") for r in report["models"]) else 1
 
 

@@ -70,6 +70,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PYBIN" bench/gpu_check.py "$@"
 rc=$?
 if [ -n "${OUT:-}" ] && [ -f bench/results/gpu_check.json ]; then
-  cp bench/results/gpu_check.json "$OUT/" 2>/dev/null || true
+  cp bench/results/gpu_check.json bench/results/gpu_check.md "$OUT/" 2>/dev/null || true
 fi
 exit $rc

@@ -50,10 +50,10 @@ def choose_providers(device: str) -> list[str]:
 
 
 # CUDA provider options, measured on an H100 (bench/gpu_check.py, bench/results/gpu_check.json).
-# TF32 off: with TF32 the input gradients were 8-16 % (relative L2) away from the CPU provider's,
+# TF32 off: with TF32 the input gradients were 6-16 % (relative L2) away from the CPU provider's,
 # without it 0.03-0.14 %. Heuristic cuDNN algorithm choice: the same speed per call as exhaustive
 # search, without its benchmarking of every convolution on each new input shape (a cold
-# `explain` meets several batch sizes; the first call took 1.4 s instead of 3.1 s on mobilenet_v2).
+# `explain` meets several batch sizes; mobilenet_v2's first call took 1.3-1.4 s instead of 1.9-3.1 s).
 CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
 
