@@ -255,8 +255,9 @@ def main() -> int:
                     "device": ort.get_device(), "gpu": gpu_name(), "models": []}
     print(json.dumps({k: report[k] for k in ("onnxruntime", "providers", "device")}), flush=True)
     if "CUDAExecutionProvider" not in report["providers"]:
-        report["note"] = ("no CUDAExecutionProvider in this onnxruntime: install onnxruntime-gpu "
-                          "matching the CUDA/cuDNN here (pip install 'pbv-onnx[gpu]')")
+        from pbv_onnx.sessions import cuda_missing_reason
+
+        report["note"] = f"no CUDAExecutionProvider: {cuda_missing_reason()}"
         print(report["note"])
     else:
         models = args.models or sorted({*ROOT.glob("build/bench/*.onnx"), *ROOT.glob("build/models/*.onnx"),

@@ -13,8 +13,8 @@ import numpy as np
 
 from .errors import DependencyError, ModelError, UsageError
 from .images import Preprocessing
-from .sessions import (choose_providers, create_session, provider_name, quiet_cuda_log,  # noqa: F401
-                       session_options, with_cuda_options)
+from .sessions import (choose_providers, create_session, preload_cuda_libraries, provider_name,  # noqa: F401
+                       quiet_cuda_log, session_options, with_cuda_options)
 
 FORMAT_VERSION = 1
 # Metadata key: true when the cotangent batch may hold K cotangents per image (see Engine.vjp_multi).
@@ -210,6 +210,10 @@ class Engine:
         del data
         # fp16 graphs are not cached (keyed by the file's hash, they would collide with fp32)
         self._cache_id = self.info.sha256 if precision == "fp32" else None
+        missing = ""
+        if provider_name(self._providers[0]) == "CUDAExecutionProvider":
+            missing = preload_cuda_libraries()
+            quiet_cuda_log()
         try:
             self._vjp, self.cache = create_session(source, self._options, self._providers, self._cache_id, "vjp")
         except Exception as exc:
@@ -220,11 +224,10 @@ class Engine:
         self._fwd = None
         self.provider = self._vjp.get_providers()[0]
         if device == "cuda" and self.provider != "CUDAExecutionProvider":
-            # onnxruntime falls back to the CPU when the CUDA provider cannot load (its log says why)
-            raise DependencyError(self.path, "--device cuda: onnxruntime's CUDA provider did not load "
-                                  "(CUDA or cuDNN libraries missing?); use --device cpu or auto")
-        if self.provider == "CUDAExecutionProvider":
-            quiet_cuda_log()
+            # onnxruntime falls back to the CPU when the CUDA provider cannot load
+            raise DependencyError(self.path, "--device cuda: onnxruntime's CUDA provider did not load ("
+                                  + (missing or "no usable NVIDIA GPU and driver?") + "); CUDA and cuDNN "
+                                  "come with pip install 'onnxruntime-gpu[cuda,cudnn]'; or use --device cpu")
         self._bind = self.provider == "CUDAExecutionProvider"
 
     # -- sessions -------------------------------------------------------------------------

@@ -39,14 +39,36 @@ def choose_providers(device: str) -> list[str]:
         return ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise DependencyError(None, "--device cuda: onnxruntime has no CUDA provider here "
-                                  "(install pbv-onnx[gpu] on a machine with an NVIDIA GPU)")
+            raise DependencyError(None, f"--device cuda: {cuda_missing_reason()}")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device != "auto":
         raise UsageError(None, f"--device must be auto, cuda or cpu, not {device!r}")
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+# onnxruntime and onnxruntime-gpu install the same files (the package `onnxruntime`): with both, the
+# one pip wrote last wins (after `pip install 'pbv-onnx[gpu]'`: the CPU-only one).
+GPU_INSTALL = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'onnxruntime-gpu[cuda,cudnn]'"
+
+
+def _installed(distribution: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution(distribution)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def cuda_missing_reason() -> str:
+    """Why this onnxruntime has no CUDA provider, and the command that fixes it."""
+    if _installed("onnxruntime-gpu") and _installed("onnxruntime"):
+        return ("onnxruntime-gpu is installed, but the CPU-only onnxruntime installed beside it replaced "
+                f"its files; keep only the GPU build: {GPU_INSTALL}")
+    return f"onnxruntime has no CUDA provider here; on a machine with an NVIDIA GPU: {GPU_INSTALL}"
 
 
 # CUDA provider options, measured on an H100 (bench/gpu_check.py, bench/results/gpu_check.json).
@@ -68,11 +90,32 @@ def with_cuda_options(providers: list, overrides: dict[str, str] | None = None) 
     return [(p, options) if p == "CUDAExecutionProvider" else p for p in providers]
 
 
+def preload_cuda_libraries() -> str:
+    """Load the CUDA and cuDNN libraries of NVIDIA's pip packages (`onnxruntime-gpu[cuda,cudnn]`), or
+    the system's, before a CUDA session, so that no LD_LIBRARY_PATH is needed. Returns the first
+    library that failed to load ('' when none did); onnxruntime's own messages are kept off stdout."""
+    import contextlib
+    import io
+
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu >= 1.21
+    if preload is None:
+        return ""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            preload()
+        except Exception as exc:  # a broken install: the session below reports it too
+            return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    failed = [line.strip() for line in out.getvalue().splitlines() if line.startswith("Failed to load")]
+    return failed[0] if failed else ""
+
+
 def quiet_cuda_log() -> None:
-    """Silence onnxruntime's process-wide log once a CUDA session exists: cuDNN's frontend logs an
-    error for each convolution it hands back to the classic path ("No execution plans support the
-    graph"), which is routine. Call only after the provider has loaded: its load failures go to the
-    same log."""
+    """Silence onnxruntime's process-wide log for CUDA sessions: cuDNN's frontend logs an error for
+    each convolution it hands back to the classic path ("No execution plans support the graph"),
+    which is routine, and a provider that cannot load is reported by the Engine in one line."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(4)

@@ -92,3 +92,17 @@ def _photos(eng: Engine, files):
     from pbv_onnx.images import load_batch
 
     return load_batch(files, eng.info.preprocessing)
+
+
+def test_cuda_request_without_a_cuda_build_names_the_fix(monkeypatch):
+    from pbv_onnx import sessions
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    with pytest.raises(DependencyError, match="pip uninstall -y onnxruntime onnxruntime-gpu"):
+        sessions.choose_providers("cuda")
+    # both builds installed: the CPU-only one's files replaced the GPU build's
+    monkeypatch.setattr(sessions, "_installed", lambda dist: True)
+    with pytest.raises(DependencyError, match="replaced its files; keep only the GPU build"):
+        sessions.choose_providers("cuda")
+    assert sessions.choose_providers("auto") == ["CPUExecutionProvider"]
