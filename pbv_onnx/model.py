@@ -172,7 +172,7 @@ def to_fp16(proto):
 
 
 class Engine:
-    """One exported model: a session for features + VJP, a forward-only session made on demand.
+    """One exported model: a session for features + VJP and a forward-only one, each made on first use.
 
     `precision="fp16"` (CUDA only) runs a float16 copy of the graph; compare it with fp32 before
     trusting it (bench/gpu_check.py does). On CUDA, inputs and outputs go through IO binding, and
@@ -210,38 +210,70 @@ class Engine:
         del data
         # fp16 graphs are not cached (keyed by the file's hash, they would collide with fp32)
         self._cache_id = self.info.sha256 if precision == "fp32" else None
-        missing = ""
-        if provider_name(self._providers[0]) == "CUDAExecutionProvider":
-            missing = preload_cuda_libraries()
-            quiet_cuda_log()
-        try:
-            self._vjp, self.cache = create_session(source, self._options, self._providers, self._cache_id, "vjp")
-        except Exception as exc:
-            raise ModelError(self.path, f"onnxruntime cannot load the model ({exc})") from None
-        names = {i.name for i in self._vjp.get_inputs()} | {o.name for o in self._vjp.get_outputs()}
+        graph = self._proto.graph
+        names = {i.name for i in graph.input} | {o.name for o in graph.output}
         if not {IMAGE, COTANGENT, FEATURES, INPUT_GRAD} <= names:
             raise ModelError(self.path, "graph lacks the image/cotangent -> features/input_grad interface")
+        # Sessions are made on first use: `features`, `fit` and `predict` never build the gradient
+        # graph's session (2.6 s for resnet50 before the session cache holds it).
+        self._device = device
+        self._vjp_source = source
+        self._vjp_sess = None
+        self._vjp_cache = "off"
         self._fwd = None
-        self.provider = self._vjp.get_providers()[0]
-        if device == "cuda" and self.provider != "CUDAExecutionProvider":
-            # onnxruntime falls back to the CPU when the CUDA provider cannot load
-            raise DependencyError(self.path, "--device cuda: onnxruntime's CUDA provider did not load ("
-                                  + (missing or "no usable NVIDIA GPU and driver?") + "); CUDA and cuDNN "
-                                  "come with pip install 'onnxruntime-gpu[cuda,cudnn]'; or use --device cpu")
-        self._bind = self.provider == "CUDAExecutionProvider"
+        self._cuda_missing: str | None = None
+        self._bind: bool | None = None  # None: IO binding where the session runs on CUDA
 
     # -- sessions -------------------------------------------------------------------------
+    def _session(self, source, graph: str):
+        """A session for `source` (the VJP graph or the features subgraph), checked to run where asked."""
+        if self._cuda_missing is None:
+            self._cuda_missing = ""
+            if provider_name(self._providers[0]) == "CUDAExecutionProvider":
+                self._cuda_missing = preload_cuda_libraries()
+                quiet_cuda_log()
+        try:
+            sess, status = create_session(source, self._options, self._providers, self._cache_id, graph)
+        except Exception as exc:
+            raise ModelError(self.path, f"onnxruntime cannot load the model ({exc})") from None
+        if self._device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+            # onnxruntime falls back to the CPU when the CUDA provider cannot load
+            raise DependencyError(self.path, "--device cuda: onnxruntime's CUDA provider did not load ("
+                                  + (self._cuda_missing or "no usable NVIDIA GPU and driver?") + "); CUDA and "
+                                  "cuDNN come with pip install 'onnxruntime-gpu[cuda,cudnn]'; or use --device cpu")
+        return sess, status
+
+    @property
+    def _vjp(self):
+        """The session of the whole graph (features + VJP)."""
+        if self._vjp_sess is None:
+            self._vjp_sess, self._vjp_cache = self._session(self._vjp_source, "vjp")
+            self._vjp_source = None  # the session holds the model now
+        return self._vjp_sess
+
     def _forward_session(self):
         """The features-only subgraph of the same file: a forward pass costs a forward pass."""
         if self._fwd is None:
-            self._fwd, _ = create_session(lambda: features_subgraph(self._proto).SerializeToString(),
-                                          self._options, self._providers, self._cache_id, "features")
+            self._fwd, _ = self._session(lambda: features_subgraph(self._proto).SerializeToString(), "features")
         return self._fwd
+
+    @property
+    def cache(self) -> str:
+        """Where the gradient graph's session came from: "hit" | "stored" | "off" (sessions.create_session)."""
+        self._vjp  # noqa: B018  (made on first use)
+        return self._vjp_cache
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the model runs on (of a session already made, else of the VJP graph's)."""
+        sess = self._vjp_sess or self._fwd or self._vjp
+        return sess.get_providers()[0]
 
     def _run(self, sess, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One session call; on CUDA through IO binding (inputs copied once, outputs on device
         until fetched), elsewhere a plain run."""
-        if not self._bind:
+        bind = self._bind if self._bind is not None else sess.get_providers()[0] == "CUDAExecutionProvider"
+        if not bind:
             return sess.run(outputs, feeds)
         binding = sess.io_binding()
         for name, value in feeds.items():

@@ -44,8 +44,12 @@ def test_device_cuda_whose_provider_does_not_load_is_an_error_naming_the_model(t
     monkeypatch.setattr(model_mod, "choose_providers", lambda device: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with warnings.catch_warnings():  # onnxruntime warns that the provider is not available here
         warnings.simplefilter("ignore")
+        x = np.zeros((1, 3, SIZE, SIZE), np.float32)
+        eng = Engine(tiny_model, device="cuda")  # sessions are made on first use
         with pytest.raises(DependencyError, match=r"tiny\.onnx.*CUDA provider did not load"):
-            Engine(tiny_model, device="cuda")
+            eng.features(x)
+        with pytest.raises(DependencyError, match=r"tiny\.onnx.*CUDA provider did not load"):
+            eng.vjp(x, np.zeros((1, *FEATURE_SHAPE), np.float32))
         assert Engine(tiny_model, device="auto").provider == "CPUExecutionProvider"
 
 

@@ -65,3 +65,31 @@ def test_model_sha256_is_the_hash_of_the_file(tiny_model):
     import hashlib
 
     assert Engine(tiny_model, device="cpu").info.sha256 == hashlib.sha256(tiny_model.read_bytes()).hexdigest()
+
+
+def test_features_never_build_the_gradient_session(tiny_model):
+    eng = Engine(tiny_model, device="cpu")
+    x = np.random.default_rng(7).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    eng.features(x)
+    assert eng._vjp_sess is None  # fit, predict and features use the forward-only graph
+    eng.vjp(x, np.zeros((2, *FEATURE_SHAPE), np.float32))
+    assert eng._vjp_sess is not None
+
+
+def test_graph_errors_name_the_model_at_open_or_first_use(tiny_model, tmp_path):
+    import onnx
+
+    model = onnx.load(str(tiny_model))
+    model.graph.output[1].name = "something_else"
+    renamed = tmp_path / "renamed.onnx"
+    onnx.save(model, str(renamed))
+    with pytest.raises(ModelError, match=r"renamed\.onnx.*lacks the image/cotangent"):
+        Engine(renamed, device="cpu")
+
+    model = onnx.load(str(tiny_model))
+    model.graph.node[0].op_type = "NoSuchOp"
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    eng = Engine(broken, device="cpu")
+    with pytest.raises(ModelError, match=r"broken\.onnx.*onnxruntime cannot load the model"):
+        eng.features(np.zeros((1, 3, SIZE, SIZE), np.float32))
