@@ -69,6 +69,27 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved(fns: dict, repeats: int) -> tuple[dict, list]:
+    """Medians of each function's time over `repeats` rounds that run every function once, in
+    turn (after one warm-up call each), and the per-round times."""
+    for fn in fns.values():
+        fn()
+    rounds = []
+    for _ in range(repeats):
+        t = {}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            t[name] = time.perf_counter() - t0
+        rounds.append(t)
+    return {name: statistics.median(r[name] for r in rounds) for name in fns}, rounds
+
+
+def paired(rounds: list, a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b)."""
+    return statistics.median(r[a] / r[b] for r in rounds)
+
+
 def images_for(spec, n: int, photos: Path | None) -> np.ndarray:
     """n preprocessed photographs from `photos` (default: the shared folder), else uniform noise."""
     from pbv_onnx.demo.sources import shared_photos
@@ -96,9 +117,10 @@ def weights_file(record: dict, search: Path | None) -> Path | None:
     return None
 
 
-def torch_cuda(info, x: np.ndarray, cot: np.ndarray, repeats: int, search: Path | None) -> dict:
-    """torch CUDA autograd on the same backbone (rebuilt from the model's metadata), TF32 off, with
-    cuDNN's default algorithms and with cudnn.benchmark (its counterpart of EXHAUSTIVE search)."""
+def torch_cuda(info, x: np.ndarray, cot: np.ndarray, search: Path | None) -> dict:
+    """torch CUDA autograd on the same backbone (rebuilt from the model's metadata), TF32 off:
+    {"torch": version, "run": fn, "run_benchmark": fn (cudnn.benchmark, its counterpart of
+    EXHAUSTIVE search), "grad": input gradient}, or {"skipped": why}."""
     try:
         import torch
 
@@ -118,22 +140,15 @@ def torch_cuda(info, x: np.ndarray, cot: np.ndarray, repeats: int, search: Path 
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     xt, ct = torch.from_numpy(x).cuda(), torch.from_numpy(cot).cuda()
-    out: dict = {"torch": torch.__version__}
-    grads = {}
 
-    def run():
+    def run(bench: bool = False):
+        torch.backends.cudnn.benchmark = bench
         xi = xt.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(net(xi), xi, ct)
-        g = g.cpu()  # the runtime returns numpy arrays on the host too
-        grads["g"] = g
+        return g.cpu().numpy()  # the runtime returns numpy arrays on the host too
 
-    for bench in (False, True):
-        torch.backends.cudnn.benchmark = bench
-        run()
-        out["vjp_benchmark_s" if bench else "vjp_s"] = median_time(run, repeats)
-    torch.backends.cudnn.benchmark = False
-    out["grad"] = grads["g"].numpy()
-    return out
+    grad = run()
+    return {"torch": torch.__version__, "run": run, "run_benchmark": lambda: run(True), "grad": grad}
 
 
 def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: Path | None = None) -> dict:
@@ -147,28 +162,38 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
     row: dict = {"model": str(path), "arch": cpu.info.arch, "layer": cpu.info.layer, "images": n}
     row["cpu_vjp_s"] = median_time(lambda: cpu.vjp(x, cot), 3)
     engines = {}
-    for name, opts in CONFIGS.items():
+    for name, opts in CONFIGS.items():  # start-up costs, in this order (the first also starts CUDA)
         t0 = time.perf_counter()
         gpu = Engine(path, device="cuda", batch_size=max(n, 32), cuda_options=opts)
         gpu.provider  # noqa: B018  (makes the VJP session)
         t1 = time.perf_counter()
         f_gpu, g_gpu = gpu.vjp(x, cot)
         t2 = time.perf_counter()
-        r = {"provider": gpu.provider, "session_s": t1 - t0, "first_vjp_s": t2 - t1,
-             "features_vs_cpu": rel_l2(f_gpu, f_cpu), "input_grad_vs_cpu": rel_l2(g_gpu, g_cpu),
-             "vjp_s": median_time(lambda: gpu.vjp(x, cot), repeats),
-             "forward_s": median_time(lambda: gpu.features(x), repeats)}
-        r["vjp_over_forward"] = r["vjp_s"] / r["forward_s"]
-        row[name] = r
+        gpu.features(x)
+        row[name] = {"provider": gpu.provider, "session_s": t1 - t0, "first_vjp_s": t2 - t1,
+                     "features_vs_cpu": rel_l2(f_gpu, f_cpu), "input_grad_vs_cpu": rel_l2(g_gpu, g_cpu)}
         engines[name] = (gpu, g_gpu)
-        print(f"  {path.name} {name}: {json.dumps(r)}", flush=True)
     gpu, g_gpu = engines["default"]
-    gpu._bind = False  # a plain run: inputs and outputs through onnxruntime's own copies
-    row["default"]["vjp_plain_run_s"] = median_time(lambda: gpu.vjp(x, cot), repeats)
-    gpu._bind = None  # back to IO binding on CUDA
+    plain = Engine(path, device="cuda", batch_size=max(n, 32))
+    plain._bind = False  # a plain run: inputs and outputs through onnxruntime's own copies
     xb = np.concatenate([x] * 4)
     cb = rng.standard_normal((len(xb), *cpu.info.feature_shape)).astype(np.float32)
-    row["default"]["vjp_x4_images_s"] = median_time(lambda: gpu.vjp(xb, cb), repeats)
+    # Steady state, interleaved: every configuration runs once per round, so a GPU clocking up or a
+    # busy host affects all alike; ratios are medians of within-round ratios.
+    fns = {f"{name}_vjp": (lambda e=e: e.vjp(x, cot)) for name, (e, _) in engines.items()}
+    fns.update({f"{name}_forward": (lambda e=e: e.features(x)) for name, (e, _) in engines.items()})
+    fns["default_plain_run"] = lambda: plain.vjp(x, cot)
+    fns["default_x4_images"] = lambda: gpu.vjp(xb, cb)
+    times, rounds = interleaved(fns, repeats)
+    for name in CONFIGS:
+        r = row[name]
+        r["vjp_s"], r["forward_s"] = times[f"{name}_vjp"], times[f"{name}_forward"]
+        r["vjp_over_forward"] = paired(rounds, f"{name}_vjp", f"{name}_forward")
+        r["vjp_vs_default"] = paired(rounds, f"{name}_vjp", "default_vjp")
+        print(f"  {path.name} {name}: {json.dumps(r)}", flush=True)
+    row["default"]["vjp_plain_run_s"] = times["default_plain_run"]
+    row["default"]["plain_run_vs_binding"] = paired(rounds, "default_plain_run", "default_vjp")
+    row["default"]["vjp_x4_images_s"] = times["default_x4_images"]
     k = 16
     cot_k = rng.standard_normal((1, k, *cpu.info.feature_shape)).astype(np.float32)
     _, g_k = gpu.vjp_multi(x[:1], cot_k)
@@ -179,17 +204,20 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
     try:
         half = Engine(path, device="cuda", batch_size=n, precision="fp16")
         f16, g16 = half.vjp(x, cot)
+        t16, r16 = interleaved({"fp16": lambda: half.vjp(x, cot), "fp32": lambda: gpu.vjp(x, cot)}, repeats)
         row["fp16"] = {"provider": half.provider, "features_vs_fp32": rel_l2(f16, f_cpu),
                        "input_grad_vs_fp32": rel_l2(g16, g_cpu), "map_corr_vs_fp32": map_corr(g16, g_cpu),
-                       "vjp_s": median_time(lambda: half.vjp(x, cot), repeats)}
+                       "vjp_s": t16["fp16"], "vjp_vs_fp32": paired(r16, "fp16", "fp32")}
     except Exception as exc:
         row["fp16"] = {"failed": f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-    tc = torch_cuda(cpu.info, x, cot, repeats, search)
+    tc = torch_cuda(cpu.info, x, cot, search)
     if "grad" in tc:
-        row["torch_cuda"] = {k: v for k, v in tc.items() if k != "grad"}
-        row["torch_cuda"]["ort_grad_vs_torch"] = rel_l2(g_gpu, tc["grad"])
-        row["ort_over_torch_cuda"] = row["default"]["vjp_s"] / tc["vjp_s"]
-        row["ort_over_torch_cuda_benchmark"] = row["default"]["vjp_s"] / tc["vjp_benchmark_s"]
+        times, rounds = interleaved({"ort": lambda: gpu.vjp(x, cot), "torch": tc["run"],
+                                     "torch_benchmark": tc["run_benchmark"]}, repeats)
+        row["torch_cuda"] = {"torch": tc["torch"], "vjp_s": times["torch"], "vjp_benchmark_s": times["torch_benchmark"],
+                             "ort_vjp_s": times["ort"], "ort_grad_vs_torch": rel_l2(g_gpu, tc["grad"])}
+        row["ort_over_torch_cuda"] = paired(rounds, "ort", "torch")
+        row["ort_over_torch_cuda_benchmark"] = paired(rounds, "ort", "torch_benchmark")
     else:
         row["torch_cuda"] = tc
     row["ok"] = bool(all(row[c]["provider"] == "CUDAExecutionProvider" for c in CONFIGS)
@@ -209,7 +237,7 @@ def markdown(report: dict) -> str:
         return "\n".join(lines + [report.get("note", "no models checked")]) + "\n"
     lines += ["| model | images | ORT fwd+VJP ms | ORT fwd ms | fwd+VJP / fwd | torch CUDA ms (cudnn.benchmark) "
               "| ORT / torch | grad vs CPU (rel L2) | first call s | exhaustive: first s, fwd+VJP ms | TF32: fwd+VJP ms, grad vs CPU "
-              "| plain run ms (no IO binding) | K=16 multi / 16 single | fp16: fwd+VJP ms, grad vs fp32, map corr | ok |",
+              "| plain run ms (no IO binding) | K=16 multi / 16 single | fp16: fwd+VJP ms (x fp32), grad vs fp32, map corr | ok |",
               "|" + "---|" * 15]
     for r in report["models"]:
         if "error" in r:
@@ -217,17 +245,21 @@ def markdown(report: dict) -> str:
             continue
         d, e, t, h, tc = r["default"], r["exhaustive"], r["tf32"], r["fp16"], r["torch_cuda"]
         torch_cell = (f"{ms(tc['vjp_s'])} ({ms(tc['vjp_benchmark_s'])})" if "vjp_s" in tc else tc.get("skipped", "-"))
+        vs = lambda v: f" ({v:.2f}x)" if isinstance(v, float) else ""  # noqa: E731
         ratio = f"{r['ort_over_torch_cuda']:.2f}" if "ort_over_torch_cuda" in r else "-"
-        fp16 = (f"{ms(h['vjp_s'])}, {h['input_grad_vs_fp32']:.3f}, {h['map_corr_vs_fp32']:.3f}" if "vjp_s" in h
+        fp16 = (f"{ms(h['vjp_s'])}{vs(h.get('vjp_vs_fp32'))}, {h['input_grad_vs_fp32']:.3f}, {h['map_corr_vs_fp32']:.3f}" if "vjp_s" in h
                 else h.get("failed", "-"))
         lines.append(
             f"| {r['arch']} {r['layer']} | {r['images']} | {ms(d['vjp_s'])} | {ms(d['forward_s'])} | "
             f"{d['vjp_over_forward']:.2f} | {torch_cell} | {ratio} | {d['input_grad_vs_cpu']:.1e} | "
-            f"{d['first_vjp_s']:.2f} | {e['first_vjp_s']:.2f}, {ms(e['vjp_s'])} | {ms(t['vjp_s'])}, {t['input_grad_vs_cpu']:.3f} | "
-            f"{ms(d.get('vjp_plain_run_s'))} | {r['multi_k16_s'] / r['single_x16_s']:.2f} | {fp16} | "
+            f"{d['first_vjp_s']:.2f} | {e['first_vjp_s']:.2f}, {ms(e['vjp_s'])}{vs(e.get('vjp_vs_default'))} | "
+            f"{ms(t['vjp_s'])}{vs(t.get('vjp_vs_default'))}, {t['input_grad_vs_cpu']:.3f} | "
+            f"{ms(d.get('vjp_plain_run_s'))}{vs(d.get('plain_run_vs_binding'))} | {r['multi_k16_s'] / r['single_x16_s']:.2f} | {fp16} | "
             f"{'yes' if r['ok'] else 'NO'} |")
-    lines += ["", "Times are medians per call of `images` images, float32 with TF32 off unless named. The default "
-              "configuration runs first in the process: its first call also pays for starting CUDA and cuDNN. "
+    lines += ["", "Times are medians per call of `images` images, float32 with TF32 off unless named; (Nx): the "
+              "median within-round ratio to the default configuration (to IO binding for the plain run), all "
+              "configurations interleaved in each round. The default configuration starts first in the process: "
+              "its first call also pays for starting CUDA and cuDNN. "
               "`ok`: CUDA within the fp32 tolerance of the CPU provider, multi-cotangent equal to single calls."]
     return "\n".join(lines) + "\n"
 
