@@ -75,7 +75,7 @@ def cuda_missing_reason() -> str:
 # TF32 off: with TF32 the input gradients were 6-16 % (relative L2) away from the CPU provider's,
 # without it 0.03-0.14 %. Heuristic cuDNN algorithm choice: the same speed per call as exhaustive
 # search, without its benchmarking of every convolution on each new input shape (a cold
-# `explain` meets several batch sizes; mobilenet_v2's first call took 1.3-1.4 s instead of 1.9-3.1 s).
+# `explain` meets several batch sizes; mobilenet_v2's first call took 1.3-2.3 s instead of 1.9-3.3 s).
 CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
 
