@@ -27,6 +27,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from pbv_onnx.stats import rel_l2  # noqa: E402
+
 # CUDA fp32 (TF32 off) vs CPU fp32 input_grad, relative L2. Different convolution algorithms sum in
 # different orders: the CPU provider itself is 1.9e-3 to 7e-3 away from torch autograd on the
 # benchmarked backbones, and CUDA measured 0.3e-3 to 1.4e-3 from the CPU provider.
@@ -44,12 +46,6 @@ def gpu_name() -> str:
                               text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    nb = np.linalg.norm(b)
-    return float(np.linalg.norm(a - b) / nb) if nb > 0 else float(np.linalg.norm(a - b))
 
 
 def map_corr(a, b) -> float:
@@ -286,11 +282,7 @@ def main() -> int:
     if args.render is not None:
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
         return 0
-    try:  # torch first: its CUDA libraries (cuDNN, cuBLAS) then serve onnxruntime's provider too
-        import torch  # noqa: F401
-    except Exception:
-        pass
-    import onnxruntime as ort
+    import onnxruntime as ort  # the Engine preloads the CUDA and cuDNN libraries it needs
 
     report: dict = {"python": sys.version.split()[0], "platform": platform.platform(),
                     "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),

@@ -24,7 +24,8 @@ def profile(path: str, images: int = 8, runs: int = 3, threads: int | None = Non
     """{op_type: microseconds per run}, nodes of the VJP graph, on random inputs, after a warm-up run."""
     import onnxruntime as ort
 
-    from pbv_onnx.model import COTANGENT, FEATURES, IMAGE, INPUT_GRAD, read_info, session_options
+    from pbv_onnx.model import COTANGENT, FEATURES, IMAGE, INPUT_GRAD, read_info
+    from pbv_onnx.sessions import session_options
 
     info = read_info(path)
     opts = session_options(threads)

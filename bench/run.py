@@ -54,7 +54,7 @@ def _images(spec, n: int) -> tuple[np.ndarray, str]:
 
     from pbv_onnx.demo.sources import shared_photos
 
-    files = shared_photos(SHARED / "images")
+    files = shared_photos()
     if len(files) >= 1:
         chosen = [files[i % len(files)] for i in range(n)]
         return load_batch(chosen, spec), f"{n} photos from ../shared/images"
@@ -193,7 +193,7 @@ def make_study(folder: Path, model: Path, channels: int = 16, seed: int = 0) -> 
 
     from pbv_onnx.demo.sources import shared_photos
 
-    files = shared_photos(SHARED / "images")
+    files = shared_photos()
     stim = [p.stem for p in files]
     cats = ["object" if s in OBJECTS else "body" for s in stim]
     eng = Engine(model, device="cpu")
@@ -398,7 +398,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # the benchmark's own session cache (pbv_onnx/sessions.py), not the user's
-    os.environ.setdefault("PBV_ONNX_CACHE", str(ROOT / "build" / "bench" / "session-cache"))
+    os.environ.setdefault("PBV_ONNX_CACHE", str(CACHE / "session-cache"))
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "load_at_start": _machine_load(), "threads": args.threads,
                            "onnxruntime": onnxruntime.__version__, "torch": torch.__version__},

@@ -20,8 +20,9 @@ import pbv_onnx
 from pbv_onnx.atomic import atomic_file, check_writable
 from pbv_onnx.errors import ModelError, UsageError
 from pbv_onnx.images import Preprocessing
-from pbv_onnx.model import (COTANGENT, DEFAULT_OPSET, FEATURES, FORMAT_VERSION, IMAGE, INPUT_GRAD, MULTI_COTANGENT,
-                            features_subgraph, read_info)
+from pbv_onnx.model import (COTANGENT, DEFAULT_GRAD_TOLERANCE, DEFAULT_OPSET, DEFAULT_TOLERANCE, FEATURES,
+                            FLOOR_FACTOR, FORMAT_VERSION, IMAGE, INPUT_GRAD, MULTI_COTANGENT, features_subgraph,
+                            read_info)
 from pbv_onnx.sessions import session_options
 
 from . import backbone, verify
@@ -121,8 +122,8 @@ def export_model(out: str | Path, arch: str | None = None, layer: str | None = N
                  resize: str | None = None, crop: str | None = None,
                  mean: tuple[float, float, float] | None = None,
                  std: tuple[float, float, float] | None = None,
-                 opset: int = DEFAULT_OPSET, tolerance: float = verify.DEFAULT_TOLERANCE,
-                 grad_tolerance: float = verify.DEFAULT_GRAD_TOLERANCE,
+                 opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE,
+                 grad_tolerance: float = DEFAULT_GRAD_TOLERANCE,
                  force: bool = False, n_images: int = 4, module: nn.Module | None = None,
                  preprocessing: Preprocessing | None = None, images: list[Path] | None = None,
                  progress: Callable[[str], None] | None = _stderr) -> ExportResult:
@@ -175,7 +176,7 @@ def export_model(out: str | Path, arch: str | None = None, layer: str | None = N
     multi_err = multi_cotangent_error(session, x, feature_shape, seed)
     what, err, limit = verify.worst(errors, tolerance, grad_tolerance)
     verification = {"tolerance": tolerance, "grad_tolerance": grad_tolerance,
-                    "floor_factor": verify.FLOOR_FACTOR,
+                    "floor_factor": FLOOR_FACTOR,
                     "rule": "ort_vs_torch32: features <= tolerance; input_grad <= "
                             "max(grad_tolerance, floor_factor * torch32_vs_torch64)",
                     "limits": verify.limits(errors, tolerance, grad_tolerance),

@@ -11,17 +11,9 @@ from torch import nn
 
 from pbv_onnx.demo.sources import shared_photos
 from pbv_onnx.images import Preprocessing, load_batch
-from pbv_onnx.model import (COTANGENT, DEFAULT_GRAD_TOLERANCE, DEFAULT_TOLERANCE, FEATURES,  # noqa: F401
-                            FLOOR_FACTOR, IMAGE, INPUT_GRAD)
+from pbv_onnx.stats import rel_l2
+from pbv_onnx.model import COTANGENT, FEATURES, FLOOR_FACTOR, IMAGE, INPUT_GRAD
 
-
-
-def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
-    """||a - b|| / ||b|| (0 when both are zero)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    nb = np.linalg.norm(b)
-    na = np.linalg.norm(a - b)
-    return float(na / nb) if nb > 0 else float(na)
 
 
 def smooth_images(n: int, size: tuple[int, int], spec: Preprocessing, seed: int = 0) -> np.ndarray:

@@ -13,8 +13,8 @@ import numpy as np
 
 from .errors import DependencyError, ModelError, UsageError
 from .images import Preprocessing
-from .sessions import (choose_providers, create_session, preload_cuda_libraries, provider_name,  # noqa: F401
-                       quiet_cuda_log, session_options, with_cuda_options)
+from .sessions import (choose_providers, create_session, preload_cuda_libraries, provider_name, quiet_cuda_log,
+                       session_options, with_cuda_options)
 
 FORMAT_VERSION = 1
 # Metadata key: true when the cotangent batch may hold K cotangents per image (see Engine.vjp_multi).
@@ -222,6 +222,7 @@ class Engine:
         self._vjp_cache = "off"
         self._fwd = None
         self._cuda_missing: str | None = None
+        self._on_cuda = False  # set by the first session made (all use the same providers)
         self._bind: bool | None = None  # None: IO binding where the session runs on CUDA
 
     # -- sessions -------------------------------------------------------------------------
@@ -236,7 +237,8 @@ class Engine:
             sess, status = create_session(source, self._options, self._providers, self._cache_id, graph)
         except Exception as exc:
             raise ModelError(self.path, f"onnxruntime cannot load the model ({exc})") from None
-        if self._device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
+        self._on_cuda = sess.get_providers()[0] == "CUDAExecutionProvider"
+        if self._device == "cuda" and not self._on_cuda:
             # onnxruntime falls back to the CPU when the CUDA provider cannot load
             raise DependencyError(self.path, "--device cuda: onnxruntime's CUDA provider did not load ("
                                   + (self._cuda_missing or "no usable NVIDIA GPU and driver?") + "); CUDA and "
@@ -272,7 +274,7 @@ class Engine:
     def _run(self, sess, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One session call; on CUDA through IO binding (inputs copied once, outputs on device
         until fetched), elsewhere a plain run."""
-        bind = self._bind if self._bind is not None else sess.get_providers()[0] == "CUDAExecutionProvider"
+        bind = self._bind if self._bind is not None else self._on_cuda
         if not bind:
             return sess.run(outputs, feeds)
         binding = sess.io_binding()

@@ -69,8 +69,8 @@ def write_output(ds: xr.Dataset, out: str | os.PathLike, summary: xr.Dataset | N
     out = Path(out)
 
     # each distinct image decoded and resized once, however many pairs show it
-    files = {str(f) for r in ("ooc", "reference") for f in ds[f"{r}_file"].values}
-    shown = {f: display_image(load_image(f), spec) for f in sorted(files)}
+    paths = {str(f) for r in ("ooc", "reference") for f in ds[f"{r}_file"].values}
+    shown = {f: display_image(load_image(f), spec) for f in sorted(paths)}
 
     def draw(tmp: Path, i: int) -> str:
         imgs = [shown[str(ds[f"{r}_file"].values[i])] for r in ("ooc", "reference")]
@@ -88,7 +88,7 @@ def write_output(ds: xr.Dataset, out: str | os.PathLike, summary: xr.Dataset | N
     with atomic_dir(out, force) as tmp:
         (tmp / "pairs").mkdir()
         # Figures are drawn in worker threads while this one writes the NetCDF file: Pillow
-        # releases the GIL while it decodes, resizes and PNG-encodes, h5py while HDF5 writes.
+        # releases the GIL while it PNG-encodes, h5py while HDF5 writes.
         pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
         try:
             drawn = [pool.submit(draw, tmp, i) for i in range(ds.sizes["pair"])]

@@ -1,4 +1,5 @@
-"""Per-channel statistics: NaN-aware Pearson r, critical r under rho = 0, split-half reliability."""
+"""Per-channel statistics: NaN-aware Pearson r, critical r under rho = 0, split-half reliability;
+relative L2 distance (parity checks)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import warnings
 
 import numpy as np
 import xarray as xr
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||b|| (0 when both are zero)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    nb = np.linalg.norm(b)
+    na = np.linalg.norm(a - b)
+    return float(na / nb) if nb > 0 else float(na)
 
 
 def pearson_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

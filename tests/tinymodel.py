@@ -20,6 +20,12 @@ FEATURE_SHAPE = (6, SIZE // 2, SIZE // 2)
 PREPROCESSING = Preprocessing(resize=(SIZE, SIZE), crop=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
+def tiny_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n standard-normal images and cotangents for the tiny model, drawn from `rng` in that order."""
+    x = rng.standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
+    return x, rng.standard_normal((n, *FEATURE_SHAPE)).astype(np.float32)
+
+
 def tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {

@@ -16,13 +16,9 @@ from pbv_onnx.images import load_batch  # noqa: E402
 from pbv_onnx.model import Engine  # noqa: E402
 from pbv_onnx.readouts import write_readouts  # noqa: E402
 from pbv_onnx.responses import make_responses  # noqa: E402
+from pbv_onnx.stats import rel_l2  # noqa: E402
 
 ARCH, LAYER, SIZE = "resnet18", "layer2", "64x64"
-
-
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

@@ -15,15 +15,11 @@ import pbv_onnx.model as model_mod
 from pbv_onnx.errors import DependencyError
 from pbv_onnx.model import FP32_ONLY, Engine, to_fp16
 from pbv_onnx.sessions import CUDA_OPTIONS, with_cuda_options
-from tinymodel import FEATURE_SHAPE, SIZE
+from pbv_onnx.stats import rel_l2
+from tinymodel import FEATURE_SHAPE, SIZE, tiny_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET18 = ROOT / "build" / "models" / "resnet18_avg.onnx"  # has an overlapping stem max-pool
-
-
-def rel_l2(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def run_half(engine: Engine, x: np.ndarray, cot: np.ndarray):
@@ -55,9 +51,7 @@ def test_device_cuda_whose_provider_does_not_load_is_an_error_naming_the_model(t
 
 def test_fp16_graph_of_the_tiny_model_tracks_float32(tiny_model):
     eng = Engine(tiny_model, device="cpu")
-    rng = np.random.default_rng(5)
-    x = rng.standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
-    cot = rng.standard_normal((3, *FEATURE_SHAPE)).astype(np.float32)
+    x, cot = tiny_batch(np.random.default_rng(5), 3)
     f32, g32 = eng.vjp(x, cot)
     f16, g16 = run_half(eng, x, cot)
     assert f16.dtype == g16.dtype == np.float32  # float32 in and out

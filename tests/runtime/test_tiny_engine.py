@@ -7,14 +7,13 @@ import pytest
 
 from pbv_onnx.errors import ModelError, UsageError
 from pbv_onnx.model import Engine
-from tinymodel import FEATURE_SHAPE, SIZE, tiny_forward, tiny_weights
+from tinymodel import FEATURE_SHAPE, SIZE, tiny_batch, tiny_forward, tiny_weights
 
 
 def test_vjp_matches_finite_differences(tiny_model):
     eng = Engine(tiny_model, device="cpu")
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
-    ct = rng.standard_normal((2, *FEATURE_SHAPE)).astype(np.float32)
+    x, ct = tiny_batch(rng, 2)
     feats, grad = eng.vjp(x, ct)
     w = tiny_weights()
     np.testing.assert_allclose(feats, tiny_forward(x, w), rtol=1e-4, atol=1e-5)
