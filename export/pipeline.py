@@ -20,9 +20,9 @@ import pbv_onnx
 from pbv_onnx.atomic import atomic_file, check_writable
 from pbv_onnx.errors import ModelError, UsageError
 from pbv_onnx.images import Preprocessing
-from pbv_onnx.model import (COTANGENT, DEFAULT_GRAD_TOLERANCE, DEFAULT_OPSET, DEFAULT_TOLERANCE, FEATURES,
-                            FLOOR_FACTOR, FORMAT_VERSION, IMAGE, INPUT_GRAD, MULTI_COTANGENT, features_subgraph,
-                            read_info)
+from pbv_onnx.model import (COTANGENT, COTANGENTS, DEFAULT_GRAD_TOLERANCE, DEFAULT_OPSET, DEFAULT_TOLERANCE,
+                            FEATURES, FLOOR_FACTOR, FORMAT_VERSION, IMAGE, INPUT_GRAD, INPUT_GRADS,
+                            MULTI_COTANGENT, features_subgraph, multi_subgraph, read_info, vjp_subgraph)
 from pbv_onnx.sessions import session_options
 
 from . import backbone, verify
@@ -43,22 +43,34 @@ class ExportResult:
 
 def to_onnx(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[int, ...],
             opset: int) -> bytes:
-    """Serialise the VJP module with a dynamic batch axis (legacy TorchScript exporter)."""
+    """Serialise the VJP module with dynamic batch axes (legacy TorchScript exporter)."""
     image = torch.zeros((2, *input_shape))
     cot = torch.zeros((2, *feature_shape))
+    cots = torch.zeros((4, *feature_shape))
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # No constant folding: the adjoint's weight transposes stay ops on the shared initializers
         # (onnxruntime folds them at session start), so the file holds each weight once.
-        torch.onnx.export(vjp, (image, cot), buf, dynamo=False, opset_version=opset,
-                          input_names=[IMAGE, COTANGENT], output_names=[FEATURES, INPUT_GRAD],
-                          # cotangent/input_grad hold K rows per image (N*K), so their batch
-                          # axis is a dimension of its own
-                          dynamic_axes={IMAGE: {0: "N"}, FEATURES: {0: "N"}, COTANGENT: {0: "NK"},
-                                        INPUT_GRAD: {0: "NK"}},
+        torch.onnx.export(vjp, (image, cot, cots), buf, dynamo=False, opset_version=opset,
+                          input_names=[IMAGE, COTANGENT, COTANGENTS],
+                          output_names=[FEATURES, INPUT_GRAD, INPUT_GRADS],
+                          # cotangent shares the image's batch axis (one per image); cotangents
+                          # hold K rows per image (N*K), a batch axis of their own
+                          dynamic_axes={IMAGE: {0: "N"}, FEATURES: {0: "N"}, COTANGENT: {0: "N"},
+                                        INPUT_GRAD: {0: "N"}, COTANGENTS: {0: "NK"},
+                                        INPUT_GRADS: {0: "NK"}},
                           do_constant_folding=False)
     return buf.getvalue()
+
+
+def default_empty_cotangents(proto, feature_shape: tuple[int, ...]) -> None:
+    """Give `cotangents` an empty default, in place: (image, cotangent) alone then runs the whole
+    graph, as the export format's interface says, the multi-cotangent pass on no rows."""
+    from onnx import numpy_helper
+
+    proto.graph.initializer.append(
+        numpy_helper.from_array(np.zeros((0, *feature_shape), np.float32), COTANGENTS))
 
 
 def undo_initializer_dedup(proto) -> None:
@@ -93,21 +105,23 @@ def vjp_proto(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     proto = onnx.load_from_string(model_bytes)
     undo_initializer_dedup(proto)
+    default_empty_cotangents(proto, feature_shape)
     return proto
 
 
-def multi_cotangent_error(session, x: np.ndarray, feature_shape: tuple[int, ...], seed: int = 0,
+def multi_cotangent_error(single, multi, x: np.ndarray, feature_shape: tuple[int, ...], seed: int = 0,
                           k: int = 2) -> float:
-    """Worst relative L2 between input_grad of K cotangents per image in one call ([N*K, ...],
-    image-major) and the same cotangents one call each: the multi-cotangent layout is exact."""
+    """Worst relative L2 between input_grads of K cotangents per image in one call ([N*K, ...],
+    image-major, the `multi` session) and the same cotangents one call each (the `single`
+    session): the multi-cotangent layout is exact."""
     rng = np.random.default_rng(seed + 1)
     cots = rng.standard_normal((len(x), k, *feature_shape)).astype(np.float32)
-    multi = session.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cots.reshape(-1, *feature_shape)})[0]
-    multi = multi.reshape(len(x), k, *x.shape[1:])
+    grads = multi.run([INPUT_GRADS], {IMAGE: x, COTANGENTS: cots.reshape(-1, *feature_shape)})[0]
+    grads = grads.reshape(len(x), k, *x.shape[1:])
     worst = 0.0
     for j in range(k):
-        single = session.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cots[:, j]})[0]
-        worst = max([worst] + [verify.rel_l2(a, b) for a, b in zip(multi[:, j], single)])
+        one = single.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cots[:, j]})[0]
+        worst = max([worst] + [verify.rel_l2(a, b) for a, b in zip(grads[:, j], one)])
     return worst
 
 
@@ -166,14 +180,20 @@ def export_model(out: str | Path, arch: str | None = None, layer: str | None = N
 
     x, inputs_desc = verify.verification_images(spec, n_images, images)
     say(f"verifying onnxruntime against torch autograd on {len(x)} images ({inputs_desc.split(':')[0]})")
-    session = _session(model_bytes)
+    # verified as the Engine runs it: each of the graph's parts on its own
+    session = _session(vjp_subgraph(proto).SerializeToString())
     errors = verify.measure(session, net, x, seed)
     cotangents = errors.pop("cotangents")
     # Engine runs features through the image->features subgraph: it must equal the VJP graph's.
     zeros = np.zeros((len(x), *feature_shape), np.float32)
     fwd_only = _session(features_subgraph(proto).SerializeToString()).run([FEATURES], {IMAGE: x})[0]
     fwd_err = verify.rel_l2(fwd_only, session.run([FEATURES], {IMAGE: x, COTANGENT: zeros})[0])
-    multi_err = multi_cotangent_error(session, x, feature_shape, seed)
+    multi_err = multi_cotangent_error(session, _session(multi_subgraph(proto).SerializeToString()),
+                                      x, feature_shape, seed)
+    # and the whole graph, fed (image, cotangent) only, as the format's interface promises
+    cot0 = np.random.default_rng(seed + 2).standard_normal((len(x), *feature_shape)).astype(np.float32)
+    whole = _session(model_bytes).run([INPUT_GRAD], {IMAGE: x, COTANGENT: cot0})[0]
+    whole_err = verify.rel_l2(whole, session.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cot0})[0])
     what, err, limit = verify.worst(errors, tolerance, grad_tolerance)
     verification = {"tolerance": tolerance, "grad_tolerance": grad_tolerance,
                     "floor_factor": FLOOR_FACTOR,
@@ -183,7 +203,7 @@ def export_model(out: str | Path, arch: str | None = None, layer: str | None = N
                     "metric": "relative L2 ||a-b||/||b||, worst sample",
                     "n_images": int(len(x)), "inputs": inputs_desc, "cotangents": cotangents,
                     "errors": errors, "features_only_vs_vjp_graph": fwd_err,
-                    "multi_cotangent_vs_single": multi_err,
+                    "multi_cotangent_vs_single": multi_err, "whole_graph_vs_parts": whole_err,
                     "runtime": f"onnxruntime {_ort_version()} CPU"}
     if not err <= limit:
         raise ModelError(out, f"export refused: onnxruntime differs from torch autograd in {what} "
@@ -191,6 +211,9 @@ def export_model(out: str | Path, arch: str | None = None, layer: str | None = N
     if not multi_err <= tolerance:
         raise ModelError(out, "export refused: K cotangents per image in one call disagree with one "
                          f"call per cotangent ({multi_err:.1e}); nothing written")
+    if not whole_err <= tolerance:
+        raise ModelError(out, "export refused: the whole graph fed (image, cotangent) disagrees with "
+                         f"its (image, cotangent) -> input_grad part ({whole_err:.1e}); nothing written")
     if not fwd_err <= tolerance:
         raise ModelError(out, "export refused: the features-only subgraph disagrees with the "
                          f"VJP graph's features ({fwd_err:.1e}); nothing written")

@@ -17,10 +17,15 @@ from .sessions import (choose_providers, create_session, preload_cuda_libraries,
                        session_options, with_cuda_options)
 
 FORMAT_VERSION = 1
-# Metadata key: true when the cotangent batch may hold K cotangents per image (see Engine.vjp_multi).
+# Metadata key: true when K cotangents per image share one forward pass (see Engine.vjp_multi):
+# through the `cotangents` input where the graph has one, else through `cotangent` itself
+# (models exported before the two layouts were split).
 MULTI_COTANGENT = "multi_cotangent"
-# Graph I/O names fixed by the export format (METHOD.md section 5).
+# Graph I/O names fixed by the export format (METHOD.md section 5) ...
 IMAGE, COTANGENT, FEATURES, INPUT_GRAD = "image", "cotangent", "features", "input_grad"
+# ... and the multi-cotangent pair beside them: cotangents [N*K, ...] image-major -> input_grads.
+# Its default is an empty batch, so (image, cotangent) alone still runs the whole graph.
+COTANGENTS, INPUT_GRADS = "cotangents", "input_grads"
 # Export defaults (export/, and the torch-free CLI's help): ScatterElements(reduction=add), needed
 # by the max-pool adjoint, is opset >= 16; verification limits, relative L2 against torch autograd:
 # features, and input_grad (raised to FLOOR_FACTOR x the fp32-vs-fp64 difference where larger).
@@ -127,20 +132,42 @@ def read_info(path: str | os.PathLike, data: bytes | None = None, model=None) ->
                      preprocessing=Preprocessing.from_dict(meta["preprocessing"]), metadata=meta)
 
 
-def features_subgraph(proto):
-    """The image -> features part of an exported graph (with the model's metadata): what a forward
-    pass runs, so it costs a forward pass."""
+def subgraph(proto, inputs: list[str], outputs: list[str]):
+    """The part of an exported graph that computes `outputs` from `inputs` (with the model's
+    metadata): onnxruntime runs every node of a graph, asked for its outputs or not."""
     from onnx.utils import Extractor
 
-    sub = Extractor(proto).extract_model([IMAGE], [FEATURES])
+    sub = Extractor(proto).extract_model(inputs, outputs)
     sub.metadata_props.extend(proto.metadata_props)
     return sub
 
 
+def features_subgraph(proto):
+    """The image -> features part: a forward pass costs a forward pass."""
+    return subgraph(proto, [IMAGE], [FEATURES])
+
+
+def vjp_subgraph(proto):
+    """(image, cotangent) -> (features, input_grad): one cotangent per image."""
+    return subgraph(proto, [IMAGE, COTANGENT], [FEATURES, INPUT_GRAD])
+
+
+def multi_subgraph(proto):
+    """(image, cotangents) -> (features, input_grads): K cotangents per image; `cotangents` a
+    plain input there, without the whole graph's empty default."""
+    sub = subgraph(proto, [IMAGE, COTANGENTS], [FEATURES, INPUT_GRADS])
+    keep = [t for t in sub.graph.initializer if t.name != COTANGENTS]
+    del sub.graph.initializer[:]
+    sub.graph.initializer.extend(keep)
+    return sub
+
+
 PRECISIONS = ("fp32", "fp16")
-# Kept in float32 inside a float16 graph: onnxruntime's CPU provider has no float16 ScatterElements
-# with reduction=add (the max-pool adjoint), and summing gradients in float16 would lose them.
-FP32_ONLY = ("ScatterElements",)
+# Kept in float32 inside a float16 graph (op type -> its float inputs): onnxruntime's CPU provider
+# has no float16 ScatterElements with reduction=add (the max-pool adjoint), and summing gradients
+# in float16 would lose them; the masks' HardSigmoid steps use slopes up to 2^126, which float16
+# arithmetic would turn into inf * 0.
+FP32_ONLY = {"ScatterElements": (0, 2), "HardSigmoid": (0,)}
 
 
 def to_fp16(proto):
@@ -157,7 +184,7 @@ def to_fp16(proto):
         if node.op_type not in FP32_ONLY:
             nodes.append(node)
             continue
-        for i in (0, 2):  # data and updates; input 1 holds the indices
+        for i in FP32_ONLY[node.op_type]:
             name = f"{node.name}_in{i}_fp32"
             nodes.append(helper.make_node("Cast", [node.input[i]], [name], name=name, to=TensorProto.FLOAT))
             node.input[i] = name
@@ -190,8 +217,13 @@ class Engine:
         data, self._proto, external = read_model(self.path)
         self.info = read_info(self.path, data, self._proto)
         self.batch_size = batch_size
+        graph = self._proto.graph
+        # Exported with both layouts (cotangent one per image, cotangents K per image): each runs
+        # as its own part of the graph. Earlier models take K per image through `cotangent`
+        # where their metadata says so.
+        self._split = COTANGENTS in {i.name for i in graph.input}
         # Several cotangents per image in one call (one forward pass for all): models that say so.
-        self.multi = bool(self.info.metadata.get(MULTI_COTANGENT, False))
+        self.multi = self._split or bool(self.info.metadata.get(MULTI_COTANGENT, False))
         self._providers = with_cuda_options(choose_providers(device), cuda_options)
         if precision == "fp16" and provider_name(self._providers[0]) != "CUDAExecutionProvider":
             raise UsageError(None, "precision fp16 needs the CUDA provider (--device cuda)")
@@ -210,17 +242,19 @@ class Engine:
         del data
         # fp16 graphs are not cached (keyed by the file's hash, they would collide with fp32)
         self._cache_id = self.info.sha256 if precision == "fp32" else None
-        graph = self._proto.graph
         names = {i.name for i in graph.input} | {o.name for o in graph.output}
         if not {IMAGE, COTANGENT, FEATURES, INPUT_GRAD} <= names:
             raise ModelError(self.path, "graph lacks the image/cotangent -> features/input_grad interface")
+        if self._split and INPUT_GRADS not in names:
+            raise ModelError(self.path, f"graph has a {COTANGENTS!r} input but no {INPUT_GRADS!r} output")
         # Sessions are made on first use: `features`, `fit` and `predict` never build the gradient
         # graph's session (2.6 s for resnet50 before the session cache holds it).
         self._device = device
-        self._vjp_source = source
+        self._vjp_source = (lambda: vjp_subgraph(self._proto).SerializeToString()) if self._split else source
         self._vjp_sess = None
         self._vjp_cache = "off"
         self._fwd = None
+        self._multi_sess = None
         self._cuda_missing: str | None = None
         self._on_cuda = False  # set by the first session made (all use the same providers)
         self._bind: bool | None = None  # None: IO binding where the session runs on CUDA
@@ -247,7 +281,8 @@ class Engine:
 
     @property
     def _vjp(self):
-        """The session of the whole graph (features + VJP)."""
+        """The session of features + VJP, one cotangent per image (the whole graph of a model
+        exported before the layouts were split)."""
         if self._vjp_sess is None:
             self._vjp_sess, self._vjp_cache = self._session(self._vjp_source, "vjp")
             self._vjp_source = None  # the session holds the model now
@@ -260,6 +295,15 @@ class Engine:
         return self._fwd
 
     @property
+    def _multi(self):
+        """The session of features + VJP, K cotangents per image ([N*K, ...], image-major)."""
+        if not self._split:
+            return self._vjp
+        if self._multi_sess is None:
+            self._multi_sess, _ = self._session(lambda: multi_subgraph(self._proto).SerializeToString(), "multi")
+        return self._multi_sess
+
+    @property
     def cache(self) -> str:
         """Where the gradient graph's session came from: "hit" | "stored" | "off" (sessions.create_session)."""
         self._vjp  # noqa: B018  (made on first use)
@@ -268,7 +312,7 @@ class Engine:
     @property
     def provider(self) -> str:
         """The execution provider the model runs on (of a session already made, else of the VJP graph's)."""
-        sess = self._vjp_sess or self._fwd or self._vjp
+        sess = self._vjp_sess or self._fwd or self._multi_sess or self._vjp
         return sess.get_providers()[0]
 
     def _run(self, sess, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -377,11 +421,12 @@ class Engine:
         feats = np.empty((n, *fs), np.float32)
         kc = min(K, self.batch_size)             # cotangents per image per call
         ni = max(1, self.batch_size // kc)       # images per call
+        cot_in, grad_out = (COTANGENTS, INPUT_GRADS) if self._split else (COTANGENT, INPUT_GRAD)
         for i in range(0, n, ni):
             for j in range(0, K, kc):
                 c = cot[i:i + ni, j:j + kc]
-                f, g = self._run(self._vjp, [FEATURES, INPUT_GRAD],
-                                 {IMAGE: images[i:i + ni], COTANGENT: c.reshape(-1, *fs)})
+                f, g = self._run(self._multi, [FEATURES, grad_out],
+                                 {IMAGE: images[i:i + ni], cot_in: c.reshape(-1, *fs)})
                 feats[i:i + ni] = f
                 grads[i:i + ni, j:j + kc] = g.reshape(*c.shape[:2], *self.info.input_shape)
         return feats, grads

@@ -1,8 +1,10 @@
 """Several cotangents per image: Engine.vjp_multi, duplicate images routed to it, explain using it.
 
 The reference is the tiny hand-built model (one cotangent per image, tests/tinymodel.py); the
-multi-cotangent model is the same graph and weights with the backward masks read through the
-[N*K] image-major layout the export stage writes.
+multi-cotangent models are the same graph and weights with the backward masks read through the
+[N*K] image-major layout: through `cotangent` itself (models exported before the layouts were
+split), or through a second input `cotangents` beside the one-per-image pass, as the export stage
+writes now.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from onnx import helper, numpy_helper
 
 from pbv_onnx import explain as ex
 from pbv_onnx.errors import UsageError
-from pbv_onnx.model import MULTI_COTANGENT, Engine, duplicate_groups
+import onnxruntime as ort
+
+from pbv_onnx.model import COTANGENTS, INPUT_GRADS, MULTI_COTANGENT, Engine, duplicate_groups
 from test_explain import make_study_files
 from tinymodel import FEATURE_SHAPE, PREPROCESSING, SIZE, build_tiny_model
 
@@ -53,10 +57,60 @@ def build_multi_tiny_model(path, seed: int = 0):
     return path
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def build_split_tiny_model(path, seed: int = 0):
+    """The tiny model plus the multi model's backward pass beside it, fed by `cotangents` (empty
+    by default) into `input_grads`, both passes reading one forward pass."""
+    single = onnx.load(str(build_tiny_model(path, seed)))
+    multi = onnx.load(str(build_multi_tiny_model(path, seed)))
+    have = {o for n in single.graph.node for o in n.output}
+    backward = {"cotangent"}
+    nodes = list(single.graph.node)
+    for node in multi.graph.node:
+        if not backward & set(node.input):
+            if not set(node.output) <= have:  # forward-side helpers of the multi layout
+                nodes.append(node)
+            continue
+        backward.update(node.output)
+        renamed = onnx.NodeProto()
+        renamed.CopyFrom(node)
+        renamed.input[:] = [COTANGENTS if i == "cotangent" else f"{i}_k" if i in backward else i
+                            for i in node.input]
+        renamed.output[:] = [INPUT_GRADS if o == "input_grad" else f"{o}_k" for o in node.output]
+        nodes.append(renamed)
+    del single.graph.node[:]
+    single.graph.node.extend(nodes)
+    single.graph.initializer.extend(i for i in multi.graph.initializer
+                                    if i.name not in {j.name for j in single.graph.initializer})
+    single.graph.initializer.append(numpy_helper.from_array(np.zeros((0, *FEATURE_SHAPE), np.float32), COTANGENTS))
+    single.graph.input.append(helper.make_tensor_value_info(COTANGENTS, onnx.TensorProto.FLOAT, ["NK", *FEATURE_SHAPE]))
+    single.graph.output.append(helper.make_tensor_value_info(INPUT_GRADS, onnx.TensorProto.FLOAT, ["NK", 3, SIZE, SIZE]))
+    single.metadata_props.add(key=MULTI_COTANGENT, value=json.dumps(True))
+    onnx.checker.check_model(single)
+    onnx.save(single, str(path))
+    return path
+
+
+@pytest.fixture(scope="module", params=["cotangent", "cotangents"])
+def models(request, tmp_path_factory):
+    """(one cotangent per image, K per image through `request.param`)."""
     folder = tmp_path_factory.mktemp("multi")
-    return build_tiny_model(folder / "single.onnx"), build_multi_tiny_model(folder / "multi.onnx")
+    build = build_multi_tiny_model if request.param == "cotangent" else build_split_tiny_model
+    return build_tiny_model(folder / "single.onnx"), build(folder / "multi.onnx")
+
+
+def test_a_split_model_runs_each_pass_as_its_own_part(tmp_path):
+    path = build_split_tiny_model(tmp_path / "split.onnx")
+    eng = Engine(path, device="cpu")
+    x, cot = _inputs(2, 3, seed=5)
+    eng.vjp(x, cot[:, 0])
+    eng.vjp_multi(x, cot)
+    assert [i.name for i in eng._vjp.get_inputs()] == ["image", "cotangent"]  # no K-layout nodes run
+    assert [i.name for i in eng._multi.get_inputs()] == ["image", COTANGENTS]
+    # the whole graph fed (image, cotangent) alone, as the format promises: cotangents default empty
+    whole = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    f, g, gs = whole.run(None, {"image": x, "cotangent": cot[:, 0]})
+    assert gs.shape == (0, 3, SIZE, SIZE)
+    np.testing.assert_allclose(g, eng.vjp(x, cot[:, 0])[1], rtol=1e-6, atol=1e-7)
 
 
 def _inputs(n: int, k: int, seed: int = 0):
