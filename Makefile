@@ -49,13 +49,16 @@ export: $(VENV)/export/.done
 TEST_MODELS := $(BUILD)/models/resnet18_avg.onnx \
   $(if $(wildcard $(WEIGHTS)),$(BUILD)/models/mobilenet_v2-features.18.onnx)
 
+# re-exported when the export code changes (the graph it writes is what the runtime tests test)
+EXPORT_SRC := $(wildcard export/*.py) pbv_onnx/model.py
+
 models: $(TEST_MODELS)
 
-$(BUILD)/models/resnet18_avg.onnx: | $(VENV)/export/.done
+$(BUILD)/models/resnet18_avg.onnx: $(EXPORT_SRC) | $(VENV)/export/.done
 	$(VENV)/export/bin/pbv-onnx export --arch resnet18 --layer layer4 --weights none --seed 0 --pool avg \
 	  --resize 112x112 --out $@ --force
 
-$(BUILD)/models/mobilenet_v2-%.onnx: | $(VENV)/export/.done
+$(BUILD)/models/mobilenet_v2-%.onnx: $(EXPORT_SRC) | $(VENV)/export/.done
 	$(VENV)/export/bin/pbv-onnx export --arch mobilenet_v2 --layer $* --weights $(WEIGHTS) \
 	  --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 --resize 224x224 --out $@ --force
 

@@ -100,8 +100,9 @@ class _Step(torch.autograd.Function):
 
 
 def _slope(t: float) -> float:
-    """A power of two s with s * |y - t| >= 2 for every float32 y != t near t (|y - t| is at least
-    half an ulp of t there, and exact by Sterbenz); for t = 0, every normal float32 y > 0."""
+    """A power of two s with s * |y - t| >= 1 for every float32 y != t: near t, |y - t| is at
+    least the float spacing just below |t|, 2^(e - 25) for |t| in [2^(e-1), 2^e), and s * y - s * t
+    is exact (Sterbenz); far from t it is large. For t = 0: every normal float32 y > 0."""
     return 2.0 ** 126 if t == 0 else 2.0 ** (25 - math.frexp(abs(t))[1])
 
 

@@ -120,3 +120,56 @@ def test_overlapping_maxpool_exports_one_indices_node_kept_out_of_the_forward_gr
     np.testing.assert_allclose(f, y.numpy(), rtol=1e-5, atol=1e-6)
     want = autograd_input_grad(net, x, cot).numpy()
     np.testing.assert_allclose(gx, want, rtol=1e-4, atol=1e-5)
+
+
+class Steps(nn.Module):
+    """The mask steps of the ReLU, ReLU6 and Hardtanh(-1, 1) adjoints, side by side."""
+
+    THRESHOLDS = (0.0, 6.0, -1.0, 1.0)
+
+    def forward(self, y):
+        return torch.stack([f(y, t) for t in self.THRESHOLDS
+                            for f in (adjoint.step_above, adjoint.step_below)])
+
+
+def _float32_near(values, ulps: int = 4) -> np.ndarray:
+    """Each value and its `ulps` float32 neighbours on either side."""
+    out = []
+    for v in np.asarray(values, np.float32):
+        lo = hi = v
+        out.append(v)
+        for _ in range(ulps):
+            lo, hi = np.nextafter(lo, np.float32(-np.inf)), np.nextafter(hi, np.float32(np.inf))
+            out += [lo, hi]
+    return np.array(out, np.float32)
+
+
+def test_mask_steps_are_exact_comparisons_in_onnxruntime():
+    """The HardSigmoid steps equal (y > t) and (y < t) bit for bit: at the thresholds and the
+    float32 values next to them, at normal values near 0 and far out (overflow to +-inf inside
+    the step), for random values; subnormals just above 0 are the documented exception."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    y = np.concatenate([
+        _float32_near([0.0, 6.0, -1.0, 1.0, 3.0, 0.5, -0.5, 12.0]),
+        np.float32([np.finfo(np.float32).tiny, -np.finfo(np.float32).tiny, 1e-30, -1e-30, 1e30, -1e30,
+                    np.finfo(np.float32).max, -np.finfo(np.float32).max]),
+        rng.uniform(-8, 8, 5000).astype(np.float32)]).astype(np.float32)
+    subnormal = (y != 0) & (np.abs(y) < np.finfo(np.float32).tiny)
+    assert subnormal.sum() == 8  # the neighbours of 0: checked apart, below
+    buf = io.BytesIO()
+    torch.onnx.export(Steps(), (torch.from_numpy(y),), buf, dynamo=False, opset_version=17,
+                      input_names=["y"], output_names=["steps"], dynamic_axes={"y": {0: "n"}})
+    proto = onnx.load_model_from_string(buf.getvalue())
+    assert {n.op_type for n in proto.graph.node} >= {"HardSigmoid"}
+    assert not {"Greater", "Less", "Cast"} & {n.op_type for n in proto.graph.node}
+    got = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"y": y})[0]
+    want = np.stack([cmp(y, np.float32(t)) for t in Steps.THRESHOLDS
+                     for cmp in (np.greater, np.less)]).astype(np.float32)
+    bad = np.argwhere((got != want) & ~subnormal)
+    assert not len(bad), [(Steps.THRESHOLDS[i // 2], float(y[j]), got[i, j]) for i, j in bad[:5]]
+    # subnormals next to 0 get a fraction of a step there, on the right side of it
+    assert np.all((got[:2, subnormal] > 0) == want[:2, subnormal].astype(bool))
+    torch_steps = Steps()(torch.from_numpy(y)).numpy()  # the traced forward agrees
+    np.testing.assert_array_equal(torch_steps[:, ~subnormal], want[:, ~subnormal])
