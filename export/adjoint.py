@@ -22,9 +22,10 @@ ADJOINT_DESCRIPTION = (
     "from the forward weights), strided Conv adjoint = ConvTranspose with output_padding; BatchNorm "
     "(eval) = per-channel scale, folded into the adjoint weights of the conv it alone follows; "
     "ReLU/ReLU6 = mask of the forward output as exact 0/1 steps (HardSigmoid with power-of-two "
-    "slopes, which onnxruntime keeps in its blocked NCHWc layout; a ReLU read only by a MaxPool: "
-    "the mask of the pooled output, applied before un-pooling); strided depthwise Conv adjoint = "
-    "zero insertion (1x1 ConvTranspose) + depthwise Conv; MaxPool with non-overlapping windows = mask of each "
+    "slopes, which onnxruntime keeps in its blocked NCHWc layout), made in the forward pass (a "
+    "ReLU read only by a MaxPool: the mask of the pooled output, applied before un-pooling); "
+    "strided depthwise Conv adjoint = zero insertion (1x1 ConvTranspose) + depthwise Conv; "
+    "MaxPool with non-overlapping windows = mask of each "
     "window's first maximum (ArgMax) times the nearest-upsampled gradient, other MaxPool = indices "
     "(a second MaxPool node, read only by the backward pass) + ScatterElements(add); strided Conv "
     "whose kernel is nearly a multiple of the stride (e.g. 11x11/4) = sub-pixel Conv + "
@@ -377,8 +378,10 @@ def _adaptive_avg_rule(node: fx.Node, output_size) -> Rule:
 def _relu_rule(node: fx.Node, x: fx.Node, gm: fx.GraphModule) -> Rule:
     if _relu_into_maxpool(node, gm):  # its mask is applied by the pool, at the pooled size
         return Rule([x], lambda v: (F.relu(v), None), lambda g, xs, y, s: [g])
-    return Rule([x], lambda v: (F.relu(v), None),
-                lambda g, xs, y, s: [kmul(g, step_above(y, 0.0))])
+    def fwd(v):
+        y = F.relu(v)
+        return y, step_above(y, 0.0)
+    return Rule([x], fwd, lambda g, xs, y, mask: [kmul(g, mask)])
 
 
 RELU_FUNCTIONS = (F.relu, torch.relu, "relu")
@@ -409,9 +412,12 @@ def _masked_by_output(rule: Rule) -> Rule:
 
 
 def _clamp_rule(node: fx.Node, x: fx.Node, lo: float, hi: float) -> Rule:
-    # the two steps multiply once per image (K cotangents then share the product)
-    return Rule([x], lambda v: (F.hardtanh(v, lo, hi), None),
-                lambda g, xs, y, s: [kmul(g, step_above(y, lo) * step_below(y, hi))])
+    # the mask is forward state: made once per image, while y is fresh in cache, and read by
+    # both backward passes (K cotangents share it)
+    def fwd(v):
+        y = F.hardtanh(v, lo, hi)
+        return y, step_above(y, lo) * step_below(y, hi)
+    return Rule([x], fwd, lambda g, xs, y, mask: [kmul(g, mask)])
 
 
 def _pointwise_rule(x: fx.Node, f, df) -> Rule:
