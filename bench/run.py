@@ -214,7 +214,7 @@ def make_study(folder: Path, model: Path, channels: int = 16, seed: int = 0) -> 
             "object": obj, "bodies": [s for s, c in zip(stim, cats) if c == "body"], "folder": folder}
 
 
-def bench_multichannel(study_files: dict, threads: int, repeats: int = 3, k: int = 16) -> dict:
+def bench_multichannel(study_files: dict, threads: int, repeats: int = 5, k: int = 16) -> dict:
     """One object explained for K channels (one call) vs the same K pairs one call each; with a
     reference per channel and with one shared reference; and the K pairs with sharing switched off."""
     from pbv_onnx import explain as ex
@@ -412,7 +412,7 @@ def main() -> None:
         _, model = build_model("mobilenet_v2", "features.18", "shared", args.threads)
         with tempfile.TemporaryDirectory() as tmp:
             files = make_study(Path(tmp), model)
-            results["multichannel"] = bench_multichannel(files, args.threads, 1 if args.quick else 3)
+            results["multichannel"] = bench_multichannel(files, args.threads, 1 if args.quick else 5)
             results["cold"] = bench_cold(files, 1 if args.quick else 5)
     results["env"] = env_sizes()
     results["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
