@@ -32,8 +32,9 @@ ADJOINT_DESCRIPTION = (
     "DepthToSpace; Avg/AdaptiveAvgPool = ConvTranspose with a constant kernel; "
     "add/mul/cat/flatten/Linear/Hardswish/SiLU/Sigmoid/Hardsigmoid by their closed forms; "
     "two backward passes read one forward pass: cotangent [N, ...] (one per image, the batch "
-    "axis shared with the image's, so onnxruntime keeps the whole backward pass in NCHWc) and "
-    "cotangents [N*K, ...] image-major (K per image)")
+    "axis shared with the image's, so onnxruntime keeps the whole backward pass in NCHWc; the "
+    "cotangent and each ConvTranspose output enter that layout through an identity 1x1 "
+    "depthwise Conv) and cotangents [N*K, ...] image-major (K per image)")
 
 
 class UnsupportedOp(ModelError):
@@ -164,7 +165,20 @@ def conv_input_adjoint(g: torch.Tensor, w: torch.Tensor, x_hw, y_hw, stride, pad
     if groups == 1 and dilation == (1, 1) and _subpixel_pays(kernel, stride):
         return _subpixel_adjoint(g, w, x_hw, stride, padding)
     op = _output_padding(x_hw, y_hw, stride, padding, dilation, kernel)
-    return F.conv_transpose2d(g, w, None, stride, padding, op, groups, dilation)
+    return to_blocked(F.conv_transpose2d(g, w, None, stride, padding, op, groups, dilation))
+
+
+def to_blocked(t: torch.Tensor) -> torch.Tensor:
+    """t through an exact identity, a 1x1 depthwise Conv of ones, in the one-per-image pass.
+
+    onnxruntime's NCHWc layout is entered only through a Conv; a graph input (the cotangent) or a
+    ConvTranspose output read raw by a residual Add or a mask product keeps those, and every
+    later shortcut gradient, in plain NCHW, with layout conversions around each (resnet50: 15
+    Adds and 19 mask products)."""
+    if _layout["multi"] or t.dim() != 4 or int(t.shape[1]) % 16:
+        return t
+    c = int(t.shape[1])
+    return F.conv2d(t, torch.ones((c, 1, 1, 1), dtype=t.dtype), groups=c)
 
 
 def _subpixel_pays(kernel, stride) -> bool:
@@ -643,6 +657,8 @@ class VJPModule(nn.Module):
     def _backward(self, env: dict, saved: dict, cotangent: torch.Tensor, multi: bool) -> torch.Tensor:
         """The reverse pass over the plan for one cotangent layout (see kmul)."""
         _layout["multi"] = multi
+        if not multi:
+            cotangent = to_blocked(cotangent)
         try:
             grads: dict[fx.Node, torch.Tensor] = {self._output: cotangent}
             for node, rule in reversed(self._plan):
