@@ -375,8 +375,8 @@ def _avgpool_rule(node: fx.Node, kernel, stride, padding, count_include_pad=True
     else:
         fwd = lambda x: (F.avg_pool2d(x, kernel, stride, padding), None)  # noqa: E731
     return Rule([node.args[0]], fwd,
-                lambda g, xs, y, s: [F.conv_transpose2d(g, weight.to(g.dtype), None, stride,
-                                                        padding, op, c)])
+                lambda g, xs, y, s: [to_blocked(F.conv_transpose2d(g, weight.to(g.dtype), None, stride,
+                                                                   padding, op, c))])
 
 
 def _adaptive_avg_rule(node: fx.Node, output_size) -> Rule:
@@ -465,9 +465,32 @@ def _identity_rule(x: fx.Node) -> Rule:
     return Rule([x], lambda v: (v, None), lambda g, xs, y, s: [g])
 
 
+class _BatchReshape(torch.autograd.Function):
+    """t reshaped to [t.shape[0], *shape], exported as Reshape(t, [0, ...]): the 0 copies the
+    batch axis, so it stays the symbolic N downstream (a -1 made it an unknown, and onnxruntime
+    then could not prove the later mask products' shapes equal)."""
+
+    @staticmethod
+    def forward(ctx, t, shape):
+        return t.reshape(t.shape[0], *shape)
+
+    @staticmethod
+    def symbolic(g, t, shape):
+        # the last size as -1 (inferred): torch's exporter rejects a 0 without a -1
+        target = g.op("Constant", value_t=torch.tensor([0, *shape[:-1], -1], dtype=torch.int64))
+        return g.op("Reshape", t, target)
+
+
+def _batch_reshape(g: torch.Tensor, rest: tuple[int, ...]) -> torch.Tensor:
+    """g as [batch, *rest]: the batch axis copied in the one-per-image pass; a -1 in the K-per-image
+    pass, whose axis is its own anyway and may be empty (the whole graph's default `cotangents`,
+    which the 0-copying form cannot reshape: its -1 would divide by zero)."""
+    return g.reshape(-1, *rest) if _layout["multi"] else _BatchReshape.apply(g, rest)
+
+
 def _reshape_rule(x: fx.Node, fwd) -> Rule:
-    x_shape = _shape(x)
-    return Rule([x], lambda v: (fwd(v), None), lambda g, xs, y, s: [g.reshape(-1, *x_shape[1:])])
+    rest = tuple(int(v) for v in _shape(x)[1:])
+    return Rule([x], lambda v: (fwd(v), None), lambda g, xs, y, s: [_batch_reshape(g, rest)])
 
 
 def _binary_rule(node: fx.Node, op: str) -> Rule:

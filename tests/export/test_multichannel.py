@@ -128,7 +128,7 @@ def test_export_records_the_multi_cotangent_check(mnv2_model):
     assert meta["verification"]["whole_graph_vs_parts"] <= meta["verification"]["tolerance"]
 
 
-@pytest.mark.parametrize("fixture", ["mnv2_model", "resnet18_model"])
+@pytest.mark.parametrize("fixture", ["mnv2_model", "resnet18_model", "resnet18_avg_model"])
 def test_the_one_cotangent_per_image_pass_stays_in_the_blocked_layout(fixture, request, tmp_path):
     """What makes the VJP fast on the CPU: `cotangent` shares the image's batch axis, the masks
     are HardSigmoid steps, and the cotangent and ConvTranspose outputs enter the NCHWc layout
@@ -144,6 +144,7 @@ def test_the_one_cotangent_per_image_pass_stays_in_the_blocked_layout(fixture, r
     if fixture == "mnv2_model" and not MNV2_WEIGHTS.is_file():
         pytest.skip("real MobileNetV2 weights not present")
     proto = onnx.load(str(request.getfixturevalue(fixture)))
+    # (--pool avg: the flattened cotangent's reshape keeps the batch axis too)
     dims = {i.name: i.type.tensor_type.shape.dim[0].dim_param for i in proto.graph.input}
     assert dims[COTANGENT] == dims[IMAGE]
     opts = session_options()
