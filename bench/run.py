@@ -165,7 +165,7 @@ def bench_backbone(name, arch, layer, weights, repeats, n_images, threads) -> di
 
     times, rounds = _median_times({"torch_vjp": torch_vjp, "ort_vjp": ort_vjp, "ort_forward": ort_fwd}, repeats)
     # fwd+VJP against forward alone, interleaved with each other only: a run that follows torch's
-    # shares the two cores with torch's worker threads winding down, which skews this ratio
+    # can share the two cores with torch's worker threads winding down, skewing this ratio
     # whichever of the two it hits (kept for comparison as ort_over_2fwd_beside_torch)
     _, ort_rounds = _median_times({"ort_vjp": ort_vjp, "ort_forward": ort_fwd}, repeats)
     err = rel_l2(out["ort"], out["torch"].numpy())
