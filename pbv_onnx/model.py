@@ -199,7 +199,8 @@ def to_fp16(proto):
 
 
 class Engine:
-    """One exported model: a session for features + VJP and a forward-only one, each made on first use.
+    """One exported model: sessions for features + VJP (one cotangent per image, and K per image)
+    and a forward-only one, each made on first use.
 
     `precision="fp16"` (CUDA only) runs a float16 copy of the graph; compare it with fp32 before
     trusting it (bench/gpu_check.py does). On CUDA, inputs and outputs go through IO binding, and
@@ -401,8 +402,10 @@ class Engine:
         [N, K, D]) -> (features [N, *feature_shape], input_grad [N, K, 3, H, W]).
 
         Each image's forward pass runs once for its K backward passes (up to `batch_size` rows per
-        call; larger K is split, repeating the forward pass per part). Models exported before this
-        layout existed get each image repeated K times (same result, K forward passes).
+        call; larger K is split, repeating the forward pass per part), through the graph's
+        `cotangents` part (or, in models exported before the passes were split, `cotangent`
+        itself). Models exported before either layout existed get each image repeated K times
+        (same result, K forward passes).
         """
         images = self._check_images(images)
         n, fs = len(images), self.info.feature_shape
