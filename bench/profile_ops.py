@@ -23,15 +23,15 @@ if str(ROOT) not in sys.path:
 def profile(path: str, images: int = 8, runs: int = 3, threads: int | None = None) -> dict:
     """{op_type: microseconds per run}, nodes of the VJP graph (one cotangent per image, as
     Engine.vjp runs it), on random inputs, after a warm-up run."""
-    import onnx
     import onnxruntime as ort
 
-    from pbv_onnx.model import COTANGENT, COTANGENTS, FEATURES, IMAGE, INPUT_GRAD, read_info, vjp_subgraph
+    from pbv_onnx.model import (COTANGENT, FEATURES, IMAGE, INPUT_GRAD, has_split_passes, read_info, read_model,
+                                vjp_subgraph)
     from pbv_onnx.sessions import session_options
 
-    info = read_info(path)
-    proto = onnx.load(path)
-    source = vjp_subgraph(proto).SerializeToString() if COTANGENTS in {i.name for i in proto.graph.input} else path
+    data, proto, _ = read_model(path)
+    info = read_info(path, data, proto)
+    source = vjp_subgraph(proto).SerializeToString() if has_split_passes(proto) else data
     opts = session_options(threads)
     with tempfile.TemporaryDirectory() as tmp:
         opts.enable_profiling = True

@@ -419,9 +419,16 @@ def _relu_into_maxpool(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 def _masked_by_output(rule: Rule) -> Rule:
-    """The rule with its incoming gradient first multiplied by (output > 0)."""
-    bwd = rule.bwd
-    rule.bwd = lambda g, xs, y, s: bwd(kmul(g, step_above(y, 0.0)), xs, y, s)
+    """The rule with its incoming gradient first multiplied by (output > 0): a mask made in the
+    forward pass, as the ReLU's own, beside whatever the rule saves."""
+    fwd, bwd = rule.fwd, rule.bwd
+
+    def masked_fwd(*xs):
+        y, saved = fwd(*xs)
+        return y, (saved, step_above(y, 0.0))
+
+    rule.fwd = masked_fwd
+    rule.bwd = lambda g, xs, y, s: bwd(kmul(g, s[1]), xs, y, s[0])
     return rule
 
 
@@ -680,8 +687,7 @@ class VJPModule(nn.Module):
     def _backward(self, env: dict, saved: dict, cotangent: torch.Tensor, multi: bool) -> torch.Tensor:
         """The reverse pass over the plan for one cotangent layout (see kmul)."""
         _layout["multi"] = multi
-        if not multi:
-            cotangent = to_blocked(cotangent)
+        cotangent = to_blocked(cotangent)  # the one-per-image pass only (to_blocked checks)
         try:
             grads: dict[fx.Node, torch.Tensor] = {self._output: cotangent}
             for node, rule in reversed(self._plan):

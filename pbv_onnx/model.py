@@ -132,6 +132,12 @@ def read_info(path: str | os.PathLike, data: bytes | None = None, model=None) ->
                      preprocessing=Preprocessing.from_dict(meta["preprocessing"]), metadata=meta)
 
 
+def has_split_passes(proto) -> bool:
+    """Whether an exported graph holds both backward passes (`cotangent` one per image beside
+    `cotangents` K per image), each to be run as its own part."""
+    return COTANGENTS in {i.name for i in proto.graph.input}
+
+
 def subgraph(proto, inputs: list[str], outputs: list[str]):
     """The part of an exported graph that computes `outputs` from `inputs` (with the model's
     metadata): onnxruntime runs every node of a graph, asked for its outputs or not."""
@@ -218,11 +224,10 @@ class Engine:
         data, self._proto, external = read_model(self.path)
         self.info = read_info(self.path, data, self._proto)
         self.batch_size = batch_size
-        graph = self._proto.graph
         # Exported with both layouts (cotangent one per image, cotangents K per image): each runs
         # as its own part of the graph. Earlier models take K per image through `cotangent`
         # where their metadata says so.
-        self._split = COTANGENTS in {i.name for i in graph.input}
+        self._split = has_split_passes(self._proto)
         # Several cotangents per image in one call (one forward pass for all): models that say so.
         self.multi = self._split or bool(self.info.metadata.get(MULTI_COTANGENT, False))
         self._providers = with_cuda_options(choose_providers(device), cuda_options)
@@ -243,6 +248,7 @@ class Engine:
         del data
         # fp16 graphs are not cached (keyed by the file's hash, they would collide with fp32)
         self._cache_id = self.info.sha256 if precision == "fp32" else None
+        graph = self._proto.graph
         names = {i.name for i in graph.input} | {o.name for o in graph.output}
         if not {IMAGE, COTANGENT, FEATURES, INPUT_GRAD} <= names:
             raise ModelError(self.path, "graph lacks the image/cotangent -> features/input_grad interface")
