@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,7 +23,8 @@ ADJOINT_DESCRIPTION = (
     "from the forward weights), strided Conv adjoint = ConvTranspose with output_padding; BatchNorm "
     "(eval) = per-channel scale, folded into the adjoint weights of the conv it alone follows; "
     "ReLU/ReLU6 = mask of the forward output as exact 0/1 steps (HardSigmoid with power-of-two "
-    "slopes, which onnxruntime keeps in its blocked NCHWc layout), made in the forward pass (a "
+    "slopes, which onnxruntime keeps in its blocked NCHWc layout; ReLU6: one step, then a 1x1 "
+    "depthwise Conv + Add + step that onnxruntime fuses), made in the forward pass (a "
     "ReLU read only by a MaxPool: the mask of the pooled output, applied before un-pooling); "
     "strided depthwise Conv adjoint = zero insertion (1x1 ConvTranspose) + depthwise Conv; "
     "MaxPool with non-overlapping windows = mask of each "
@@ -432,12 +434,35 @@ def _masked_by_output(rule: Rule) -> Rule:
     return rule
 
 
+def _float32(v: float) -> float:
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def clamp_mask(y: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """(lo < y < hi) as 0/1, y = hardtanh(., lo, hi) [N, C, H, W].
+
+    For lo = 0 (ReLU6) in two passes instead of three: z = (y == 0), then u = y * 2^-e + z, with
+    2^-e scaling hi into [0.5, 1), and the mask is (u < hi * 2^-e), since y = 0 lifts u to 1. The
+    scaling is a 1x1 depthwise Conv, so onnxruntime fuses the Add of z and the final step into it
+    (Conv + Sum + HardSigmoid) instead of running two steps and their product. Exact: the scale is
+    a power of two, and z is 0 wherever y is not 0, for y >= the least normal float32 (a
+    subnormal y > 0, never a network's output in practice, may read as 0 here).
+    """
+    c = int(y.shape[1]) if y.dim() == 4 else 0
+    if lo != 0.0 or not 0.0 < hi < 2.0 ** 100 or _float32(hi) != hi or c % 16 or not c:
+        return step_above(y, lo) * step_below(y, hi)
+    scale = 2.0 ** -math.frexp(hi)[1]
+    z = _Step.apply(y, -2.0 ** 126, 1.0)
+    u = F.conv2d(y, torch.full((c, 1, 1, 1), scale, dtype=y.dtype), groups=c) + z
+    return step_below(u, hi * scale)
+
+
 def _clamp_rule(node: fx.Node, x: fx.Node, lo: float, hi: float) -> Rule:
     # the mask is forward state: made once per image, while y is fresh in cache, and read by
     # both backward passes (K cotangents share it)
     def fwd(v):
         y = F.hardtanh(v, lo, hi)
-        return y, step_above(y, lo) * step_below(y, hi)
+        return y, clamp_mask(y, lo, hi)
     return Rule([x], fwd, lambda g, xs, y, mask: [kmul(g, mask)])
 
 

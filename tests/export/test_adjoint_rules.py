@@ -132,6 +132,51 @@ class Steps(nn.Module):
                             for f in (adjoint.step_above, adjoint.step_below)])
 
 
+class ClampMasks(nn.Module):
+    """ReLU6 and Hardtanh(0, hi) masks of a [N, 16, H, W] tensor, stacked. Each clamp reads an
+    exact identity Conv, as in a network, where onnxruntime's blocked layout starts."""
+
+    HIGHS = (6.0, 1.0, 0.75)
+    ORDERS = (list(range(16)), list(range(15, -1, -1)), list(range(1, 16)) + [0])  # distinct convs
+
+    def forward(self, v):
+        return torch.stack([adjoint.clamp_mask(F.hardtanh(F.conv2d(v, torch.eye(16)[order, :, None, None]),
+                                                          0.0, hi), 0.0, hi)
+                            for hi, order in zip(self.HIGHS, self.ORDERS)])
+
+
+def test_the_two_pass_relu6_mask_is_exact_and_fused_in_onnxruntime(tmp_path):
+    """clamp_mask(y) = (0 < y < hi) bit for bit at 0, -0, hi and their float32 neighbours, far
+    out on both sides and on random values (positive subnormals excepted: they may read as 0); and
+    onnxruntime runs it as one step plus one Conv with the Add and the last step fused into it."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    special = np.concatenate([_float32_near([0.0, *ClampMasks.HIGHS, 3.0]),
+                              np.float32([-0.0, np.finfo(np.float32).tiny, 1e-30, -1e30, 1e30])])
+    v = rng.uniform(-2, 8, (2, 16, 16, 16)).astype(np.float32)
+    v.reshape(-1)[:len(special)] = special
+    buf = io.BytesIO()
+    torch.onnx.export(ClampMasks(), (torch.from_numpy(v),), buf, dynamo=False, opset_version=17,
+                      input_names=["v"], output_names=["masks"], dynamic_axes={"v": {0: "n"}})
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    got = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"]).run(None, {"v": v})[0]
+    for mask, hi, order in zip(got, ClampMasks.HIGHS, ClampMasks.ORDERS):
+        y = np.clip(v[:, order], 0, np.float32(hi))
+        subnormal = (y != 0) & (np.abs(y) < np.finfo(np.float32).tiny)
+        want = ((y > 0) & (y < np.float32(hi))).astype(np.float32)
+        bad = np.argwhere((mask != want) & ~subnormal)
+        assert not len(bad), [(hi, float(y[tuple(i)]), mask[tuple(i)]) for i in bad[:5]]
+        assert subnormal.sum() == 4  # the positive neighbours of 0; the negative ones clip to 0
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    ops = [n.op_type for n in optimized.graph.node]
+    assert "Mul" not in ops and ops.count("HardSigmoid") == len(ClampMasks.HIGHS), ops
+    fused = [n for n in optimized.graph.node if n.op_type == "Conv" and
+             any(a.name == "activation" and a.s == b"HardSigmoid" for a in n.attribute)]
+    assert len(fused) == len(ClampMasks.HIGHS), ops
+
+
 def _float32_near(values, ulps: int = 4) -> np.ndarray:
     """Each value and its `ulps` float32 neighbours on either side."""
     out = []
