@@ -183,8 +183,6 @@ def bench_backbone(name, arch, layer, weights, repeats, n_images, threads) -> di
            "ort_over_torch": round(_paired(rounds, "ort_vjp", "torch_vjp"), 3),
            "ort_over_2fwd": round(_paired(ort_rounds, "ort_vjp", "ort_forward") / 2, 3),
            "ort_over_2fwd_beside_torch": round(_paired(rounds, "ort_vjp", "ort_forward") / 2, 3),
-           # the fastest round of each: the least load-dependent estimate of the hardware's floor
-           "ort_over_2fwd_best": round(min(ort_rounds["ort_vjp"]) / min(ort_rounds["ort_forward"]) / 2, 3),
            "grad_rel_l2_vs_torch": float(f"{err:.2e}"), "load": _machine_load()}
     print(json.dumps(row), flush=True)
     return row
@@ -354,17 +352,17 @@ def markdown(results: dict) -> str:
         f"{m['threads']} threads for both; load average at start {m['load_at_start']} (a shared machine: "
         "times move with other jobs, so every ratio is the median over rounds of the ratio within a round, "
         "runs interleaved in one process; ORT/(2 x fwd) from rounds of those two runs alone, the torch-"
-        "interleaved value beside it, and the ratio of the two runs' fastest rounds).",
+        "interleaved value beside it).",
         "",
         "## Forward + VJP, 8 images 224x224 (real photos), one call",
         "",
-        "| backbone | weights | torch autograd (s) | ORT fwd+VJP (s) | ORT fwd only (s) | ORT/torch | ORT/(2 x fwd) | ORT/(2 x fwd), interleaved with torch | ORT/(2 x fwd), fastest rounds | grad rel. L2 vs torch | rounds (with torch / ORT alone) | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backbone | weights | torch autograd (s) | ORT fwd+VJP (s) | ORT fwd only (s) | ORT/torch | ORT/(2 x fwd) | ORT/(2 x fwd), interleaved with torch | grad rel. L2 vs torch | rounds (with torch / ORT alone) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["backbones"]:
         lines.append(f"| {r['arch']} {r['layer']} | {r['weights']} | {r['torch_vjp']:.3f} | {r['ort_vjp']:.3f} | "
                      f"{r['ort_forward']:.3f} | **{r['ort_over_torch']:.2f}** | **{r['ort_over_2fwd']:.2f}** | "
-                     f"{r['ort_over_2fwd_beside_torch']:.2f} | {r.get('ort_over_2fwd_best', float('nan')):.2f} | "
+                     f"{r['ort_over_2fwd_beside_torch']:.2f} | "
                      f"{r['grad_rel_l2_vs_torch']:.1e} | {r['repeats']} / {r.get('ort_repeats', r['repeats'])} | "
                      f"{r['load'][0]} |")
     mc = results.get("multichannel")
