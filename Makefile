@@ -102,12 +102,14 @@ PBV := $(VENV)/runtime/bin/pbv-onnx
 demo: $(DEMO)/report/index.html
 	@echo "demo report: $(abspath $(DEMO)/report/index.html)"
 
-$(DEMO)/mobilenet_v2-%.onnx: | $(VENV)/export/.done
+# re-exported when the export code changes; the feature cache of the model it replaces goes with it
+$(DEMO)/mobilenet_v2-%.onnx: $(EXPORT_SRC) | $(VENV)/export/.done
 	@$(VENV)/export/bin/pbv-onnx export --arch mobilenet_v2 --layer $* $(DEMO_WEIGHTS) --resize 224x224 --out $@ --force \
 	  || { echo "make demo: could not export mobilenet_v2 with ImageNet weights. Supply them with" \
 	       "'make demo WEIGHTS=/path/to/mobilenet_v2.pth' (a torchvision mobilenet_v2 state_dict; offline" \
 	       "weights use mean/std 0.5), or run once with network access so torchvision can fetch" \
 	       "IMAGENET1K_V1." >&2; exit 1; }
+	rm -f $(DEMO)/features.nc
 
 $(DEMO)/experiment/responses.nc: $(DEMO_GT_MODEL) $(addprefix pbv_onnx/demo/,sources.py stimuli.py synthetic.py build.py) | $(VENV)/runtime/.done
 	$(PBV) demo build --gt-model $(DEMO_GT_MODEL) --out $(DEMO)/experiment --force $(DEMO_ARGS)
