@@ -449,6 +449,7 @@ def clamp_mask(y: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     subnormal y > 0, never a network's output in practice, may read as 0 here).
     """
     c = int(y.shape[1]) if y.dim() == 4 else 0
+    # the fusion needs onnxruntime's blocked layout: channels in whole blocks (16 with AVX-512)
     if lo != 0.0 or not 0.0 < hi < 2.0 ** 100 or _float32(hi) != hi or c % 16 or not c:
         return step_above(y, lo) * step_below(y, hi)
     scale = 2.0 ** -math.frexp(hi)[1]
