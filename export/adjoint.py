@@ -177,10 +177,16 @@ def to_blocked(t: torch.Tensor) -> torch.Tensor:
     ConvTranspose output read raw by a residual Add or a mask product keeps those, and every
     later shortcut gradient, in plain NCHW, with layout conversions around each (resnet50: 15
     Adds and 19 mask products)."""
-    if _layout["multi"] or t.dim() != 4 or int(t.shape[1]) % 16:
+    if _layout["multi"] or not _whole_blocks(t):
         return t
     c = int(t.shape[1])
     return F.conv2d(t, torch.ones((c, 1, 1, 1), dtype=t.dtype), groups=c)
+
+
+def _whole_blocks(t: torch.Tensor) -> bool:
+    """Whether t is [N, C, H, W] with C in whole blocks of onnxruntime's NCHWc layout (16 with
+    AVX-512, 8 with AVX2), the layout the 1x1 depthwise Convs here are meant to run in."""
+    return t.dim() == 4 and int(t.shape[1]) % 16 == 0
 
 
 def _subpixel_pays(kernel, stride) -> bool:
@@ -448,12 +454,12 @@ def clamp_mask(y: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     a power of two, and z is 0 wherever y is not 0, for y >= the least normal float32 (a
     subnormal y > 0, never a network's output in practice, may read as 0 here).
     """
-    c = int(y.shape[1]) if y.dim() == 4 else 0
-    # the fusion needs onnxruntime's blocked layout: channels in whole blocks (16 with AVX-512)
-    if lo != 0.0 or not 0.0 < hi < 2.0 ** 100 or _float32(hi) != hi or c % 16 or not c:
+    # the fusion happens in onnxruntime's blocked layout only
+    if lo != 0.0 or not 0.0 < hi < 2.0 ** 100 or _float32(hi) != hi or not _whole_blocks(y):
         return step_above(y, lo) * step_below(y, hi)
+    c = int(y.shape[1])
     scale = 2.0 ** -math.frexp(hi)[1]
-    z = _Step.apply(y, -2.0 ** 126, 1.0)
+    z = _Step.apply(y, -_slope(0.0), 1.0)  # (y <= 0), i.e. y == 0
     u = F.conv2d(y, torch.full((c, 1, 1, 1), scale, dtype=y.dtype), groups=c) + z
     return step_below(u, hi * scale)
 
