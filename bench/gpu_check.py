@@ -1,6 +1,6 @@
 """GPU check: onnxruntime providers; on CUDA, parity (CUDA fp32 / TF32 / fp16 vs CPU fp32) and
 timings of session creation, first call, forward+VJP, forward-only, multi-cotangent VJP, IO binding
-against a plain run, and torch CUDA autograd where torch is importable.
+against the default plain run, and torch CUDA autograd where torch is importable.
 
     python bench/gpu_check.py [MODEL.onnx ...] [--images 8] [--weights DIR] [--photos DIR] [--out ...]
 
@@ -66,16 +66,18 @@ def median_time(fn, repeats: int) -> float:
 
 
 def interleaved(fns: dict, repeats: int) -> tuple[dict, list]:
-    """Medians of each function's time over `repeats` rounds that run every function once, in
-    turn (after one warm-up call each), and the per-round times."""
+    """Medians of each function's time over `repeats` rounds that run every function once (after
+    one warm-up call each), and the per-round times. The order rotates from round to round: with a
+    fixed order the first function of each round ran 5-18% slower than the same call later in the
+    round on an H200, enough to make either of two equal configurations look faster."""
     for fn in fns.values():
         fn()
-    rounds = []
-    for _ in range(repeats):
+    names, rounds = list(fns), []
+    for r in range(repeats):
         t = {}
-        for name, fn in fns.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             t[name] = time.perf_counter() - t0
         rounds.append(t)
     return {name: statistics.median(r[name] for r in rounds) for name in fns}, rounds
@@ -170,8 +172,7 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
                      "features_vs_cpu": rel_l2(f_gpu, f_cpu), "input_grad_vs_cpu": rel_l2(g_gpu, g_cpu)}
         engines[name] = (gpu, g_gpu)
     gpu, g_gpu = engines["default"]
-    plain = Engine(path, device="cuda", batch_size=max(n, 32))
-    plain._bind = False  # a plain run: inputs and outputs through onnxruntime's own copies
+    bound = Engine(path, device="cuda", batch_size=max(n, 32), io_binding=True)
     big = Engine(path, device="cuda", batch_size=4 * n)  # its own session: each session sees one shape
     xb = np.concatenate([x] * 4)
     cb = rng.standard_normal((len(xb), *cpu.info.feature_shape)).astype(np.float32)
@@ -179,7 +180,7 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
     # busy host affects all alike; ratios are medians of within-round ratios.
     fns = {f"{name}_vjp": (lambda e=e: e.vjp(x, cot)) for name, (e, _) in engines.items()}
     fns.update({f"{name}_forward": (lambda e=e: e.features(x)) for name, (e, _) in engines.items()})
-    fns["default_plain_run"] = lambda: plain.vjp(x, cot)
+    fns["default_io_binding"] = lambda: bound.vjp(x, cot)
     fns["default_x4_images"] = lambda: big.vjp(xb, cb)
     times, rounds = interleaved(fns, repeats)
     for name in CONFIGS:
@@ -188,8 +189,8 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
         r["vjp_over_forward"] = paired(rounds, f"{name}_vjp", f"{name}_forward")
         r["vjp_vs_default"] = paired(rounds, f"{name}_vjp", "default_vjp")
         print(f"  {path.name} {name}: {json.dumps(r)}", flush=True)
-    row["default"]["vjp_plain_run_s"] = times["default_plain_run"]
-    row["default"]["plain_run_vs_binding"] = paired(rounds, "default_plain_run", "default_vjp")
+    row["default"]["vjp_io_binding_s"] = times["default_io_binding"]
+    row["default"]["io_binding_vs_plain_run"] = paired(rounds, "default_io_binding", "default_vjp")
     row["default"]["vjp_x4_images_s"] = times["default_x4_images"]
     # One session fed two batch sizes in turn: the CUDA provider re-plans its convolutions on each
     # change of input shape (measured on an H100: mobilenet_v2's 8-image call took 1.15 s, not 5 ms).
@@ -229,6 +230,16 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
     return row
 
 
+def io_binding(d: dict) -> str:
+    """The IO binding cell: ms (x the plain run). Reports from before plain runs became the default
+    timed the default through IO binding and a plain run beside it."""
+    if "vjp_io_binding_s" in d:
+        return f"{d['vjp_io_binding_s'] * 1e3:.2f} ({d['io_binding_vs_plain_run']:.2f}x)"
+    if "plain_run_vs_binding" in d:
+        return f"{d['vjp_s'] * 1e3:.2f} ({1 / d['plain_run_vs_binding']:.2f}x)"
+    return "-"
+
+
 def markdown(report: dict) -> str:
     """The report as a markdown table (times in ms, per call of `images` images)."""
     ms = lambda v: f"{v * 1e3:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
@@ -238,7 +249,7 @@ def markdown(report: dict) -> str:
         return "\n".join(lines + [report.get("note", "no models checked")]) + "\n"
     lines += ["| model | images | ORT fwd+VJP ms | ORT fwd ms | fwd+VJP / fwd | torch CUDA ms (cudnn.benchmark) "
               "| ORT / torch | grad vs CPU (rel L2) | first call s | exhaustive: first s, fwd+VJP ms | TF32: fwd+VJP ms, grad vs CPU "
-              "| plain run ms (no IO binding) | K=16 multi / 16 single | fp16: fwd+VJP ms (x fp32), grad vs fp32, map corr "
+              "| IO binding: fwd+VJP ms | K=16 multi / 16 single | fp16: fwd+VJP ms (x fp32), grad vs fp32, map corr "
               "| fwd+VJP ms, batch size alternating with 4x on one session | ok |",
               "|" + "---|" * 16]
     for r in report["models"]:
@@ -256,12 +267,12 @@ def markdown(report: dict) -> str:
             f"{d['vjp_over_forward']:.2f} | {torch_cell} | {ratio} | {d['input_grad_vs_cpu']:.1e} | "
             f"{d['first_vjp_s']:.2f} | {e['first_vjp_s']:.2f}, {ms(e['vjp_s'])}{vs(e.get('vjp_vs_default'))} | "
             f"{ms(t['vjp_s'])}{vs(t.get('vjp_vs_default'))}, {t['input_grad_vs_cpu']:.3f} | "
-            f"{ms(d.get('vjp_plain_run_s'))}{vs(d.get('plain_run_vs_binding'))} | {r['multi_k16_s'] / r['single_x16_s']:.2f} | {fp16} | "
+            f"{io_binding(d)} | {r['multi_k16_s'] / r['single_x16_s']:.2f} | {fp16} | "
             f"{ms(d.get('vjp_alternating_shapes_s'))} | {'yes' if r['ok'] else 'NO'} |")
     paired_run = any("vjp_vs_default" in r.get("default", {}) for r in report["models"])
     lines += ["", "Times are medians per call of `images` images, float32 with TF32 off unless named; "
-              + ("(Nx): the median within-round ratio to the default configuration (to IO binding for the plain "
-                 "run), all configurations interleaved in each round. " if paired_run else
+              + ("(Nx): the median within-round ratio to the default configuration, all configurations "
+                 "interleaved in each round. " if paired_run else
                  "each configuration timed in turn (a run of an earlier bench/gpu_check.py, before interleaving). ")
               + "The default configuration starts first in the process: its first call also pays for starting "
               "CUDA and cuDNN. "

@@ -209,13 +209,15 @@ class Engine:
     and a forward-only one, each made on first use.
 
     `precision="fp16"` (CUDA only) runs a float16 copy of the graph; compare it with fp32 before
-    trusting it (bench/gpu_check.py does). On CUDA, inputs and outputs go through IO binding, and
-    `cuda_options` override the CUDA provider's options (sessions.CUDA_OPTIONS).
+    trusting it (bench/gpu_check.py does). `cuda_options` override the CUDA provider's options
+    (sessions.CUDA_OPTIONS). `io_binding=True` feeds and fetches through an IO binding instead of a
+    plain run: with host arrays in and out it is no faster on CUDA (bench/gpu_check.py measures
+    both), so it is off by default.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
                  threads: int | None = None, precision: str = "fp32",
-                 cuda_options: dict[str, str] | None = None):
+                 cuda_options: dict[str, str] | None = None, io_binding: bool = False):
         if batch_size < 1:
             raise UsageError(None, f"--batch-size must be at least 1, not {batch_size}")
         if precision not in PRECISIONS:
@@ -264,7 +266,7 @@ class Engine:
         self._multi_sess = None
         self._cuda_missing: str | None = None
         self._on_cuda = False  # set by the first session made (all use the same providers)
-        self._bind: bool | None = None  # None: IO binding where the session runs on CUDA
+        self.io_binding = io_binding
 
     # -- sessions -------------------------------------------------------------------------
     def _session(self, source, graph: str):
@@ -323,16 +325,15 @@ class Engine:
         return sess.get_providers()[0]
 
     def _run(self, sess, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """One session call; on CUDA through IO binding (inputs copied once, outputs on device
-        until fetched), elsewhere a plain run."""
-        bind = self._bind if self._bind is not None else self._on_cuda
-        if not bind:
+        """One session call: a plain run, or through an IO binding (outputs on the session's device
+        until fetched) where `io_binding` asks for one."""
+        if not self.io_binding:
             return sess.run(outputs, feeds)
         binding = sess.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         for name in outputs:
-            binding.bind_output(name, "cuda")
+            binding.bind_output(name, "cuda" if self._on_cuda else "cpu")
         sess.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
