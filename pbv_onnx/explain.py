@@ -17,6 +17,7 @@ from . import saliency
 from .errors import InputDataError, MismatchError, UsageError
 from .images import load_batch
 from .model import Engine
+from .sessions import one_blas_thread
 from .similarity import DEFAULT_TOP_K, candidate_ids, rank_candidates, rank_order
 
 ROLES = ("ooc", "reference")
@@ -341,30 +342,33 @@ def explain(study: Study, pairs: Sequence[Pair], method: str = "parallel",
     if done.any():
         checkpoint.log(f"resuming: {int(done.sum())} of {P} pairs from checkpoints in {checkpoint.folder}")
     todo = np.flatnonzero(~done)
-    try:
-        with _progress(P, study.progress, f"explain ({method})") as bar:
-            bar.update(int(done.sum()))
-            for idx in _chunks(pairs, todo, eng.batch_size):
-                part = [pairs[j] for j in idx]
-                files = [p for pr in part for p in (pr.ooc.path, pr.reference.path)]
-                row = {f: r for r, f in enumerate(dict.fromkeys(files))}
-                x = load_batch(list(row), spec)[[row[f] for f in files]]
-                x = x.reshape(len(part), 2, 3, H, W)
-                cots = [saliency.pair_cotangents(method, study.weight(pr.channel), *study.phi([pr.ooc, pr.reference]))
-                        for pr in part]
-                grads[idx] = backprop_pairs(eng, x, np.stack([c[0] for c in cots]),
-                                            np.stack([c[1] for c in cots]), method, steps, baseline)
-                if inputs is not None:
-                    inputs[idx] = x
-                if checkpoint is not None:
-                    checkpoint.save(idx, grads[idx], None if inputs is None else inputs[idx])
-                bar.update(len(part))
-    except KeyboardInterrupt:
-        if checkpoint is not None and (done.any() or checkpoint.saved):
-            checkpoint.log(f"{int(done.sum()) + checkpoint.saved} of {P} pairs are checkpointed in "
-                           f"{checkpoint.folder}; rerun with --resume to continue")
-        raise
-    return to_dataset(study, pairs, grads, inputs, method, options or {})
+    # BLAS on one thread throughout (to_dataset's products too): after a multithreaded call its idle
+    # workers spin, taking the cores from the next onnxruntime call
+    with one_blas_thread():
+        try:
+            with _progress(P, study.progress, f"explain ({method})") as bar:
+                bar.update(int(done.sum()))
+                for idx in _chunks(pairs, todo, eng.batch_size):
+                    part = [pairs[j] for j in idx]
+                    files = [p for pr in part for p in (pr.ooc.path, pr.reference.path)]
+                    row = {f: r for r, f in enumerate(dict.fromkeys(files))}
+                    x = load_batch(list(row), spec)[[row[f] for f in files]]
+                    x = x.reshape(len(part), 2, 3, H, W)
+                    cots = [saliency.pair_cotangents(method, study.weight(pr.channel),
+                                                     *study.phi([pr.ooc, pr.reference])) for pr in part]
+                    grads[idx] = backprop_pairs(eng, x, np.stack([c[0] for c in cots]),
+                                                np.stack([c[1] for c in cots]), method, steps, baseline)
+                    if inputs is not None:
+                        inputs[idx] = x
+                    if checkpoint is not None:
+                        checkpoint.save(idx, grads[idx], None if inputs is None else inputs[idx])
+                    bar.update(len(part))
+        except KeyboardInterrupt:
+            if checkpoint is not None and (done.any() or checkpoint.saved):
+                checkpoint.log(f"{int(done.sum()) + checkpoint.saved} of {P} pairs are checkpointed in "
+                               f"{checkpoint.folder}; rerun with --resume to continue")
+            raise
+        return to_dataset(study, pairs, grads, inputs, method, options or {})
 
 
 def to_dataset(study: Study, pairs: Sequence[Pair], grads: np.ndarray, inputs: np.ndarray | None,

@@ -23,6 +23,7 @@ from .netcdf import read_netcdf
 from .features import check_model, model_attrs
 from .model import ModelInfo
 from .responses import mean_response, split_halves
+from .sessions import one_blas_thread
 from .stats import channel_metrics
 
 DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
@@ -85,18 +86,6 @@ class _Solver:
         return np.stack([P @ (self.Q / (self.s + l)[:, None]) for l in lam]) + self.ybar
 
 
-def _few_threads():
-    """Run the many small n x n eigendecompositions on one BLAS thread where threadpoolctl is
-    installed: multithreaded LAPACK on small matrices is slower, and pathologically so on a
-    busy machine."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: without it the result is the same, only slower
-        import contextlib
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
-
-
 def make_folds(n: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
     """k disjoint, shuffled, near-equal folds of range(n)."""
     return [np.sort(f) for f in np.array_split(rng.permutation(n), k)]
@@ -149,7 +138,9 @@ def ridge_cv(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float], folds: int =
     heldout = np.empty_like(Y)
     everything = np.arange(n)
     outer = make_folds(n, folds, rng)
-    with _few_threads():
+    # many small n x n eigendecompositions: multithreaded LAPACK is slower on them, and
+    # pathologically so on a busy machine
+    with one_blas_thread():
         for test in tqdm(outer, desc="nested CV", unit="fold", disable=None if progress else True):
             train = np.setdiff1d(everything, test)
             best = select_alphas(K, Y, train, alphas, folds, rng)

@@ -129,6 +129,17 @@ def _cores_busy() -> bool:
         return False
 
 
+def one_blas_thread():
+    """A context in which numpy's BLAS runs on one thread (threadpoolctl). Around work that
+    alternates small numpy products with onnxruntime calls: after a multithreaded BLAS call,
+    OpenBLAS's idle workers keep spinning for a while and take the cores from onnxruntime's
+    threads (a 2-image mobilenet_v2 VJP inside `explain` took 62-105 ms instead of 38 ms on 2
+    cores), and small products gain nothing from more threads."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
 def session_options(threads: int | None = None, spin: bool | None = None):
     """onnxruntime options, chosen by measurement (bench/run.py, 2-core machine): all graph
     optimisations (NCHWc convolutions; basic/extended levels were 10-35 % slower); worker threads

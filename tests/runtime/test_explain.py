@@ -147,6 +147,27 @@ def test_swapping_the_two_images_swaps_the_two_maps(study_files):
     assert float(ab["similarity"][0]) == pytest.approx(float(ba["similarity"][0]), rel=1e-12)
 
 
+def test_explain_runs_numpy_blas_on_one_thread_and_gives_the_threads_back(study_files, monkeypatch):
+    # After a multithreaded BLAS call OpenBLAS's workers spin idle, taking the cores from the next
+    # onnxruntime call: explain keeps BLAS (its own small products, to_dataset's too) on one thread.
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    if not blas_threads():
+        pytest.skip("numpy has no BLAS that threadpoolctl can see")
+    seen = []
+    for name in ("backprop_pairs", "to_dataset"):
+        real = getattr(ex, name)
+        monkeypatch.setattr(ex, name, lambda *a, _real=real, **k: (seen.append(blas_threads()), _real(*a, **k))[1])
+    study = open_(study_files)
+    with threadpool_limits(2, user_api="blas"):
+        ex.explain(study, ex.build_pairs(study, channels=["3", "7"], images=["o02"]))
+        assert blas_threads() == [2] * len(blas_threads())  # given back
+    assert len(seen) == 2 and all(n == 1 for threads in seen for n in threads)
+
+
 @pytest.mark.parametrize("method", ["parallel", "grad-x-act", "integrated"])
 def test_batch_size_does_not_change_results(study_files, method):
     results = []
