@@ -113,18 +113,25 @@ def build_model(arch: str, layer: str, weights: str, threads: int):
     return net, path
 
 
+# A spinning session's workers ran on for tens of milliseconds after its call, slowing the next
+# (another session's forward pass 43 -> 74 ms); the runtime's sessions no longer spin, torch's
+# OpenMP workers still do.
+PAUSE_S = 0.05
 ORT_ROUNDS_S = 15.0  # time for the extra rounds of ORT fwd+VJP against forward alone, per backbone
 
 
 def _median_times(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Run each function once to warm up, then `repeats` interleaved rounds (the order rotating
-    each round); median seconds, and every round's times (for paired ratios)."""
+    each round); median seconds, and every round's times (for paired ratios). Each timed call
+    starts after a pause of PAUSE_S, so that threads the previous call left spinning (torch's
+    OpenMP workers, BLAS) are not timed with it."""
     for f in fns.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(repeats):
         for k in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t0)

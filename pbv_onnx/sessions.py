@@ -121,14 +121,6 @@ def quiet_cuda_log() -> None:
     ort.set_default_logger_severity(4)
 
 
-def _cores_busy() -> bool:
-    """True when other processes already keep every core busy (1-minute load average)."""
-    try:
-        return os.getloadavg()[0] >= (os.cpu_count() or 1)
-    except (AttributeError, OSError):  # no load average on this platform
-        return False
-
-
 def one_blas_thread():
     """A context in which numpy's BLAS runs on one thread (threadpoolctl). Around work that
     alternates small numpy products with onnxruntime calls: after a multithreaded BLAS call,
@@ -140,18 +132,20 @@ def one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def session_options(threads: int | None = None, spin: bool | None = None):
+def session_options(threads: int | None = None, spin: bool = False):
     """onnxruntime options, chosen by measurement (bench/run.py, 2-core machine): all graph
     optimisations (NCHWc convolutions; basic/extended levels were 10-35 % slower); worker threads
-    that spin between kernels (13 % faster at load 1.7 on 2 cores) but sleep when other processes
-    already keep every core busy (30 % faster at load 5 on 2 cores), as on a busy rig machine
-    (`spin=None`: decided from the load average at session start); `threads` intra-op threads
-    (default: one per physical core)."""
+    that sleep when idle instead of spinning (`spin=False`): on a quiet machine spinning gained
+    nothing (mobilenet_v2, alexnet, resnet50, vgg16 within 2 %), while a spinning session's workers
+    run on for tens of milliseconds after its call and slow whatever runs next, another session
+    of the same model (its forward pass 43 -> 74 ms after a VJP call) or other processes (with
+    one busy process beside it on 2 cores, mobilenet_v2's VJP took 370 ms spinning, 254 ms not);
+    `threads` intra-op threads (default: one per physical core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not (spin if spin is not None else not _cores_busy()):
+    if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
