@@ -68,7 +68,7 @@ def median_time(fn, repeats: int) -> float:
 def interleaved(fns: dict, repeats: int) -> tuple[dict, list]:
     """Medians of each function's time over `repeats` rounds that run every function once (after
     one warm-up call each), and the per-round times. The order rotates from round to round: with a
-    fixed order the first function of each round ran 5-18% slower than the same call later in the
+    fixed order the first function of each round ran 7-18% slower than the same call later in the
     round on an H200, enough to make either of two equal configurations look faster."""
     for fn in fns.values():
         fn()
@@ -192,8 +192,9 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
     row["default"]["vjp_io_binding_s"] = times["default_io_binding"]
     row["default"]["io_binding_vs_plain_run"] = paired(rounds, "default_io_binding", "default_vjp")
     row["default"]["vjp_x4_images_s"] = times["default_x4_images"]
-    # One session fed two batch sizes in turn: the CUDA provider re-plans its convolutions on each
-    # change of input shape (measured on an H100: mobilenet_v2's 8-image call took 1.15 s, not 5 ms).
+    # One session fed two batch sizes in turn: on an H100 with the single-pass graph the CUDA provider
+    # re-planned its convolutions at each change (mobilenet_v2's 8-image call took 1.15 s, not 5 ms);
+    # on an H200 with the current graph such calls were at most 9% slower.
     alt, _ = interleaved({"n": lambda: gpu.vjp(x, cot), "4n": lambda: gpu.vjp(xb, cb)}, max(3, repeats // 4))
     row["default"]["vjp_alternating_shapes_s"] = alt["n"]
     k = 16
