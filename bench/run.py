@@ -371,7 +371,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {r['arch']} {r['layer']} | {r['weights']} | {r['torch_vjp']:.3f} | {r['ort_vjp']:.3f} | "
                      f"{r['ort_forward']:.3f} | **{r['ort_over_torch']:.2f}** | **{r['ort_over_2fwd']:.2f}** | "
                      f"{r['ort_over_2fwd_beside_torch']:.2f} | "
-                     f"{r['grad_rel_l2_vs_torch']:.1e} | {r['repeats']} / {r.get('ort_repeats', r['repeats'])} | "
+                     f"{r['grad_rel_l2_vs_torch']:.1e} | {r['repeats']} / {r['ort_repeats']} | "
                      f"{r['load'][0]} |")
     mc = results.get("multichannel")
     if mc:

@@ -132,10 +132,10 @@ def one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def session_options(threads: int | None = None, spin: bool = False):
+def session_options(threads: int | None = None):
     """onnxruntime options, chosen by measurement (bench/run.py, 2-core machine): all graph
     optimisations (NCHWc convolutions; basic/extended levels were 10-35 % slower); worker threads
-    that sleep when idle instead of spinning (`spin=False`): on a quiet machine spinning gained
+    that sleep when idle instead of spinning: on a quiet machine spinning gained
     nothing (mobilenet_v2, alexnet, resnet50, vgg16 within 2 %), while a spinning session's workers
     run on for tens of milliseconds after its call and slow whatever runs next, another session
     of the same model (its forward pass 43 -> 74 ms after a VJP call) or other processes (with
@@ -145,9 +145,8 @@ def session_options(threads: int | None = None, spin: bool = False):
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
