@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -18,11 +19,14 @@ from .errors import InputDataError, MismatchError, UsageError
 from .images import load_batch
 from .model import Engine
 from .sessions import one_blas_thread
-from .similarity import DEFAULT_TOP_K, candidate_ids, rank_candidates, rank_order
+from .similarity import DEFAULT_TOP_K, candidate_ids, rank_candidates, rank_order, ranked_scores
 
 ROLES = ("ooc", "reference")
 COLORS = ("R", "G", "B")
 DEFAULT_TOP_OBJECTS = 3
+# Preprocessed images a study keeps (least recently used out first): 256 MB holds ~430 images of
+# 224x224, enough for a lab's objects and references, so each file is decoded once per run.
+IMAGE_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,21 @@ class Pair:
     similarity: float
 
 
+@dataclass(frozen=True)
+class _Tables:
+    """The readouts and recorded means as numpy arrays with id -> row maps, for the per-pair
+    lookups of an explain run (an xarray selection costs about 1 ms, more than a pair's gradient
+    on a small model)."""
+
+    row: dict             # readout channel -> row of weight and bias
+    weight: np.ndarray    # (channel, feature) float64, read-only
+    bias: np.ndarray      # (channel,) float64
+    region: dict          # readout channel -> brain region ("" where none is given)
+    mean: np.ndarray      # (channel, stimulus) recorded means, the responses' order
+    mean_row: dict        # responses channel -> row of mean
+    mean_col: dict        # stimulus coordinate value -> column of mean
+
+
 @dataclass
 class Study:
     """Everything an explanation reads: one engine, the readouts, the recorded responses."""
@@ -64,7 +83,12 @@ class Study:
     features_cache: Path | None = None
     force_features: bool = False
     progress: bool = True
+    image_cache_bytes: int = IMAGE_CACHE_BYTES
     _phi: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    _tables: _Tables | None = field(default=None, repr=False)
+    _candidates: dict[tuple, list] = field(default_factory=dict, repr=False)
+    _images: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _image_bytes: int = field(default=0, repr=False)
 
     # -- lookups --------------------------------------------------------------------------
     @property
@@ -79,26 +103,69 @@ class Study:
         shown = ", ".join(str(c) for c in self.channels[:8]) + (" ..." if len(self.channels) > 8 else "")
         raise UsageError(self.readouts_path, f"unknown channel {text!r} (channels: {shown})")
 
+    @property
+    def tables(self) -> _Tables:
+        """The numpy lookup tables (made on first use; the datasets are not changed after opening)."""
+        if self._tables is None:
+            ro = self.readouts
+            chans = self.channels
+            weight = ro["weight"].transpose("channel", "feature").values.astype(np.float64)
+            weight.flags.writeable = False
+            bias = (ro["bias"].transpose("channel").values.astype(np.float64) if "bias" in ro
+                    else np.zeros(len(chans)))
+            region = {}
+            for c in chans:
+                region[c] = ""
+                for ds in (self.responses, self.readouts):
+                    if "region" in ds.coords and c in ds["channel"].values:
+                        region[c] = str(ds["region"].sel(channel=c).values)
+                        break
+            mean = self.mean.transpose("channel", "stimulus")
+            self._tables = _Tables(
+                row={c: i for i, c in enumerate(chans)}, weight=weight, bias=bias, region=region,
+                mean=mean.values.astype(np.float64),
+                mean_row={c: i for i, c in enumerate(mean["channel"].values.tolist())},
+                mean_col={s: i for i, s in enumerate(mean["stimulus"].values.tolist())})
+        return self._tables
+
     def weight(self, channel) -> np.ndarray:
-        return self.readouts["weight"].sel(channel=channel).transpose("feature").values.astype(np.float64)
+        """The channel's readout weights [D] (float64, read-only)."""
+        return self.tables.weight[self.tables.row[channel]]
 
     def bias(self, channel) -> float:
-        return float(self.readouts["bias"].sel(channel=channel)) if "bias" in self.readouts else 0.0
+        return float(self.tables.bias[self.tables.row[channel]])
 
     def region(self, channel) -> str:
-        for ds in (self.responses, self.readouts):
-            if "region" in ds.coords and channel in ds["channel"].values:
-                return str(ds["region"].sel(channel=channel).values)
-        return ""
+        return self.tables.region[channel]
 
     def recorded(self, channel, ref: ImageRef) -> float:
         """The recorded mean response of `channel` to `ref`, NaN for an outside image."""
         if ref.stimulus is None:
             return float("nan")
-        return float(self.mean.sel(channel=channel, stimulus=ref.stimulus))
+        t = self.tables
+        return float(t.mean[t.mean_row[channel], t.mean_col[ref.stimulus]])
 
     def predicted(self, channel, ref: ImageRef) -> float:
         return float(self.weight(channel) @ self.phi([ref])[0].astype(np.float64) + self.bias(channel))
+
+    def images(self, paths: Sequence[Path]) -> np.ndarray:
+        """Preprocessed images [N, 3, H, W] of image files, each decoded once and kept while the
+        kept ones fit in `image_cache_bytes` (least recently used out first)."""
+        spec = self.engine.info.preprocessing
+        H, W = spec.input_size
+        out = np.empty((len(paths), 3, H, W), np.float32)
+        for i, p in enumerate(paths):
+            x = self._images.get(p)
+            if x is None:
+                x = load_batch([p], spec)[0]
+                self._images[p] = x
+                self._image_bytes += x.nbytes
+                while self._image_bytes > self.image_cache_bytes and self._images:
+                    self._image_bytes -= self._images.popitem(last=False)[1].nbytes
+            else:
+                self._images.move_to_end(p)
+            out[i] = x
+        return out
 
     def image(self, text: str) -> ImageRef:
         """A stimulus id of the responses file, or an image path (a recorded one maps to its id)."""
@@ -157,7 +224,8 @@ def _stimulus_features(study: Study, refs: Sequence[ImageRef]) -> dict[tuple[str
 def open_study(model: str | os.PathLike, readouts: str | os.PathLike, responses: str | os.PathLike,
                images_root: str | os.PathLike | None = None, features_cache: str | os.PathLike | None = None,
                device: str = "auto", batch_size: int = 16, force_features: bool = False,
-               progress: bool = True, engine: Engine | None = None) -> Study:
+               progress: bool = True, engine: Engine | None = None,
+               image_cache_bytes: int = IMAGE_CACHE_BYTES) -> Study:
     """Open the model once, and the readouts and responses it will explain (all checked)."""
     from . import readouts as ro_io
 
@@ -182,7 +250,7 @@ def open_study(model: str | os.PathLike, readouts: str | os.PathLike, responses:
                  paths={str(s): p for s, p in zip(stim_values, paths)},
                  stimuli={str(s): s for s in stim_values},
                  features_cache=None if features_cache is None else Path(features_cache),
-                 force_features=force_features, progress=progress)
+                 force_features=force_features, progress=progress, image_cache_bytes=image_cache_bytes)
 
 
 # -- choosing pairs -------------------------------------------------------------------------
@@ -205,9 +273,11 @@ def top_objects(study: Study, channel, k: int = DEFAULT_TOP_OBJECTS) -> list[Ima
 def candidates(study: Study, channel, mode: str = "top-k", k: int = DEFAULT_TOP_K,
                exclude: ImageRef | None = None) -> list[ImageRef]:
     """Reference candidates for the channel; the object itself is never its own reference."""
-    ids = candidate_ids(study.mean, study.responses["category"], study.preferred, channel, mode, k,
-                        source=str(study.responses_path))
-    refs = [study.stimulus_ref(s) for s in ids]
+    key = (channel, mode, k)
+    if key not in study._candidates:  # the same for every object of the channel
+        study._candidates[key] = candidate_ids(study.mean, study.responses["category"], study.preferred,
+                                               channel, mode, k, source=str(study.responses_path))
+    refs = [study.stimulus_ref(s) for s in study._candidates[key]]
     if exclude is not None:
         refs = [r for r in refs if r.key != exclude.key]
     if not refs:
@@ -250,10 +320,18 @@ def build_pairs(study: Study, channels: Sequence | None = None, images: Sequence
             s = float(saliency.hadamard_weights(study.weight(c), *study.phi([o, forced])).sum())
             pairs.append(Pair(c, o, forced, s))
         else:
-            ranked = match(study, c, o, mode, k)
-            best = study.stimulus_ref(ranked["stimulus"].values[0])
-            pairs.append(Pair(c, o, best, float(ranked["similarity"].values[0])))
+            pairs.append(_best_match(study, c, o, mode, k))
     return pairs
+
+
+def _best_match(study: Study, channel, obj: ImageRef, mode: str, k: int) -> Pair:
+    """The pair of `obj` with its top-ranked reference, as `match` ranks them (numpy only: a
+    study of hundreds of channels matches each of its objects)."""
+    refs = candidates(study, channel, mode, k, exclude=obj)
+    order, s = ranked_scores(study.weight(channel), study.phi([obj])[0], study.phi(refs),
+                             [r.stimulus for r in refs], source=obj.label,
+                             label=f"{obj.label} (channel {channel})")
+    return Pair(channel, obj, refs[order[0]], float(s[order[0]]))
 
 
 # -- explaining -----------------------------------------------------------------------------
@@ -351,9 +429,7 @@ def explain(study: Study, pairs: Sequence[Pair], method: str = "parallel",
                 for idx in _chunks(pairs, todo, eng.batch_size):
                     part = [pairs[j] for j in idx]
                     files = [p for pr in part for p in (pr.ooc.path, pr.reference.path)]
-                    row = {f: r for r, f in enumerate(dict.fromkeys(files))}
-                    x = load_batch(list(row), spec)[[row[f] for f in files]]
-                    x = x.reshape(len(part), 2, 3, H, W)
+                    x = study.images(files).reshape(len(part), 2, 3, H, W)
                     cots = [saliency.pair_cotangents(method, study.weight(pr.channel),
                                                      *study.phi([pr.ooc, pr.reference])) for pr in part]
                     grads[idx] = backprop_pairs(eng, x, np.stack([c[0] for c in cots]),
@@ -396,9 +472,9 @@ def to_dataset(study: Study, pairs: Sequence[Pair], grads: np.ndarray, inputs: n
         arr = np.asarray(values, dtype=np.float64) if isinstance(values[0], float) else np.asarray(values, dtype=str)
         coords[name] = ("pair", arr)
     data = {
-        "input_grad": (("pair", "role", "color", "y", "x"), grads.astype(np.float32),
+        "input_grad": (("pair", "role", "color", "y", "x"), np.asarray(grads, np.float32),
                        {"long_name": "J_phi(x)^T v, the raw input gradient"}),
-        "saliency": (("pair", "role", "y", "x"), saliency.display_map(grads).astype(np.float32),
+        "saliency": (("pair", "role", "y", "x"), np.asarray(saliency.display_map(grads), np.float32),
                      {"long_name": "sum over colour of |input_grad| (display map, unsmoothed)"}),
     }
     if inputs is not None:

@@ -73,21 +73,30 @@ def candidate_ids(mean_response: xr.DataArray, categories: xr.DataArray, preferr
     return stimuli[order].tolist()
 
 
+def ranked_scores(weight: np.ndarray, obj: np.ndarray, features: np.ndarray, ids: Sequence,
+                  source: str | None = None, label: str = "the object") -> tuple[np.ndarray, np.ndarray]:
+    """(order, similarities) of one object [D] against candidate features [M, D] with stimulus
+    ids: `order` ranks them high to low (ties by stimulus id).
+
+    An object whose weighted features are all zero has no defined best match: that is an error.
+    """
+    if len(ids) == 0:
+        raise InputDataError(source, "empty candidate set")
+    if weighted_norms(weight, obj) == 0:
+        raise InputDataError(source, f"{label} has no active feature weighted by this channel's readout "
+                                     "(all zero after the ReLU); its similarity to any reference is undefined")
+    s = similarities(weight, obj, features)
+    return rank_order(s, ids), s
+
+
 def rank_candidates(weight: np.ndarray, obj: np.ndarray, candidates: xr.DataArray,
                     source: str | None = None, label: str = "the object") -> xr.DataArray:
     """Similarity of one object to labelled candidate features (stimulus, feature), ranked.
 
     Returns a DataArray (stimulus) of similarities sorted high to low (ties by stimulus id).
-    An object whose weighted features are all zero has no defined best match: that is an error.
     """
-    if candidates.sizes.get("stimulus", 0) == 0:
-        raise InputDataError(source, "empty candidate set")
-    if weighted_norms(weight, obj) == 0:
-        raise InputDataError(source, f"{label} has no active feature weighted by this channel's readout "
-                                     "(all zero after the ReLU); its similarity to any reference is undefined")
-    feats = candidates.transpose("stimulus", "feature").values
-    s = similarities(weight, obj, feats)
     ids = candidates["stimulus"].values
-    order = rank_order(s, ids)
+    feats = candidates.transpose("stimulus", "feature").values if len(ids) else np.empty((0, len(obj)))
+    order, s = ranked_scores(weight, obj, feats, ids, source, label)
     return xr.DataArray(s[order], dims=("stimulus",), coords={"stimulus": ids[order]},
                         name="similarity")

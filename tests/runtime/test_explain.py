@@ -136,6 +136,59 @@ def test_the_chosen_reference_is_the_best_top_k_candidate_by_brute_force(study_f
         assert p.similarity == pytest.approx(float(s.max()), rel=1e-5)
 
 
+def test_study_lookups_read_what_xarray_selection_reads(study_files):
+    """The numpy tables behind the per-pair lookups give, for every channel and stimulus, what
+    selecting in the opened datasets gives."""
+    study = open_(study_files)
+    ro, mean = study.readouts, study.mean
+    for c in study.channels:
+        np.testing.assert_array_equal(study.weight(c), ro["weight"].sel(channel=c).values.astype(np.float64))
+        assert study.bias(c) == float(ro["bias"].sel(channel=c))
+        assert study.region(c) == str(study.responses["region"].sel(channel=c).values)
+        for sid in study_files["stimuli"]:
+            ref = study.image(sid)
+            assert study.recorded(c, ref) == float(mean.sel(channel=c, stimulus=sid))
+            phi = study.phi([ref])[0].astype(np.float64)
+            want = float(ro["weight"].sel(channel=c).values.astype(np.float64) @ phi + float(ro["bias"].sel(channel=c)))
+            assert study.predicted(c, ref) == want
+    with pytest.raises(ValueError):
+        study.weight(study.channels[0])[0] = 1.0  # the shared table is read-only
+
+
+def test_explain_decodes_each_image_once_and_gives_the_uncached_result(study_files, monkeypatch):
+    """Pairs over several engine calls share their objects and references: each file is decoded
+    once per study, and the maps are those of a study that decodes every time."""
+    study = open_(study_files, batch_size=2)  # 4 pairs per call at most: several calls
+    pairs = ex.build_pairs(study, images=["o00", "o01", "o02"])
+    decoded = []
+    real = ex.load_batch
+    monkeypatch.setattr(ex, "load_batch", lambda paths, spec: decoded.extend(paths) or real(paths, spec))
+    ds = ex.explain(study, pairs)
+    used = {f for p in pairs for f in (p.ooc.path, p.reference.path)}
+    assert sorted(map(str, decoded)) == sorted(map(str, used))
+    fresh = open_(study_files, batch_size=2, image_cache_bytes=0)  # keeps nothing
+    decoded.clear()
+    again = ex.explain(fresh, pairs)
+    assert len(decoded) == 2 * len(pairs) - sum(p.ooc.path == p.reference.path for p in pairs)
+    np.testing.assert_array_equal(ds["input_grad"].values, again["input_grad"].values)
+
+
+def test_the_image_cache_keeps_the_most_recent_images_within_its_bound(study_files, monkeypatch):
+    paths = [study_files["images"] / f"b0{i}.png" for i in range(4)]
+    one = open_(study_files).images(paths[:1]).nbytes
+    study = open_(study_files, image_cache_bytes=2 * one)
+    decoded = []
+    real = ex.load_batch
+    monkeypatch.setattr(ex, "load_batch", lambda p, spec: decoded.extend(p) or real(p, spec))
+    first = study.images(paths[:3])                   # b02 pushes b00 out
+    study.images([paths[1]])                          # kept: no decode, now the most recent
+    study.images([paths[3]])                          # pushes b02 out, not b01
+    study.images([paths[1], paths[0], paths[2]])      # b01 kept; b00, b02 decoded again
+    assert [p.name for p in decoded] == ["b00.png", "b01.png", "b02.png", "b03.png", "b00.png", "b02.png"]
+    assert sum(x.nbytes for x in study._images.values()) <= 2 * one
+    np.testing.assert_array_equal(first, load_batch(paths[:3], study.engine.info.preprocessing))
+
+
 def test_swapping_the_two_images_swaps_the_two_maps(study_files):
     study = open_(study_files)
     ab = ex.explain(study, ex.build_pairs(study, channels=["3"], images=["o02"], reference="b05"))
