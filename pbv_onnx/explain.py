@@ -113,13 +113,11 @@ class Study:
             weight.flags.writeable = False
             bias = (ro["bias"].transpose("channel").values.astype(np.float64) if "bias" in ro
                     else np.zeros(len(chans)))
-            region = {}
-            for c in chans:
-                region[c] = ""
-                for ds in (self.responses, self.readouts):
-                    if "region" in ds.coords and c in ds["channel"].values:
-                        region[c] = str(ds["region"].sel(channel=c).values)
-                        break
+            region = {c: "" for c in chans}
+            for ds in (self.readouts, self.responses):  # the responses' region wins
+                if "region" in ds.coords:
+                    region.update((c, str(r)) for c, r in zip(ds["channel"].values.tolist(), ds["region"].values)
+                                  if c in region)
             mean = self.mean.transpose("channel", "stimulus")
             self._tables = _Tables(
                 row={c: i for i, c in enumerate(chans)}, weight=weight, bias=bias, region=region,
