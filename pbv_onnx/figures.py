@@ -50,9 +50,12 @@ COLORMAPS = {"inferno": _lut(_INFERNO_ANCHORS)}
 
 
 def colormap(t: np.ndarray, cmap: str = CMAP) -> np.ndarray:
-    """Values in [0, 1] -> float RGB [..., 3], picked from the 256-entry table as matplotlib does."""
-    lut = COLORMAPS[cmap]
-    t = np.nan_to_num(np.asarray(t, np.float64), nan=0.0)
+    """Values in [0, 1] -> RGB [..., 3] (float32 for float32 values, else float64), picked from the
+    256-entry table as matplotlib does."""
+    t = np.asarray(t)
+    dtype = np.float32 if t.dtype == np.float32 else np.float64
+    lut = COLORMAPS[cmap].astype(dtype, copy=False)
+    t = np.nan_to_num(t.astype(dtype, copy=False), nan=0.0)
     idx = np.clip((t * len(lut)).astype(np.int64), 0, len(lut) - 1)
     return lut[idx]
 
@@ -63,10 +66,11 @@ def overlay(image: np.ndarray, saliency_map: np.ndarray, vmax: float, cmap: str 
     Colour and opacity both grow with S / vmax, so zero saliency leaves the grey image and the same
     saliency value looks the same in every map drawn with the same vmax.
     """
-    rgb = np.asarray(image, np.float64) / 255.0
-    grey = (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2])[..., None]
-    base = 0.25 + 0.6 * np.repeat(grey, 3, axis=-1)  # lightened so dark colours stay visible
-    t = np.clip(np.nan_to_num(np.asarray(saliency_map, np.float64) / vmax), 0.0, 1.0)
+    # float32 throughout (half the time of float64; the same 8-bit pixels to within rounding)
+    rgb = np.asarray(image, np.float32) / np.float32(255.0)
+    grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    base = (0.25 + 0.6 * grey)[..., None]  # lightened so dark colours stay visible
+    t = np.clip(np.nan_to_num(np.asarray(saliency_map, np.float64) / vmax), 0.0, 1.0).astype(np.float32)
     heat = colormap(t, cmap)
     alpha = (t ** 0.75)[..., None]  # faint values still show, yet zero stays transparent
     return (1 - alpha) * base + alpha * heat
@@ -244,7 +248,8 @@ def save_png(dest: str | os.PathLike, image: Image.Image) -> Path:
 
 
 def _to_uint8(rgb: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(np.asarray(rgb, np.float64) * 255.0), 0, 255).astype(np.uint8)
+    rgb = np.asarray(rgb)
+    return np.clip(np.round(rgb * rgb.dtype.type(255.0)), 0, 255).astype(np.uint8)
 
 
 def _panel(canvas: Image.Image, draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int],
