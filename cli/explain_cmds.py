@@ -113,6 +113,6 @@ def explain(
         saved = checkpoint.Checkpoints(out, ex.run_description(study, pairs, method, steps, baseline, save_inputs),
                                        resume=resume, force=force)
         ds = ex.explain(study, pairs, method, steps, baseline, save_inputs, options, checkpoint=saved)
-        report.write_output(ds, out, ex.channel_summary(study), smooth, scale, force)
+        report.write_output(ds, out, ex.channel_summary(study), smooth, scale, force, progress=study.progress)
         saved.discard()
     typer.echo(f"{len(pairs)} pairs -> {out}/index.html")

@@ -389,6 +389,34 @@ def test_output_folder_holds_the_netcdf_the_figures_and_an_offline_report(study_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_the_report_counts_its_figures_on_a_progress_bar(study_files, tmp_path, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, disable, **kw):
+            self.total, self.disable, self.n = total, disable, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, k):
+            self.n += k
+
+    study = open_(study_files)
+    ds = ex.explain(study, ex.build_pairs(study, images=["o00", "o01"]))
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    report.write_output(ds, tmp_path / "a", progress=True)
+    report.write_output(ds, tmp_path / "b")
+    assert [(b.total, b.n, b.disable) for b in bars] == [(ds.sizes["pair"], ds.sizes["pair"], None),
+                                                         (ds.sizes["pair"], ds.sizes["pair"], True)]
+
+
 def test_an_outside_image_path_gets_nan_recorded_responses(study_files, tmp_path):
     src = Image.open(study_files["images"] / "o03.png").transpose(Image.FLIP_LEFT_RIGHT)
     src.save(tmp_path / "new.png")
