@@ -135,8 +135,15 @@ def integrated(vjp: Vjp, images: np.ndarray, baselines: np.ndarray, cotangents: 
 
 
 def display_map(grad: np.ndarray) -> np.ndarray:
-    """S = sum over colour of |G|: [..., 3, H, W] -> [..., H, W]. Never normalised."""
-    return np.abs(np.asarray(grad)).sum(axis=-3)
+    """S = sum over colour of |G|: [..., 3, H, W] -> [..., H, W]. Never normalised.
+
+    Summed colour by colour (numpy's own order for this axis, so the same bits as
+    np.abs(G).sum(axis=-3)) without an |G| copy of the whole run's gradients."""
+    g = np.asarray(grad)
+    out = np.abs(g[..., 0, :, :])
+    for c in range(1, g.shape[-3]):
+        out += np.abs(g[..., c, :, :])
+    return out
 
 
 def shared_vmax(maps: np.ndarray, percentile: float = 99.5) -> float:
