@@ -152,11 +152,14 @@ def shared_vmax(maps: np.ndarray, percentile: float = 99.5) -> float:
     A high percentile of all their pixels pooled, so one hot pixel does not wash out the rest;
     the same value is used for every map in the set, never one per image.
     """
-    a = np.asarray(maps, np.float64).ravel()
-    a = a[np.isfinite(a)]
+    a = np.array(maps, np.float64).ravel()  # our own copy: the percentile partitions it in place
+    finite = np.isfinite(a)
+    if not finite.all():
+        a = a[finite]
+    del finite
     if a.size == 0:
         return 1.0
-    v = float(np.percentile(a, percentile))
+    v = float(np.percentile(a, percentile, overwrite_input=True))
     if v <= 0:
         v = float(a.max())
     return v if v > 0 else 1.0

@@ -104,6 +104,17 @@ def test_display_map_has_the_bits_of_the_plain_numpy_sum_without_its_copy(shape)
     np.testing.assert_array_equal(S, np.abs(g).sum(axis=-3))
 
 
+def test_shared_vmax_is_the_finite_percentile_and_leaves_the_maps_as_they_were():
+    rng = np.random.default_rng(7)
+    maps = rng.random((5, 2, 16, 16)) ** 3  # float64: an in-place partition would reorder these
+    maps[0, 0, 0, :4] = np.nan
+    maps[1, 1, 2, 2] = np.inf
+    kept = maps.copy()
+    finite = maps[np.isfinite(maps)]
+    assert shared_vmax(maps) == float(np.percentile(finite, 99.5))
+    np.testing.assert_array_equal(maps, kept)
+
+
 def test_display_map_is_the_colour_sum_of_absolute_gradients_and_scales_are_shared():
     rng = np.random.default_rng(5)
     g = rng.standard_normal((2, 3, 8, 8))
