@@ -59,7 +59,7 @@ class _Tables:
     on a small model)."""
 
     row: dict             # readout channel -> row of weight and bias
-    weight: np.ndarray    # (channel, feature) float64, read-only
+    weight: np.ndarray    # (channel, feature) as stored (no float64 copy of a large readout)
     bias: np.ndarray      # (channel,) float64
     region: dict          # readout channel -> brain region ("" where none is given)
     mean: np.ndarray      # (channel, stimulus) recorded means, the responses' order
@@ -109,8 +109,7 @@ class Study:
         if self._tables is None:
             ro = self.readouts
             chans = self.channels
-            weight = ro["weight"].transpose("channel", "feature").values.astype(np.float64)
-            weight.flags.writeable = False
+            weight = ro["weight"].transpose("channel", "feature").values
             bias = (ro["bias"].transpose("channel").values.astype(np.float64) if "bias" in ro
                     else np.zeros(len(chans)))
             region = {c: "" for c in chans}
@@ -127,8 +126,8 @@ class Study:
         return self._tables
 
     def weight(self, channel) -> np.ndarray:
-        """The channel's readout weights [D] (float64, read-only)."""
-        return self.tables.weight[self.tables.row[channel]]
+        """The channel's readout weights [D], float64 (a new array)."""
+        return self.tables.weight[self.tables.row[channel]].astype(np.float64)
 
     def bias(self, channel) -> float:
         return float(self.tables.bias[self.tables.row[channel]])

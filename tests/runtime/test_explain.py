@@ -151,8 +151,9 @@ def test_study_lookups_read_what_xarray_selection_reads(study_files):
             phi = study.phi([ref])[0].astype(np.float64)
             want = float(ro["weight"].sel(channel=c).values.astype(np.float64) @ phi + float(ro["bias"].sel(channel=c)))
             assert study.predicted(c, ref) == want
-    with pytest.raises(ValueError):
-        study.weight(study.channels[0])[0] = 1.0  # the shared table is read-only
+    w = study.weight(study.channels[0])
+    w[:] = 0.0  # the caller's own array: the readouts are not changed
+    assert study.weight(study.channels[0]).any()
 
 
 def test_explain_decodes_each_image_once_and_gives_the_uncached_result(study_files, monkeypatch):
