@@ -151,7 +151,12 @@ class Study:
         spec = self.engine.info.preprocessing
         H, W = spec.input_size
         out = np.empty((len(paths), 3, H, W), np.float32)
+        first: dict = {}  # path -> row of this call: a repeat is a copy, cached or not
         for i, p in enumerate(paths):
+            if p in first:
+                out[i] = out[first[p]]
+                continue
+            first[p] = i
             x = self._images.get(p)
             if x is None:
                 x = load_batch([p], spec)[0]
