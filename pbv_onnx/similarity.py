@@ -96,7 +96,6 @@ def rank_candidates(weight: np.ndarray, obj: np.ndarray, candidates: xr.DataArra
     Returns a DataArray (stimulus) of similarities sorted high to low (ties by stimulus id).
     """
     ids = candidates["stimulus"].values
-    feats = candidates.transpose("stimulus", "feature").values if len(ids) else np.empty((0, len(obj)))
-    order, s = ranked_scores(weight, obj, feats, ids, source, label)
+    order, s = ranked_scores(weight, obj, candidates.transpose("stimulus", "feature").values, ids, source, label)
     return xr.DataArray(s[order], dims=("stimulus",), coords={"stimulus": ids[order]},
                         name="similarity")
