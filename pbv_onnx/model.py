@@ -13,8 +13,9 @@ import numpy as np
 
 from .errors import DependencyError, ModelError, UsageError
 from .images import Preprocessing
-from .sessions import (choose_providers, create_session, preload_cuda_libraries, provider_name, quiet_cuda_log,
-                       session_options, with_cuda_options)
+from .layout import blocked_products, sample_shapes
+from .sessions import (Rewrite, choose_providers, create_session, preload_cuda_libraries, provider_name,
+                       quiet_cuda_log, session_options, with_cuda_options)
 
 FORMAT_VERSION = 1
 # Metadata key: true when K cotangents per image share one forward pass (see Engine.vjp_multi):
@@ -26,6 +27,8 @@ IMAGE, COTANGENT, FEATURES, INPUT_GRAD = "image", "cotangent", "features", "inpu
 # ... and the multi-cotangent pair beside them: cotangents [N*K, ...] image-major -> input_grads.
 # Its default is an empty batch, so (image, cotangent) alone still runs the whole graph.
 COTANGENTS, INPUT_GRADS = "cotangents", "input_grads"
+# The rewrite of the K-per-image graph's optimised form (layout.py), versioned: its cache key.
+BLOCKED_PRODUCTS = "blocked-products-1"
 # Export defaults (export/, and the torch-free CLI's help): ScatterElements(reduction=add), needed
 # by the max-pool adjoint, is opset >= 16; verification limits, relative L2 against torch autograd:
 # features, and input_grad (raised to FLOOR_FACTOR x the fp32-vs-fp64 difference where larger).
@@ -269,7 +272,7 @@ class Engine:
         self.io_binding = io_binding
 
     # -- sessions -------------------------------------------------------------------------
-    def _session(self, source, graph: str):
+    def _session(self, source, graph: str, rewrite: Rewrite | None = None):
         """A session for `source` (the VJP graph or the features subgraph), checked to run where asked."""
         if self._cuda_missing is None:
             self._cuda_missing = ""
@@ -277,7 +280,7 @@ class Engine:
                 self._cuda_missing = preload_cuda_libraries()
                 quiet_cuda_log()
         try:
-            sess, status = create_session(source, self._options, self._providers, self._cache_id, graph)
+            sess, status = create_session(source, self._options, self._providers, self._cache_id, graph, rewrite)
         except Exception as exc:
             raise ModelError(self.path, f"onnxruntime cannot load the model ({exc})") from None
         self._on_cuda = sess.get_providers()[0] == "CUDAExecutionProvider"
@@ -309,8 +312,23 @@ class Engine:
         if not self._split:
             return self._vjp
         if self._multi_sess is None:
-            self._multi_sess, _ = self._session(lambda: multi_subgraph(self._proto).SerializeToString(), "multi")
+            written = {}  # the graph as written, made (and read by the rewrite) only on a cache miss
+
+            def source() -> bytes:
+                written["graph"] = multi_subgraph(self._proto)
+                return written["graph"].SerializeToString()
+
+            rewrite = Rewrite(BLOCKED_PRODUCTS, self._multi_probe,
+                              lambda optimised: blocked_products(optimised, sample_shapes(written["graph"])))
+            self._multi_sess, _ = self._session(source, "multi", rewrite)
         return self._multi_sess
+
+    def _multi_probe(self) -> dict[str, np.ndarray]:
+        """Feeds on which a rewritten K-per-image graph must agree with onnxruntime's: 2 images,
+        2 cotangents each (so a product that paired a gradient with another image's mask shows)."""
+        rng = np.random.default_rng(0)
+        return {IMAGE: rng.standard_normal((2, *self.info.input_shape)).astype(np.float32),
+                COTANGENTS: rng.standard_normal((4, *self.info.feature_shape)).astype(np.float32)}
 
     @property
     def cache(self) -> str:

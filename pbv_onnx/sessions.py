@@ -21,8 +21,9 @@ import hashlib
 import os
 import platform
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import DependencyError, UsageError
 
@@ -221,43 +222,121 @@ def _store_entry(folder: Path, path: Path, make_session):
             leftover.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class Rewrite:
+    """A change to onnxruntime's optimised CPU graph (see layout.py). `apply` edits the saved graph
+    (a ModelProto) in place and returns how many places it changed; `probe` gives feeds on which
+    the rewritten graph must compute what the optimised graph computes, or it is not used. `name`
+    (with its version) keys the cache entry of the rewritten graph."""
+
+    name: str
+    probe: Callable[[], dict]
+    apply: Callable[[Any], int]
+
+
+# Largest relative L2 difference of a rewritten graph's outputs from the optimised graph's on the
+# probe: the rewrites reorder memory, not arithmetic (measured: bitwise equal); a wrong layout
+# would be off by the size of the values themselves.
+REWRITE_TOLERANCE = 1e-6
+
+
+def _load_optimised(model: bytes | str, options, providers):
+    """A session for a graph onnxruntime has already optimised: loaded with optimisation off."""
+    import onnxruntime as ort
+
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(model, options, providers=providers)
+    finally:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def _agrees(reference, candidate, feeds: dict) -> bool:
+    import numpy as np
+
+    names = [o.name for o in reference.get_outputs()]
+    for want, got in zip(reference.run(names, feeds), candidate.run(names, feeds)):
+        want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+        if want.shape != got.shape or not np.all(np.isfinite(got)):
+            return False
+        if np.linalg.norm(got - want) > REWRITE_TOLERANCE * max(np.linalg.norm(want), 1e-30):
+            return False
+    return True
+
+
+def _optimise(source: bytes | str, options, providers, target: str, rewrite: Rewrite | None):
+    """A session for `source` with all optimisations, its optimised graph written to `target`;
+    with `rewrite`, the rewritten graph (written over `target`) where it changes something and
+    agrees with the optimised one on the probe, else the optimised graph."""
+    import onnxruntime as ort
+
+    options.optimized_model_filepath = target
+    try:
+        sess = ort.InferenceSession(source, options, providers=providers)
+    finally:
+        options.optimized_model_filepath = ""
+    if rewrite is None:
+        return sess
+    try:
+        import onnx
+
+        model = onnx.load(target)
+        if not rewrite.apply(model):
+            return sess
+        data = model.SerializeToString()
+        del model
+        candidate = _load_optimised(data, options, providers)
+        if not _agrees(sess, candidate, rewrite.probe()):
+            return sess
+    except Exception:  # a rewrite only ever makes a graph faster: without it the session is whole
+        return sess
+    with open(target, "wb") as f:  # what the cache keeps is what the session runs
+        f.write(data)
+    return candidate
+
+
 def create_session(source: bytes | str | Callable[[], bytes | str], options, providers: list,
-                   model_sha256: str | None = None, graph: str = "vjp"):
+                   model_sha256: str | None = None, graph: str = "vjp", rewrite: Rewrite | None = None):
     """An InferenceSession for `source` (model bytes or path, or a function making them, called
     only on a cache miss). On the CPU provider with a known model hash, the optimised graph comes
-    from the cache when it holds a whole entry, and goes into it otherwise.
+    from the cache when it holds a whole entry, and goes into it otherwise. `rewrite` (CPU
+    provider, all optimisations) is applied to the optimised graph where it holds (Rewrite).
     Returns (session, "hit" | "stored" | "off")."""
     import onnxruntime as ort
 
-    def plain():
-        return ort.InferenceSession(source() if callable(source) else source, options, providers=providers)
+    def make_source():
+        return source() if callable(source) else source
 
-    folder = cache_dir()
-    if (folder is None or model_sha256 is None or provider_name(providers[0]) != "CPUExecutionProvider"
+    def plain():
+        return ort.InferenceSession(make_source(), options, providers=providers)
+
+    if (provider_name(providers[0]) != "CPUExecutionProvider"
             or options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
         return plain(), "off"
-    path = folder / f"{cache_key(model_sha256, graph)}.onnx"
+
+    def uncached():
+        if rewrite is None:
+            return plain()
+        try:
+            with tempfile.TemporaryDirectory(prefix="pbv-onnx-") as tmp:
+                return _optimise(make_source(), options, providers, os.path.join(tmp, "graph.onnx"), rewrite)
+        except OSError:  # no temporary folder: the graph as onnxruntime optimises it
+            return plain()
+
+    folder = cache_dir()
+    if folder is None or model_sha256 is None:
+        return uncached(), "off"
+    path = folder / f"{cache_key(model_sha256, graph if rewrite is None else f'{graph}+{rewrite.name}')}.onnx"
     cached = _load_entry(path)
     if cached is not None:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(cached, options, providers=providers), "hit"
+            return _load_optimised(cached, options, providers), "hit"
         except Exception:  # an entry this runtime cannot load: rebuild it below
             pass
-        finally:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
     if callable(source):
         source = source()
-
-    def make(tmp: str):
-        options.optimized_model_filepath = tmp
-        try:
-            return ort.InferenceSession(source, options, providers=providers)
-        finally:
-            options.optimized_model_filepath = ""
-
     try:
-        return _store_entry(folder, path, make), "stored"
+        return _store_entry(folder, path, lambda tmp: _optimise(source, options, providers, tmp, rewrite)), "stored"
     except Exception:  # unwritable or full cache folder; a bad model fails again just below
-        return plain(), "off"
+        return uncached(), "off"
