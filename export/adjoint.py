@@ -8,6 +8,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -26,7 +27,10 @@ ADJOINT_DESCRIPTION = (
     "slopes, which onnxruntime keeps in its blocked NCHWc layout; ReLU6: one step, then a 1x1 "
     "depthwise Conv + Add + step that onnxruntime fuses), made in the forward pass (a "
     "ReLU read only by a MaxPool: the mask of the pooled output, applied before un-pooling); "
-    "strided depthwise Conv adjoint = zero insertion (1x1 ConvTranspose) + depthwise Conv; "
+    "strided depthwise Conv adjoint = zero insertion (1x1 ConvTranspose) + depthwise Conv, "
+    "in the K-per-image pass (3x3, stride 2, even sizes) four depthwise Convs, one per output "
+    "phase, the phases kept through masks, BatchNorm and widening 1x1 adjoints and interleaved "
+    "by a grouped 2x2 ConvTranspose where another rule reads them; "
     "MaxPool with non-overlapping windows = mask of each "
     "window's first maximum (ArgMax) times the nearest-upsampled gradient, other MaxPool = indices "
     "(a second MaxPool node, read only by the backward pass) + ScatterElements(add); strided Conv "
@@ -55,6 +59,81 @@ class Rule:
     fwd: Callable[..., tuple[torch.Tensor, Any]]
     bwd: Callable[[torch.Tensor, list, torch.Tensor, Any], list] | None
     live: frozenset = frozenset()  # the inputs that depend on the image (set by VJPModule)
+    phases: bool = False  # bwd takes a Phases gradient, returning Phases (else it gets the whole)
+
+
+class Phases:
+    """A gradient [B, C, H, W] of even H, W held as its four stride-2 phases, parts[a][b] =
+    g[..., a::2, b::2], in the K-per-image pass. A strided depthwise adjoint makes it without the
+    zeros of an upsampled gradient; masks and channel-reducing 1x1 adjoints work phase by phase
+    (all pointwise in space), and the phases are interleaved only where another rule reads them,
+    on the fewest channels: on mobilenet_v2 a 16-channel interleave instead of a 96-channel zero
+    insertion at 112x112."""
+
+    def __init__(self, parts):
+        self.parts = tuple(tuple(row) for row in parts)
+
+    def map(self, f: Callable[[torch.Tensor, int, int], torch.Tensor]) -> Phases:
+        return Phases([[f(p, a, b) for b, p in enumerate(row)] for a, row in enumerate(self.parts)])
+
+    def __add__(self, other: Phases) -> Phases:
+        return self.map(lambda p, a, b: p + other.parts[a][b])
+
+    def interleave(self) -> torch.Tensor:
+        """The whole gradient: a grouped 2x2 ConvTranspose of stride 2 with one-hot kernels over
+        the phases stacked per channel (onnxruntime's DepthToSpace took 3x as long)."""
+        (p00, p01), (p10, p11) = self.parts
+        c, h, w = (int(v) for v in p00.shape[1:])
+        stacked = torch.stack([p00, p01, p10, p11], dim=2).reshape(-1, 4 * c, h, w)
+        return F.conv_transpose2d(stacked, _interleave_weight(c).to(p00.dtype), None, 2, 0, 0, c)
+
+
+def _interleave_weight(c: int) -> torch.Tensor:
+    """[4c, 1, 2, 2]: input channel 4i + 2a + b (phase (a, b) of channel i) to pixel (a, b) of
+    output channel i (a constant of the graph, not ops that build it)."""
+    weight = np.zeros((4 * c, 1, 2, 2), np.float32)
+    for k in range(4):
+        weight[k::4, 0, k // 2, k % 2] = 1.0
+    return torch.from_numpy(weight)
+
+
+def _phase_of(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """t[:, :, a::2, b::2] of a forward tensor [N, C, H, W] (a mask): a depthwise one-hot 2x2 Conv
+    of stride 2, which onnxruntime runs in its blocked layout and shape inference follows (a
+    strided Slice does neither)."""
+    c = int(t.shape[1])
+    onehot = np.zeros((c, 1, 2, 2), np.float32)
+    onehot[:, 0, a, b] = 1.0
+    return F.conv2d(t, torch.from_numpy(onehot).to(t.dtype), None, 2, 0, 1, c)
+
+
+def whole(g):
+    """g as one tensor (Phases interleaved)."""
+    return g.interleave() if isinstance(g, Phases) else g
+
+
+def pmap(g, f: Callable[[torch.Tensor], torch.Tensor]):
+    """f of g, phase by phase where g is Phases (f pointwise in space)."""
+    return g.map(lambda p, a, b: f(p)) if isinstance(g, Phases) else f(g)
+
+
+def _phase_adjoint(g: torch.Tensor, w: torch.Tensor) -> Phases:
+    """J^T g for a depthwise 3x3 conv of stride 2, padding 1, on an even-sized input, phase by
+    phase: y[i] = w[0] x[2i-1] + w[1] x[2i] + w[2] x[2i+1], so x's gradient is w[1] g[m] at 2m and
+    w[2] g[m] + w[0] g[m+1] at 2m+1 (per axis; the 2-D kernels are the products of the two)."""
+    c = int(w.shape[0])
+    # odd phases as [0, w[2], w[0]] with padding 1 on both sides (w[2] g[m] + w[0] g[m+1]): a zero
+    # tap instead of a one-sided Pad, which onnxruntime runs outside its blocked layout. The four
+    # kernels are constants of the graph (the depthwise weights are small), so that shape
+    # inference knows every phase's shape (pbv_onnx/layout.py relies on it).
+    padded = np.zeros((c, 1, 4, 4), np.float32)  # w at [1:, 1:], a zero tap at index 0
+    padded[:, :, 1:, 1:] = w.detach().cpu().numpy()
+    taps = {0: [2], 1: [0, 3, 1]}  # even: w[1]; odd: 0, w[2], w[0]
+
+    def kernel(a: int, b: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(padded[:, :, taps[a]][:, :, :, taps[b]])).to(g.dtype)
+
+    return Phases([[F.conv2d(g, kernel(a, b), None, 1, (a, b), 1, c) for b in (0, 1)] for a in (0, 1)])
 
 
 def _pair(v) -> tuple[int, int]:
@@ -83,6 +162,11 @@ def kmul(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     shape) and g holds one cotangent per image ([N, ...]: a plain Mul whose operands onnxruntime
     can prove equal in shape) or, in the multi-cotangent pass, K per image ([N*K, ...],
     image-major): the backward pass of all K cotangents reads one forward pass."""
+    if isinstance(g, Phases):
+        full = tuple(2 * int(v) for v in g.parts[0][0].shape[-2:])
+        if tuple(int(v) for v in t.shape[-2:]) == full and t.dim() == 4:
+            return g.map(lambda p, a, b: kmul(p, _phase_of(t, a, b)))
+        g = g.interleave()
     if not _layout["multi"]:
         return g * t
     shape = tuple(int(v) for v in g.shape[1:])  # static: a traced size would become ops
@@ -152,6 +236,10 @@ def conv_input_adjoint(g: torch.Tensor, w: torch.Tensor, x_hw, y_hw, stride, pad
     if stride == (1, 1) and min(adj_pad) >= 0:
         return F.conv2d(g, conv_adjoint_weight(w, groups), None, 1, adj_pad, dilation, groups)
     c = int(w.shape[0])
+    if (_layout["multi"] and groups == c and int(w.shape[1]) == 1 and kernel == (3, 3) and stride == (2, 2)
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
+            and tuple(x_hw) == (2 * y_hw[0], 2 * y_hw[1])):
+        return _phase_adjoint(g, w)
     if groups == c and int(w.shape[1]) == 1 and min(adj_pad) >= 0:
         (h, wd), (sh, sw) = y_hw, stride
         # u[s*i] = g[i], zeros between: a 1x1 depthwise ConvTranspose of ones (10 ms against
@@ -247,11 +335,14 @@ def _conv_rule(node: fx.Node, m: nn.Conv2d, bn: nn.BatchNorm2d | None = None) ->
     padding = (0, 0) if isinstance(m.padding, str) else _pair(m.padding)
     stride, dilation = _pair(m.stride), _pair(m.dilation)
     x_hw, y_hw = _shape(node.args[0])[-2:], _shape(node)[-2:]
+    pointwise = (m.kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0) and m.groups == 1
+                 and m.in_channels <= m.out_channels)  # phases pass it on, on fewer channels
     return Rule([node.args[0]],
                 lambda x: (F.conv2d(x, m.weight, m.bias, stride, padding, dilation, m.groups), None),
-                lambda g, xs, y, s: [conv_input_adjoint(
-                    g, m.weight if bn is None else m.weight * _bn_scale(bn).reshape(-1, 1, 1, 1),
-                    x_hw, y_hw, stride, padding, dilation, m.groups)])
+                lambda g, xs, y, s: [pmap(g, lambda v: conv_input_adjoint(
+                    v, m.weight if bn is None else m.weight * _bn_scale(bn).reshape(-1, 1, 1, 1),
+                    x_hw, y_hw, stride, padding, dilation, m.groups))],  # 1x1: sizes unused
+                phases=pointwise)
 
 
 def _bn_scale(m: nn.BatchNorm2d) -> torch.Tensor:
@@ -267,7 +358,8 @@ def _bn_rule(node: fx.Node, m: nn.BatchNorm2d, folded: bool = False) -> Rule:
     return Rule([node.args[0]],
                 lambda x: (F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False,
                                         0.0, m.eps), None),
-                (lambda g, xs, y, s: [g]) if folded else (lambda g, xs, y, s: [g * _bn_scale(m)]))
+                (lambda g, xs, y, s: [g]) if folded else (lambda g, xs, y, s: [pmap(g, lambda v: v * _bn_scale(m))]),
+                phases=True)
 
 
 def _tiled_maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule | None:
@@ -403,7 +495,7 @@ def _relu_rule(node: fx.Node, x: fx.Node, gm: fx.GraphModule) -> Rule:
     def fwd(v):
         y = F.relu(v)
         return y, step_above(y, 0.0)
-    return Rule([x], fwd, lambda g, xs, y, mask: [kmul(g, mask)])
+    return Rule([x], fwd, lambda g, xs, y, mask: [kmul(g, mask)], phases=True)
 
 
 RELU_FUNCTIONS = (F.relu, torch.relu, "relu")
@@ -470,7 +562,7 @@ def _clamp_rule(node: fx.Node, x: fx.Node, lo: float, hi: float) -> Rule:
     def fwd(v):
         y = F.hardtanh(v, lo, hi)
         return y, clamp_mask(y, lo, hi)
-    return Rule([x], fwd, lambda g, xs, y, mask: [kmul(g, mask)])
+    return Rule([x], fwd, lambda g, xs, y, mask: [kmul(g, mask)], phases=True)
 
 
 def _pointwise_rule(x: fx.Node, f, df) -> Rule:
@@ -726,14 +818,21 @@ class VJPModule(nn.Module):
                 g = grads.pop(node, None)
                 if g is None:
                     continue
+                if not rule.phases:
+                    g = whole(g)
                 xs = [env[a] for a in rule.inputs]
                 for a, ga in zip(rule.inputs, rule.bwd(g, xs, env[node], saved[node])):
                     if ga is None or a not in self._live:
                         continue
-                    grads[a] = grads[a] + ga if a in grads else ga
+                    if a in grads:
+                        both = isinstance(ga, Phases) and isinstance(grads[a], Phases)
+                        grads[a] = grads[a] + ga if both else whole(grads[a]) + whole(ga)
+                    else:
+                        grads[a] = ga
         finally:
             _layout["multi"] = False
         gx = grads.get(self._input)
+        gx = whole(gx) if gx is not None else None
         if gx is None:  # the output does not depend on the image through any live path
             gx = torch.zeros((cotangent.shape[0], *env[self._input].shape[1:]), dtype=cotangent.dtype)
         return gx

@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 import torchvision
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import MNV2_WEIGHTS, tiny_cnn
@@ -55,6 +56,37 @@ def tiled_model(export_dir):
     if not out.exists():
         export_model(out, module=tiled_net(), resize="71x71", progress=None, n_images=2)
     return out
+
+
+class PhaseNet(nn.Module):
+    """Strided depthwise convs on even sizes (their K-per-image adjoints go phase by phase): one
+    after a channel-widening 1x1 conv, BatchNorm and ReLU6, one beside it on the same input, so
+    the two phase gradients are summed phase by phase, then masked by the stem's ReLU and
+    interleaved before the stem's 3x3 adjoint."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.expand, self.bn1 = nn.Conv2d(8, 32, 1, bias=False), nn.BatchNorm2d(32)
+        self.dw, self.bn2 = nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32, bias=False), nn.BatchNorm2d(32)
+        self.project = nn.Conv2d(32, 8, 1)
+        self.side = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(8.0, 16.0)  # both sides of ReLU6's mask in play
+                bn.bias.uniform_(-0.2, 0.5)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        a = self.project(F.relu6(self.bn2(self.dw(F.relu6(self.bn1(self.expand(s)))))))
+        return torch.relu(a + self.side(s))
+
+
+def phase_net() -> nn.Module:
+    torch.manual_seed(2)
+    return PhaseNet().eval()
 
 
 def assert_multi_equals_single(engine: Engine, x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -191,3 +223,40 @@ def test_the_k_per_image_pass_runs_in_the_blocked_layout(fixture, request, tmp_p
     (entry,) = (tmp_path / "cache").glob("*.onnx")  # vjp_multi made only the K-per-image session
     before, after = reorders(tmp_path / "optimised.onnx"), reorders(entry)
     assert before >= 30 and 3 * after <= before, (before, after)  # mobilenet_v2: 104 -> 11, resnet18: 45 -> 13
+
+
+def test_strided_depthwise_adjoints_go_phase_by_phase_in_the_k_per_image_pass(tmp_path):
+    """The K-per-image pass takes a stride-2 depthwise adjoint as four small depthwise convs, one
+    per output phase, and keeps the phases through masks, BatchNorm and widening 1x1 adjoints
+    (summing two phase gradients phase by phase) until another rule reads them: no zero-upsampled
+    gradient, one 2x2 interleave. Exact against one cotangent per call and torch autograd; the
+    one-per-image pass keeps its zero insertion (phases measured slower there)."""
+    from pbv_onnx.model import multi_subgraph, vjp_subgraph
+
+    out = tmp_path / "phases.onnx"
+    export_model(out, module=phase_net(), resize="32x32", progress=None, n_images=2)
+    eng = Engine(out, device="cpu")
+    x = smooth_images(3, (32, 32), eng.info.preprocessing, seed=8)
+    net = phase_net()
+    with torch.no_grad():
+        h = torch.relu(net.stem(torch.from_numpy(x)))
+        pre = [net.bn1(net.expand(h))]
+        pre.append(net.bn2(net.dw(F.relu6(pre[0]))))
+    for v in pre:  # both sides of ReLU6's mask in play
+        assert (v < 0).float().mean() > 0.02 and (v > 6).float().mean() > 0.02
+    cot = assert_multi_equals_single(eng, x, k=4, seed=9)
+    _, g = eng.vjp_multi(x, cot)
+    for j in range(4):
+        _, g32 = autograd_vjp(phase_net(), x, cot[:, j])
+        _, g64 = autograd_vjp(phase_net(), x, cot[:, j], torch.float64)
+        for i in range(3):
+            assert rel_l2(g[i, j], g32[i]) < max(1e-4, 10 * rel_l2(g32[i], g64[i]))
+
+    proto = onnx.load(str(out))
+
+    def transposed_kernels(graph) -> list:
+        return sorted(tuple(a.ints) for n in graph.node if n.op_type == "ConvTranspose"
+                      for a in n.attribute if a.name == "kernel_shape")
+
+    assert transposed_kernels(multi_subgraph(proto).graph) == [(2, 2)]  # one interleave, at the stem
+    assert transposed_kernels(vjp_subgraph(proto).graph) == [(1, 1), (1, 1)]  # two zero insertions
