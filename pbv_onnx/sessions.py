@@ -10,6 +10,11 @@ modification time, checked on every load (hashing it would cost more than half o
 saves). Any cache problem (unwritable folder, damaged or replaced entry) falls back to optimising
 in memory: the cache can make a run faster, never different or failed.
 
+A graph may also be rewritten after onnxruntime optimises it (a Rewrite; the K-per-image graph's,
+layout.py). The rewritten graph is used, and cached, only where it computes what onnxruntime's
+own graph computes on a probe input; otherwise, or if the rewrite fails, onnxruntime's graph is.
+With the cache off the rewrite goes through a temporary file.
+
 Folder: `$PBV_ONNX_CACHE`, else `$XDG_CACHE_HOME/pbv-onnx`, else `~/.cache/pbv-onnx`;
 `PBV_ONNX_CACHE=off` turns the cache off.
 """

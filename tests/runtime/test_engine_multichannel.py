@@ -193,6 +193,28 @@ def test_vjp_with_repeated_images_runs_each_forward_once(models):
     assert sum(len(b) for b in fed) == 3  # three distinct images, one forward pass each
 
 
+def test_images_seen_once_go_through_the_one_per_image_pass(models):
+    single = Engine(models[0], device="cpu")
+    multi = Engine(models[1], device="cpu")
+    x, _ = _inputs(3, 1, seed=5)
+    order = [1, 0, 2, 0]  # image 0 twice, 1 and 2 once
+    images, cots = x[order], np.random.default_rng(6).standard_normal((4, *FEATURE_SHAPE)).astype(np.float32)
+    calls = []
+    run = multi._run
+
+    def recording(sess, outputs, feeds):
+        calls.append((sorted(feeds), len(feeds["image"])))
+        return run(sess, outputs, feeds)
+
+    multi._run = recording
+    f, g = multi.vjp(images, cots)
+    f1, g1 = single.vjp(images, cots)
+    np.testing.assert_allclose(f, f1, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-6)
+    per_image = COTANGENTS if multi._split else "cotangent"
+    assert sorted(calls) == sorted([(["cotangent", "image"], 2), (sorted([per_image, "image"]), 1)])
+
+
 def test_explain_one_object_for_several_channels_shares_its_forward_pass(models, tmp_path):
     files = make_study_files(tmp_path / "study", models[1])
     results = {}
