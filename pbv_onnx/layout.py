@@ -185,7 +185,7 @@ def blocked_products(model, shapes: dict[str, tuple[int, ...]]) -> int:
         reads(node)
     if not rewritten:
         return 0
-    # every converted graph output keeps its plain form under its own name (not expected)
+    # (graph outputs are never converted: they keep their plain form under their own names)
     read: set[str] = set(outputs)
     for node in graph.node:
         if id(node) not in dropped:
