@@ -257,6 +257,8 @@ def _load_optimised(model: bytes | str, options, providers):
 
 
 def _agrees(reference, candidate, feeds: dict) -> bool:
+    """Whether every output of `candidate` on `feeds` is finite and within REWRITE_TOLERANCE of
+    `reference`'s."""
     import numpy as np
 
     names = [o.name for o in reference.get_outputs()]
