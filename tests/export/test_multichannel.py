@@ -222,7 +222,8 @@ def test_the_k_per_image_pass_runs_in_the_blocked_layout(fixture, request, tmp_p
 
     (entry,) = (tmp_path / "cache").glob("*.onnx")  # vjp_multi made only the K-per-image session
     before, after = reorders(tmp_path / "optimised.onnx"), reorders(entry)
-    assert before >= 30 and 3 * after <= before, (before, after)  # mobilenet_v2: 104 -> 11, resnet18: 45 -> 13
+    # the bench's mobilenet_v2: 170 -> 27, resnet18: 45 -> 13
+    assert before >= 30 and 3 * after <= before, (before, after)
 
 
 def test_strided_depthwise_adjoints_go_phase_by_phase_in_the_k_per_image_pass(tmp_path):
