@@ -88,13 +88,18 @@ class Phases:
         return F.conv_transpose2d(stacked, _interleave_weight(c).to(p00.dtype), None, 2, 0, 0, c)
 
 
+def _onehot(c: int, a: int, b: int) -> np.ndarray:
+    """[c, 1, 2, 2] depthwise kernels picking pixel (a, b) of each 2x2 block (a constant of the
+    graph, not ops that build it)."""
+    kernel = np.zeros((c, 1, 2, 2), np.float32)
+    kernel[:, 0, a, b] = 1.0
+    return kernel
+
+
 def _interleave_weight(c: int) -> torch.Tensor:
     """[4c, 1, 2, 2]: input channel 4i + 2a + b (phase (a, b) of channel i) to pixel (a, b) of
-    output channel i (a constant of the graph, not ops that build it)."""
-    weight = np.zeros((4 * c, 1, 2, 2), np.float32)
-    for k in range(4):
-        weight[k::4, 0, k // 2, k % 2] = 1.0
-    return torch.from_numpy(weight)
+    output channel i."""
+    return torch.from_numpy(np.stack([_onehot(c, a, b) for a in (0, 1) for b in (0, 1)], 1).reshape(4 * c, 1, 2, 2))
 
 
 def _phase_of(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -102,9 +107,7 @@ def _phase_of(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
     of stride 2, which onnxruntime runs in its blocked layout and shape inference follows (a
     strided Slice does neither)."""
     c = int(t.shape[1])
-    onehot = np.zeros((c, 1, 2, 2), np.float32)
-    onehot[:, 0, a, b] = 1.0
-    return F.conv2d(t, torch.from_numpy(onehot).to(t.dtype), None, 2, 0, 1, c)
+    return F.conv2d(t, torch.from_numpy(_onehot(c, a, b)).to(t.dtype), None, 2, 0, 1, c)
 
 
 def whole(g):
@@ -341,7 +344,7 @@ def _conv_rule(node: fx.Node, m: nn.Conv2d, bn: nn.BatchNorm2d | None = None) ->
                 lambda x: (F.conv2d(x, m.weight, m.bias, stride, padding, dilation, m.groups), None),
                 lambda g, xs, y, s: [pmap(g, lambda v: conv_input_adjoint(
                     v, m.weight if bn is None else m.weight * _bn_scale(bn).reshape(-1, 1, 1, 1),
-                    x_hw, y_hw, stride, padding, dilation, m.groups))],  # 1x1: sizes unused
+                    x_hw, y_hw, stride, padding, dilation, m.groups))],  # a phase: 1x1, sizes unused
                 phases=pointwise)
 
 
@@ -832,7 +835,6 @@ class VJPModule(nn.Module):
         finally:
             _layout["multi"] = False
         gx = grads.get(self._input)
-        gx = whole(gx) if gx is not None else None
         if gx is None:  # the output does not depend on the image through any live path
-            gx = torch.zeros((cotangent.shape[0], *env[self._input].shape[1:]), dtype=cotangent.dtype)
-        return gx
+            return torch.zeros((cotangent.shape[0], *env[self._input].shape[1:]), dtype=cotangent.dtype)
+        return whole(gx)

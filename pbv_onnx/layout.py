@@ -73,6 +73,8 @@ def blocked_products(model, shapes: dict[str, tuple[int, ...]]) -> int:
     is, and any other reader gets one ReorderOutput. Returns the number of products and sums
     rewritten. The caller checks the result against the graph as written (sessions.create_session).
     """
+    from onnx import helper
+
     graph = model.graph
     readers: dict[str, list] = defaultdict(list)
     for node in graph.node:
@@ -100,8 +102,6 @@ def blocked_products(model, shapes: dict[str, tuple[int, ...]]) -> int:
             return False
         for name in (a, b):
             if name not in blocked:
-                from onnx import helper
-
                 blocked[name] = name + "_nchwc"
                 before[id(node)].append(helper.make_node(
                     "ReorderInput", [name], [blocked[name]], name=blocked[name] + "_reorder",
@@ -111,8 +111,6 @@ def blocked_products(model, shapes: dict[str, tuple[int, ...]]) -> int:
     def plain(name: str) -> str:
         """The plain form of a converted tensor, converted once, right after its producer."""
         if name not in plain_copy:
-            from onnx import helper
-
             plain_copy[name] = name + "_nchw"
             after[id(producer[name])].append(helper.make_node(
                 "ReorderOutput", [name], [plain_copy[name]], name=plain_copy[name] + "_reorder",

@@ -20,7 +20,7 @@ from pbv_onnx import explain as ex
 from pbv_onnx.errors import UsageError
 import onnxruntime as ort
 
-from pbv_onnx.model import COTANGENTS, INPUT_GRADS, MULTI_COTANGENT, Engine, duplicate_groups
+from pbv_onnx.model import COTANGENTS, INPUT_GRADS, MULTI_COTANGENT, Engine, duplicate_groups, has_split_passes
 from test_explain import make_study_files
 from tinymodel import FEATURE_SHAPE, PREPROCESSING, SIZE, build_tiny_model
 
@@ -172,38 +172,19 @@ def test_duplicate_groups_are_bitwise_and_ordered():
     assert [g.tolist() for g in groups] == [[0, 2], [1, 3]]
 
 
-def test_vjp_with_repeated_images_runs_each_forward_once(models):
+def vjp_of_repeated_images(models, order: list[int], seed: int, **engine_kw) -> list[dict]:
+    """vjp() of the K-per-image model on images[order] (three images), checked against the
+    one-per-image model; returns the feeds of each session call it made."""
     single = Engine(models[0], device="cpu")
-    multi = Engine(models[1], device="cpu", batch_size=4)
-    x, cot = _inputs(3, 1, seed=3)
-    order = [0, 1, 0, 2, 0, 1, 2, 0]  # image 0 four times, 1 and 2 twice each
-    images, cots = x[order], np.random.default_rng(4).standard_normal((8, *FEATURE_SHAPE)).astype(np.float32)
+    multi = Engine(models[1], device="cpu", **engine_kw)
+    x, _ = _inputs(3, 1, seed=seed)
+    images = x[order]
+    cots = np.random.default_rng(seed + 1).standard_normal((len(order), *FEATURE_SHAPE)).astype(np.float32)
     fed = []
     run = multi._run
 
-    def counting(sess, outputs, feeds):
-        fed.append(feeds["image"].copy())
-        return run(sess, outputs, feeds)
-
-    multi._run = counting
-    f, g = multi.vjp(images, cots)
-    f1, g1 = single.vjp(images, cots)
-    np.testing.assert_allclose(f, f1, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-6)
-    assert sum(len(b) for b in fed) == 3  # three distinct images, one forward pass each
-
-
-def test_images_seen_once_go_through_the_one_per_image_pass(models):
-    single = Engine(models[0], device="cpu")
-    multi = Engine(models[1], device="cpu")
-    x, _ = _inputs(3, 1, seed=5)
-    order = [1, 0, 2, 0]  # image 0 twice, 1 and 2 once
-    images, cots = x[order], np.random.default_rng(6).standard_normal((4, *FEATURE_SHAPE)).astype(np.float32)
-    calls = []
-    run = multi._run
-
     def recording(sess, outputs, feeds):
-        calls.append((sorted(feeds), len(feeds["image"])))
+        fed.append({k: v.copy() for k, v in feeds.items()})
         return run(sess, outputs, feeds)
 
     multi._run = recording
@@ -211,8 +192,21 @@ def test_images_seen_once_go_through_the_one_per_image_pass(models):
     f1, g1 = single.vjp(images, cots)
     np.testing.assert_allclose(f, f1, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-6)
-    per_image = COTANGENTS if multi._split else "cotangent"
-    assert sorted(calls) == sorted([(["cotangent", "image"], 2), (sorted([per_image, "image"]), 1)])
+    return fed
+
+
+def test_vjp_with_repeated_images_runs_each_forward_once(models):
+    # image 0 four times, 1 and 2 twice each
+    fed = vjp_of_repeated_images(models, [0, 1, 0, 2, 0, 1, 2, 0], seed=3, batch_size=4)
+    assert sum(len(feeds["image"]) for feeds in fed) == 3  # three distinct images, one forward pass each
+
+
+def test_images_seen_once_go_through_the_one_per_image_pass(models):
+    fed = vjp_of_repeated_images(models, [1, 0, 2, 0], seed=5)  # image 0 twice, 1 and 2 once
+    split = has_split_passes(onnx.load(str(models[1])))
+    per_image = COTANGENTS if split else "cotangent"
+    calls = sorted((sorted(feeds), len(feeds["image"])) for feeds in fed)
+    assert calls == sorted([(["cotangent", "image"], 2), (sorted([per_image, "image"]), 1)])
 
 
 def test_explain_one_object_for_several_channels_shares_its_forward_pass(models, tmp_path):
