@@ -32,8 +32,11 @@ ADJOINT_DESCRIPTION = (
     "phase, the phases kept through masks, BatchNorm and widening 1x1 adjoints and interleaved "
     "by a grouped 2x2 ConvTranspose where another rule reads them; "
     "MaxPool with non-overlapping windows = mask of each "
-    "window's first maximum (ArgMax) times the nearest-upsampled gradient, other MaxPool = indices "
-    "(a second MaxPool node, read only by the backward pass) + ScatterElements(add); strided Conv "
+    "window's first maximum (ArgMax) times the nearest-upsampled gradient (a Resize with constant "
+    "scales, its output's batch axis given in value_info), other MaxPool = indices "
+    "(a second MaxPool node, read only by the backward pass) + ScatterElements(add) into zeros "
+    "made from the pool's input (both keep the symbolic batch axis, so the masks after them stay "
+    "in onnxruntime's NCHWc layout); strided Conv "
     "whose kernel is nearly a multiple of the stride (e.g. 11x11/4) = sub-pixel Conv + "
     "DepthToSpace; Avg/AdaptiveAvgPool = ConvTranspose with a constant kernel; "
     "add/mul/cat/flatten/Linear/Hardswish/SiLU/Sigmoid/Hardsigmoid by their closed forms; "
@@ -390,15 +393,14 @@ def _tiled_maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule | None:
     def fwd(x):
         xs = x[:, :, :size[0], :size[1]] if any(pad) else x
         # [N, C, h, w, kh*kw]: swapping two middle axes keeps kw contiguous (a fast transpose)
-        tiles = xs.reshape(-1, c, h, kh, w, kw).transpose(3, 4).reshape(-1, c, h, w, kh * kw)
-        first = torch.argmax(tiles, dim=-1).to(x.dtype)
-        first = F.interpolate(first, size=size, mode="nearest")
+        tiles = _batch_reshape(_batch_reshape(xs, (c, h, kh, w, kw)).transpose(3, 4), (c, h, w, kh * kw))
+        first = _nearest_up(torch.argmax(tiles, dim=-1).to(x.dtype), kernel)
         if any(pad):
             first = F.pad(first, pad, value=-1.0)
         return F.max_pool2d(x, kernel, stride), (first == position.to(x.dtype)).to(x.dtype)
 
     def bwd(g, xs, y, mask):
-        gx = F.interpolate(g, size=size, mode="nearest")
+        gx = _nearest_up(g, kernel)
         return [kmul(F.pad(gx, pad) if any(pad) else gx, mask)]
 
     return Rule([node.args[0]], fwd, bwd)
@@ -422,6 +424,13 @@ def _maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule:
     def bwd(g, xs, y, idx):
         # Scatter-add so overlapping windows that pick the same pixel sum their gradients; the K
         # cotangents of an image share its forward indices.
+        if not _layout["multi"]:
+            # into zeros made from x, (x < x) (false even for inf and NaN), not from its shape: they
+            # carry x's symbolic batch axis to the gradient, so onnxruntime can prove the later
+            # mask products' shapes equal and keeps them in its blocked layout
+            zeros = _batch_reshape((xs[0] < xs[0]).to(g.dtype), (c, hw_in))
+            gx = zeros.scatter_add(2, idx.reshape(-1, c, hw_out), g.reshape(-1, c, hw_out))
+            return [_batch_reshape(gx, x_shape[1:])]
         n = idx.shape[0]
         gk = g.reshape(n, -1, c, hw_out)
         k = gk.shape[1]
@@ -620,6 +629,29 @@ def _batch_reshape(g: torch.Tensor, rest: tuple[int, ...]) -> torch.Tensor:
     pass, whose axis is its own anyway and may be empty (the whole graph's default `cotangents`,
     which the 0-copying form cannot reshape: its -1 would divide by zero)."""
     return g.reshape(-1, *rest) if _layout["multi"] else _BatchReshape.apply(g, rest)
+
+
+class _Repeat(torch.autograd.Function):
+    """t [B, C, h, w] repeated over kh x kw tiles (nearest upsampling), exported as ONE Resize
+    with constant scales: onnxruntime runs it in its blocked layout (torch's own export computes
+    the sizes in-graph, and that Resize runs in the plain layout). ONNX shape inference leaves the
+    batch axis of such a Resize unknown; pipeline.keep_batch_axis restores it."""
+
+    @staticmethod
+    def forward(ctx, t, kh, kw):
+        return t.repeat_interleave(kh, dim=2).repeat_interleave(kw, dim=3)
+
+    @staticmethod
+    def symbolic(g, t, kh, kw):
+        scales = g.op("Constant", value_t=torch.tensor([1.0, 1.0, float(kh), float(kw)]))
+        roi = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+        return g.op("Resize", t, roi, scales, mode_s="nearest",
+                    coordinate_transformation_mode_s="asymmetric", nearest_mode_s="floor")
+
+
+def _nearest_up(t: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
+    """t upsampled (nearest) by the pool's kernel: each value over its window."""
+    return _Repeat.apply(t, int(kernel[0]), int(kernel[1]))
 
 
 def _reshape_rule(x: fx.Node, fwd) -> Rule:

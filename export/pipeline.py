@@ -93,6 +93,58 @@ def undo_initializer_dedup(proto) -> None:
     proto.graph.node.extend(keep)
 
 
+def keep_batch_axis(proto) -> int:
+    """Tell shape inference, in place, that a Resize scaling its batch axis by 1 keeps it: ONNX
+    infers that axis unknown, and onnxruntime keeps a product in its blocked layout only where it
+    can prove both operands' shapes equal (a mask carries the symbolic N), so every mask product
+    after an un-pooling ran in the plain layout with layout conversions around it (vgg16's
+    one-per-image graph: 36 conversions, 15 with the batch axis kept).
+    Each such output gets a value_info with its input's batch axis; repeated until nothing
+    changes, since a restored axis can reach further Resizes. Returns how many were annotated."""
+    import onnx
+    from onnx import numpy_helper
+
+    consts = {t.name: t for t in proto.graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in proto.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    resizes = []
+    for node in proto.graph.node:
+        if node.op_type == "Resize" and len(node.input) >= 3 and node.input[2] in consts:
+            scales = numpy_helper.to_array(consts[node.input[2]])
+            if scales.size and scales[0] == 1.0:
+                resizes.append(node)
+    # the graph inputs' named axes (N, NK): shape inference names unknown axes unk__*, not these
+    named = {d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    done: set[str] = set()
+    while True:
+        # shapes only: the weights' values are not needed (and would be copied); small
+        # initializers (scales, shapes) are read by shape inference
+        bare = onnx.ModelProto()
+        bare.CopyFrom(proto)
+        for t in bare.graph.initializer:
+            if np.prod(t.dims) > 1024:
+                t.ClearField("raw_data")
+                t.ClearField("float_data")
+        inferred = onnx.shape_inference.infer_shapes(bare).graph
+        shapes = {v.name: v.type.tensor_type for v in [*inferred.input, *inferred.value_info]}
+        added = 0
+        for node in resizes:
+            src, out = shapes.get(node.input[0]), shapes.get(node.output[0])  # (None for graph outputs)
+            if node.output[0] in done or src is None or out is None or not src.shape.dim:
+                continue
+            batch = src.shape.dim[0]
+            if batch.dim_param not in named:
+                continue
+            info = proto.graph.value_info.add()
+            info.name = node.output[0]
+            info.type.tensor_type.CopyFrom(out)
+            info.type.tensor_type.shape.dim[0].CopyFrom(batch)
+            done.add(node.output[0])
+            added += 1
+        if not added:
+            return len(done)
+
+
 def vjp_proto(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[int, ...],
               opset: int = DEFAULT_OPSET):
     """The VJP module as an ONNX ModelProto (no metadata yet, not verified)."""
@@ -106,6 +158,7 @@ def vjp_proto(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple
     proto = onnx.load_from_string(model_bytes)
     undo_initializer_dedup(proto)
     default_empty_cotangents(proto, feature_shape)
+    keep_batch_axis(proto)
     return proto
 
 

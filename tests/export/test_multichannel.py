@@ -89,6 +89,36 @@ def phase_net() -> nn.Module:
     return PhaseNet().eval()
 
 
+class PooledNet(nn.Module):
+    """VGG-like: two conv-ReLU pairs before each max-pool, one tiled (2x2) and one overlapping
+    (3x3/2, padded), so the backward pass meets a ReLU mask right after each un-pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.c5 = nn.Conv2d(32, 32, 3, padding=1)
+        self.tiled, self.overlapping = nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1)
+
+    def forward(self, x):
+        x = self.tiled(torch.relu(self.c2(torch.relu(self.c1(x)))))
+        x = self.overlapping(torch.relu(self.c4(torch.relu(self.c3(x)))))
+        return torch.relu(self.c5(x))
+
+
+def pooled_net() -> nn.Module:
+    torch.manual_seed(4)
+    return PooledNet().eval()
+
+
+@pytest.fixture(scope="module")
+def pooled_model(export_dir):
+    out = export_dir / "pooled.onnx"
+    if not out.exists():
+        export_model(out, module=pooled_net(), resize="48x48", progress=None, n_images=2)
+    return out
+
+
 def assert_multi_equals_single(engine: Engine, x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """vjp_multi's K gradients per image equal K separate vjp calls; returns the cotangents."""
     rng = np.random.default_rng(seed)
@@ -183,10 +213,14 @@ def test_the_one_cotangent_per_image_pass_stays_in_the_blocked_layout(fixture, r
     opts = session_options()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(vjp_subgraph(proto).SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    ops = [n.op_type for n in nodes]
     assert ops.count("Conv") >= 40
     assert ops.count("ReorderOutput") <= 10, ops.count("ReorderOutput")
-    assert "Add" not in ops and not {"Greater", "Less", "Cast"} & set(ops)
+    assert "Add" not in ops
+    # no mask is a comparison and a Cast (the un-pooling's zeros, (x < x), are the only ones)
+    compared = {o for n in nodes if n.op_type in ("Greater", "Less", "Cast") for o in n.output}
+    assert not [n for n in nodes if n.op_type == "Mul" and compared & set(n.input)]
 
 
 @pytest.mark.parametrize("fixture", ["mnv2_model", "resnet18_model"])
@@ -261,3 +295,92 @@ def test_strided_depthwise_adjoints_go_phase_by_phase_in_the_k_per_image_pass(tm
 
     assert transposed_kernels(multi_subgraph(proto).graph) == [(2, 2)]  # one interleave, at the stem
     assert transposed_kernels(vjp_subgraph(proto).graph) == [(1, 1), (1, 1)]  # two zero insertions
+
+
+def test_unpooling_keeps_the_batch_axis_so_the_masks_after_it_stay_blocked(pooled_model, tmp_path):
+    """Both max-pool adjoints hand the one-per-image pass a gradient with the symbolic batch axis
+    N (the scatter-add into zeros made from the pool's input; the nearest upsampling as a Resize
+    with constant scales, which pipeline.keep_batch_axis annotates), so onnxruntime can prove the
+    ReLU masks after them equal in shape to the gradients and keeps those products in its NCHWc
+    layout. Before, every mask after an un-pooling was converted out of that layout and the
+    product back in (vgg16: 36 layout conversions, 15 now); the export checked parity as ever."""
+    import onnxruntime as ort
+
+    from pbv_onnx.model import vjp_subgraph
+    from pbv_onnx.sessions import session_options
+
+    sub = vjp_subgraph(onnx.load(str(pooled_model)))
+    inferred = onnx.shape_inference.infer_shapes(sub).graph.value_info
+    computed = {i.name for i in sub.graph.input}  # the values computed from the image/cotangent
+    for n in sub.graph.node:
+        if computed & set(n.input):
+            computed.update(n.output)
+    maps = [v for v in inferred if v.name in computed and len(v.type.tensor_type.shape.dim) == 4
+            and v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    assert len(maps) > 20
+    assert [v.name for v in maps if v.type.tensor_type.shape.dim[0].dim_param != "N"] == []
+
+    opts = session_options()
+    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    masks = {o for n in nodes if n.op_type == "HardSigmoid" for o in n.output}
+    assert len(masks) >= 3
+    # no mask leaves the blocked layout, and the gradient is upsampled in it
+    assert [n.name for n in nodes if n.op_type == "ReorderOutput" and masks & set(n.input)] == []
+    assert "Upsample" in [n.op_type for n in nodes]
+
+
+def test_keep_batch_axis_annotates_resizes_that_keep_the_batch_axis():
+    """A Resize with constant scales whose first scale is 1 gets its input's named batch axis, also
+    down a chain; one that scales the batch axis, or whose input's batch axis is unknown, does not;
+    onnxruntime runs the annotated graph at any batch size."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from export.pipeline import keep_batch_axis
+
+    def scales(name, v):
+        return numpy_helper.from_array(np.array(v, np.float32), name)
+
+    nodes = [helper.make_node("Resize", ["x", "", "s1"], ["r1"], mode="nearest"),
+             helper.make_node("Resize", ["r1", "", "s1"], ["r2"], mode="nearest"),
+             helper.make_node("Resize", ["x", "", "s2"], ["r3"], mode="nearest"),
+             helper.make_node("Reshape", ["x", "flat"], ["v"]),
+             helper.make_node("Resize", ["v", "", "s1"], ["r4"], mode="nearest")]
+    nodes += [helper.make_node("Relu", [f"r{i}"], [f"y{i}"]) for i in (2, 3, 4)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 3, 3])],
+        [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None) for i in (2, 3, 4)],
+        initializer=[scales("s1", [1, 1, 2, 2]), scales("s2", [2, 1, 1, 1]),
+                     numpy_helper.from_array(np.array([-1, 2, 3, 3], np.int64), "flat")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert keep_batch_axis(model) == 2
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in model.graph.value_info}
+    assert shapes == {"r1": ["N", 2, 6, 6], "r2": ["N", 2, 12, 12]}
+    x = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32)
+    y2, y3, _ = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(y2, np.maximum(x.repeat(4, axis=2).repeat(4, axis=3), 0))
+    assert y3.shape == (6, 2, 3, 3)
+
+
+def test_the_float16_copy_keeps_the_unpooling_scales_in_float32(pooled_model):
+    """ONNX defines Resize's scales as float32; the float16 copy (CUDA's --precision fp16) casts
+    them back, so it loads (here on the CPU provider) and tracks float32: the features closely, the
+    gradient as closely as float16 rounding lets each window's first maximum stay where it was."""
+    import onnxruntime as ort
+
+    from pbv_onnx.model import COTANGENT, FEATURES, IMAGE, INPUT_GRAD, to_fp16, vjp_subgraph
+
+    sub = vjp_subgraph(onnx.load(str(pooled_model)))
+    rng = np.random.default_rng(0)
+    feeds = {IMAGE: rng.standard_normal((2, 3, 48, 48)).astype(np.float32),
+             COTANGENT: rng.standard_normal((2, 32, 12, 12)).astype(np.float32)}
+    want = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run([FEATURES, INPUT_GRAD], feeds)
+    half = ort.InferenceSession(to_fp16(sub).SerializeToString(), providers=["CPUExecutionProvider"])
+    (f16, g16), (f32, g32) = half.run([FEATURES, INPUT_GRAD], feeds), want
+    assert f16.dtype == g16.dtype == np.float32
+    assert rel_l2(f16, f32) < 5e-3
+    assert float(np.sum(g16 * g32) / np.linalg.norm(g16) / np.linalg.norm(g32)) > 0.99
