@@ -113,6 +113,8 @@ def keep_batch_axis(proto) -> int:
             scales = numpy_helper.to_array(consts[node.input[2]])
             if scales.size and scales[0] == 1.0:
                 resizes.append(node)
+    if not resizes:
+        return 0
     # the graph inputs' named axes (N, NK): shape inference names unknown axes unk__*, not these
     named = {d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
     done: set[str] = set()
