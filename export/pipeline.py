@@ -101,8 +101,9 @@ def keep_batch_axis(proto) -> int:
     one-per-image graph: 36 conversions, 15 with the batch axis kept).
     Each such output gets a value_info with its input's batch axis; repeated until nothing
     changes, since a restored axis can reach further Resizes. Returns how many were annotated."""
-    import onnx
     from onnx import numpy_helper
+
+    from pbv_onnx.layout import inferred_types
 
     consts = {t.name: t for t in proto.graph.initializer}
     consts.update({n.output[0]: n.attribute[0].t for n in proto.graph.node
@@ -118,21 +119,13 @@ def keep_batch_axis(proto) -> int:
     # the graph inputs' named axes (N, NK): shape inference names unknown axes unk__*, not these
     named = {d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
     done: set[str] = set()
+    outputs = {o.name for o in proto.graph.output}  # their types are the exporter's to declare
     while True:
-        # shapes only: the weights' values are not needed (and would be copied); small
-        # initializers (scales, shapes) are read by shape inference
-        bare = onnx.ModelProto()
-        bare.CopyFrom(proto)
-        for t in bare.graph.initializer:
-            if np.prod(t.dims) > 1024:
-                t.ClearField("raw_data")
-                t.ClearField("float_data")
-        inferred = onnx.shape_inference.infer_shapes(bare).graph
-        shapes = {v.name: v.type.tensor_type for v in [*inferred.input, *inferred.value_info]}
+        shapes = inferred_types(proto)
         added = 0
         for node in resizes:
-            src, out = shapes.get(node.input[0]), shapes.get(node.output[0])  # (None for graph outputs)
-            if node.output[0] in done or src is None or out is None or not src.shape.dim:
+            src, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+            if node.output[0] in done | outputs or src is None or out is None or not src.shape.dim:
                 continue
             batch = src.shape.dim[0]
             if batch.dim_param not in named:

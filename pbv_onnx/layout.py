@@ -37,10 +37,10 @@ def _is(node, op: str, domain: str = "") -> bool:
     return node is not None and node.op_type == op and node.domain == domain
 
 
-def sample_shapes(source) -> dict[str, tuple[int, ...]]:
-    """Per-sample shapes (all but the batch axis) of the tensors of `source`, the graph as written
-    (a ModelProto, left unchanged), where ONNX shape inference finds them all static. The weights'
-    values are left out of the copy inferred: only their shapes matter here."""
+def inferred_types(source) -> dict:
+    """ONNX shape inference of `source` (a ModelProto, left unchanged): each value's tensor type,
+    graph inputs and outputs included. The weights' values are left out of the copy inferred: only
+    their shapes matter (small constants, such as shapes and scales, are kept)."""
     import onnx
 
     model = onnx.ModelProto()
@@ -49,12 +49,18 @@ def sample_shapes(source) -> dict[str, tuple[int, ...]]:
         if len(init.dims) > 1 or (init.dims and init.dims[0] > 64):  # keep small constants (shapes)
             for field in ("raw_data", "float_data", "double_data", "int32_data", "int64_data"):
                 init.ClearField(field)
-    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    return {info.name: info.type.tensor_type for info in [*graph.value_info, *graph.input, *graph.output]}
+
+
+def sample_shapes(source) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes (all but the batch axis) of the tensors of `source`, the graph as written
+    (a ModelProto, left unchanged), where ONNX shape inference finds them all static."""
     shapes = {}
-    for info in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        dims = info.type.tensor_type.shape.dim[1:]
+    for name, tensor in inferred_types(source).items():
+        dims = tensor.shape.dim[1:]
         if dims and all(d.HasField("dim_value") for d in dims):
-            shapes[info.name] = tuple(d.dim_value for d in dims)
+            shapes[name] = tuple(d.dim_value for d in dims)
     return shapes
 
 

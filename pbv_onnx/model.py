@@ -194,7 +194,7 @@ def to_fp16(proto):
     half = convert_float_to_float16(copy.deepcopy(proto), keep_io_types=True, disable_shape_infer=True)
     nodes = []
     for node in half.graph.node:
-        for i in FP32_INPUTS.get(node.op_type, ()):
+        for i in (*FP32_INPUTS.get(node.op_type, ()), *FP32_ONLY.get(node.op_type, ())):
             if i < len(node.input) and node.input[i]:
                 name = f"{node.name}_in{i}_fp32"
                 nodes.append(helper.make_node("Cast", [node.input[i]], [name], name=name, to=TensorProto.FLOAT))
@@ -202,10 +202,6 @@ def to_fp16(proto):
         if node.op_type not in FP32_ONLY:
             nodes.append(node)
             continue
-        for i in FP32_ONLY[node.op_type]:
-            name = f"{node.name}_in{i}_fp32"
-            nodes.append(helper.make_node("Cast", [node.input[i]], [name], name=name, to=TensorProto.FLOAT))
-            node.input[i] = name
         out = node.output[0]
         node.output[0] = f"{node.name}_out_fp32"
         nodes.append(node)

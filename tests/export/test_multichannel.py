@@ -4,6 +4,8 @@ adjoint, tiled max-pool by ArgMax) against torch autograd, ties included; refusa
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx
 import pytest
@@ -50,12 +52,16 @@ def tiled_net() -> nn.Module:
     return TiledNet().eval()
 
 
+def exported_once(path, net: Callable[[], nn.Module], resize: str):
+    """`net()` exported (and checked against torch) to `path` unless an earlier test did."""
+    if not path.exists():
+        export_model(path, module=net(), resize=resize, progress=None, n_images=2)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiled_model(export_dir):
-    out = export_dir / "tiled.onnx"
-    if not out.exists():
-        export_model(out, module=tiled_net(), resize="71x71", progress=None, n_images=2)
-    return out
+    return exported_once(export_dir / "tiled.onnx", tiled_net, "71x71")
 
 
 class PhaseNet(nn.Module):
@@ -113,10 +119,7 @@ def pooled_net() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def pooled_model(export_dir):
-    out = export_dir / "pooled.onnx"
-    if not out.exists():
-        export_model(out, module=pooled_net(), resize="48x48", progress=None, n_images=2)
-    return out
+    return exported_once(export_dir / "pooled.onnx", pooled_net, "48x48")
 
 
 def assert_multi_equals_single(engine: Engine, x: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
