@@ -162,7 +162,7 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
     engines = {}
     for name, opts in CONFIGS.items():  # start-up costs, in this order (the first also starts CUDA)
         t0 = time.perf_counter()
-        gpu = Engine(path, device="cuda", batch_size=max(n, 32), cuda_options=opts)
+        gpu = Engine(path, device="cuda", batch_size=n, cuda_options=opts)
         gpu.provider  # noqa: B018  (makes the VJP session)
         t1 = time.perf_counter()
         f_gpu, g_gpu = gpu.vjp(x, cot)
@@ -173,7 +173,7 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
         engines[name] = (gpu, g_gpu)
     gpu, g_gpu = engines["default"]
     # the default (IO binding on CUDA) against the other way of feeding and fetching
-    other = Engine(path, device="cuda", batch_size=max(n, 32), io_binding=not gpu.binds)
+    other = Engine(path, device="cuda", batch_size=n, io_binding=not gpu.binds)
     big = Engine(path, device="cuda", batch_size=4 * n)  # its own session: each session sees one shape
     xb = np.concatenate([x] * 4)
     cb = rng.standard_normal((len(xb), *cpu.info.feature_shape)).astype(np.float32)
@@ -195,10 +195,11 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
     row["default"]["vjp_io_binding_s"], row["default"]["vjp_plain_run_s"] = times[bound], times[plain]
     row["default"]["io_binding_vs_plain_run"] = paired(rounds, bound, plain)
     row["default"]["vjp_x4_images_s"] = times["default_x4_images"]
-    # One session fed two batch sizes in turn: on an H100 with the single-pass graph the CUDA provider
-    # re-planned its convolutions at each change (mobilenet_v2's 8-image call took 1.15 s, not 5 ms);
-    # on an H200 with the current graph such calls were at most 9% slower.
-    alt, _ = interleaved({"n": lambda: gpu.vjp(x, cot), "4n": lambda: gpu.vjp(xb, cb)}, max(3, repeats // 4))
+    # What the Engine's fixed shapes avoid: one unpadded session fed two batch sizes in turn. The CUDA
+    # provider plans its convolutions again at each change (an H200 took 1.4 s per mobilenet_v2 call
+    # in an explain run whose calls changed shape, 14 ms with one shape per session).
+    unpadded = Engine(path, device="cuda", batch_size=4 * n, fixed_shapes=False)
+    alt, _ = interleaved({"n": lambda: unpadded.vjp(x, cot), "4n": lambda: unpadded.vjp(xb, cb)}, max(3, repeats // 4))
     row["default"]["vjp_alternating_shapes_s"] = alt["n"]
     k = 16
     cot_k = rng.standard_normal((1, k, *cpu.info.feature_shape)).astype(np.float32)
@@ -251,7 +252,7 @@ def markdown(report: dict) -> str:
     lines += ["| model | images | ORT fwd+VJP ms | ORT fwd ms | fwd+VJP / fwd | torch CUDA ms (cudnn.benchmark) "
               "| ORT / torch | grad vs CPU (rel L2) | first call s | exhaustive: first s, fwd+VJP ms | TF32: fwd+VJP ms, grad vs CPU "
               "| IO binding: fwd+VJP ms | K=16 multi / 16 single | fp16: fwd+VJP ms (x fp32), grad vs fp32, map corr "
-              "| fwd+VJP ms, batch size alternating with 4x on one session | ok |",
+              "| fwd+VJP ms, batch size alternating with 4x on one unpadded session | ok |",
               "|" + "---|" * 16]
     for r in report["models"]:
         if "error" in r:

@@ -159,6 +159,39 @@ def test_bad_cotangent_shapes_are_usage_errors(models):
         multi.vjp_multi(x, cot[:, :, :2])
 
 
+def test_padded_calls_give_the_same_results_and_each_session_sees_one_shape(models):
+    # fixed_shapes (the CUDA default): the CUDA provider plans its convolutions again whenever a
+    # session's input shape changes, so calls are padded with zero rows to a few shapes, and the
+    # K-per-image pass has one session per shape.
+    plain = Engine(models[1], device="cpu", batch_size=4)
+    padded = Engine(models[1], device="cpu", batch_size=4, fixed_shapes=True)
+    fed = {}  # session -> the input shapes it was fed
+    run = padded._run
+
+    def recording(sess, outputs, feeds):
+        fed.setdefault(id(sess), set()).add(tuple(v.shape for v in feeds.values()))
+        return run(sess, outputs, feeds)
+
+    padded._run = recording
+    x, cot = _inputs(7, 6, seed=4)
+    np.testing.assert_allclose(padded.features(x), plain.features(x), rtol=1e-6, atol=1e-6)  # 4 + 3 rows
+    for got, want in zip(padded.vjp(x[:5], cot[:5, 0]), plain.vjp(x[:5], cot[:5, 0])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for k in (2, 3, 5, 6):  # padded to 2, 4, 4 (two calls) and 4 (two calls) cotangents per image
+        for got, want in zip(padded.vjp_multi(x, cot[:, :k]), plain.vjp_multi(x, cot[:, :k])):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert padded.pads and not plain.pads  # the CPU provider runs unpadded by default
+    if has_split_passes(onnx.load(str(models[1]))):
+        assert all(len(shapes) == 1 for shapes in fed.values()), fed
+        assert len(fed) == 4  # features, one per image, and K-per-image at (2 x 2) and (1 x 4)
+    by_default = Engine(models[1], device="cpu")
+    by_default.features(x[:1])
+    assert not by_default.pads
+    by_default._on_cuda = True  # what the first session sets where it runs on CUDA
+    assert by_default.pads
+
+
 def test_duplicate_groups_are_bitwise_and_ordered():
     a, b = np.zeros((3, 4, 4), np.float32), np.ones((3, 4, 4), np.float32)
     c = b.copy()
