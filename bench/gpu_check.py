@@ -1,6 +1,7 @@
 """GPU check: onnxruntime providers; on CUDA, parity (CUDA fp32 / TF32 / fp16 vs CPU fp32) and
 timings of session creation, first call, forward+VJP, forward-only, multi-cotangent VJP, IO binding
-against plain runs, and torch CUDA autograd where torch is importable.
+against plain runs, explain's mix of call shapes with and without the Engine's fixed shapes, and
+torch CUDA autograd where torch is importable.
 
     python bench/gpu_check.py [MODEL.onnx ...] [--images 8] [--weights DIR] [--photos DIR] [--out ...]
 
@@ -149,6 +150,31 @@ def torch_cuda(info, x: np.ndarray, cot: np.ndarray, search: Path | None) -> dic
     return {"torch": torch.__version__, "run": run, "run_benchmark": lambda: run(True), "grad": grad}
 
 
+# explain's mix of engine calls: (images, cotangents per image; 0 = the one-per-image pass)
+EXPLAIN_CALLS = [(6, 0), (2, 4), (11, 0), (3, 3), (1, 5), (14, 0), (4, 2)]
+
+
+def explain_pattern(path: Path, x: np.ndarray, fixed_shapes: bool) -> dict:
+    """Seconds for EXPLAIN_CALLS on a fresh engine at explain's batch size: the first pass (sessions
+    made, convolutions planned) and a second one. Unpadded, each call's shape differs from the last."""
+    from pbv_onnx.model import Engine
+
+    eng = Engine(path, device="cuda", fixed_shapes=fixed_shapes)
+    fs = eng.info.feature_shape
+    rng = np.random.default_rng(1)
+    images = x[np.arange(14) % len(x)] + np.arange(14, dtype=np.float32)[:, None, None, None] * 1e-3  # distinct
+    feeds = [(images[:m], rng.standard_normal((m, *fs) if k == 0 else (m, k, *fs)).astype(np.float32), k)
+             for m, k in EXPLAIN_CALLS]
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        for im, c, k in feeds:
+            eng.vjp(im, c) if k == 0 else eng.vjp_multi(im, c)
+        return time.perf_counter() - t0
+
+    return {"first_s": once(), "again_s": once(), "calls": len(feeds), "pads": eng.pads}
+
+
 def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: Path | None = None) -> dict:
     from pbv_onnx.model import Engine
 
@@ -201,6 +227,7 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
     unpadded = Engine(path, device="cuda", batch_size=4 * n, fixed_shapes=False)
     alt, _ = interleaved({"n": lambda: unpadded.vjp(x, cot), "4n": lambda: unpadded.vjp(xb, cb)}, max(3, repeats // 4))
     row["default"]["vjp_alternating_shapes_s"] = alt["n"]
+    row["explain_pattern"] = {"padded": explain_pattern(path, x, True), "unpadded": explain_pattern(path, x, False)}
     k = 16
     cot_k = rng.standard_normal((1, k, *cpu.info.feature_shape)).astype(np.float32)
     _, g_k = gpu.vjp_multi(x[:1], cot_k)
@@ -242,6 +269,13 @@ def io_binding(d: dict) -> str:
     return f"{d['vjp_io_binding_s'] * 1e3:.2f} ({d['io_binding_vs_plain_run']:.2f}x)"
 
 
+def pattern(p: dict | None) -> str:
+    """The explain-pattern cell: padded, then unpadded, each "again (first)" in seconds."""
+    if not p:
+        return "-"
+    return ", ".join(f"{p[k]['again_s']:.2f} ({p[k]['first_s']:.2f})" for k in ("padded", "unpadded"))
+
+
 def markdown(report: dict) -> str:
     """The report as a markdown table (times in ms, per call of `images` images)."""
     ms = lambda v: f"{v * 1e3:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
@@ -252,11 +286,12 @@ def markdown(report: dict) -> str:
     lines += ["| model | images | ORT fwd+VJP ms | ORT fwd ms | fwd+VJP / fwd | torch CUDA ms (cudnn.benchmark) "
               "| ORT / torch | grad vs CPU (rel L2) | first call s | exhaustive: first s, fwd+VJP ms | TF32: fwd+VJP ms, grad vs CPU "
               "| IO binding: fwd+VJP ms | K=16 multi / 16 single | fp16: fwd+VJP ms (x fp32), grad vs fp32, map corr "
-              "| fwd+VJP ms, batch size alternating with 4x on one unpadded session | ok |",
-              "|" + "---|" * 16]
+              "| fwd+VJP ms, batch size alternating with 4x on one unpadded session "
+              "| explain's mix of 7 calls, s: padded again (first), unpadded again (first) | ok |",
+              "|" + "---|" * 17]
     for r in report["models"]:
         if "error" in r:
-            lines.append(f"| {Path(r['model']).name} | error: {r['error']} |" + " |" * 14)
+            lines.append(f"| {Path(r['model']).name} | error: {r['error']} |" + " |" * 15)
             continue
         d, e, t, h, tc = r["default"], r["exhaustive"], r["tf32"], r["fp16"], r["torch_cuda"]
         torch_cell = (f"{ms(tc['vjp_s'])} ({ms(tc['vjp_benchmark_s'])})" if "vjp_s" in tc else tc.get("skipped", "-"))
@@ -270,7 +305,8 @@ def markdown(report: dict) -> str:
             f"{d['first_vjp_s']:.2f} | {e['first_vjp_s']:.2f}, {ms(e['vjp_s'])}{vs(e.get('vjp_vs_default'))} | "
             f"{ms(t['vjp_s'])}{vs(t.get('vjp_vs_default'))}, {t['input_grad_vs_cpu']:.3f} | "
             f"{io_binding(d)} | {r['multi_k16_s'] / r['single_x16_s']:.2f} | {fp16} | "
-            f"{ms(d.get('vjp_alternating_shapes_s'))} | {'yes' if r['ok'] else 'NO'} |")
+            f"{ms(d.get('vjp_alternating_shapes_s'))} | {pattern(r.get('explain_pattern'))} | "
+            f"{'yes' if r['ok'] else 'NO'} |")
     paired_run = any("vjp_vs_default" in r.get("default", {}) for r in report["models"])
     lines += ["", "Times are medians per call of `images` images, float32 with TF32 off unless named; "
               + ("(Nx): the median within-round ratio to the default configuration, all configurations "

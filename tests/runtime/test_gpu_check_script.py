@@ -36,3 +36,16 @@ def test_committed_results_render_one_row_per_model(tmp_path):
     for row, model in zip(rows, report["models"]):
         assert row.startswith(f"| {model['arch']} {model['layer']} |")
         assert f"{model['default']['vjp_s'] * 1e3:.2f}" in row
+
+
+def test_the_explain_pattern_cell_shows_padded_then_unpadded(tmp_path):
+    report = json.loads((ROOT / "bench" / "results" / "gpu_check.json").read_text())
+    report["models"][0]["explain_pattern"] = {"padded": {"again_s": 0.326, "first_s": 9.77},
+                                              "unpadded": {"again_s": 21.06, "first_s": 23.33}}
+    source, out = tmp_path / "report.json", tmp_path / "table"
+    source.write_text(json.dumps(report))
+    subprocess.run([sys.executable, str(SCRIPT), "--render", str(source), "--out", str(out)], check=True,
+                   timeout=120, cwd=tmp_path)
+    rows = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")]
+    assert "| 0.33 (9.77), 21.06 (23.33) |" in rows[1]
+    assert all(row.count("|") == rows[0].count("|") for row in rows)  # every row has every column
