@@ -219,10 +219,11 @@ class Engine:
     `precision="fp16"` (CUDA only) runs a float16 copy of the graph; compare it with fp32 before
     trusting it (bench/gpu_check.py does). `cuda_options` override the CUDA provider's options
     (sessions.CUDA_OPTIONS). `io_binding` feeds and fetches through an IO binding instead of a
-    plain run; by default (None) where the session runs on CUDA, where it measured 1-9% faster
-    (bench/gpu_check.py times both), and not on the CPU provider. `fixed_shapes` pads every call
-    to a few fixed input shapes per session (`pads`); by default where the session runs on CUDA,
-    whose provider plans its convolutions again for each new input shape.
+    plain run; by default (None) where the session runs on CUDA (H200 runs found it 1-9% faster in
+    one session, 3-32% slower in a later one: bench/gpu_check.py times both), not on the CPU
+    provider. `fixed_shapes` pads every call to a few fixed input shapes, one session per shape
+    (`pads`); by default where the session runs on CUDA, whose provider plans its convolutions
+    again whenever a session's input shape changes. Each session has its own GPU memory arena.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
@@ -423,8 +424,10 @@ class Engine:
         """Latent features [N, *feature_shape] of preprocessed images [N, 3, H, W]."""
         images = self._check_images(images)
         sess, bs = self._forward_session(), self.batch_size
-        out = [self._run(sess, [FEATURES], {IMAGE: self._padded(images[i:i + bs], bs)})[0][:len(images[i:i + bs])]
-               for i in range(0, len(images), bs)]
+        out = []
+        for i in range(0, len(images), bs):
+            chunk = images[i:i + bs]
+            out.append(self._run(sess, [FEATURES], {IMAGE: self._padded(chunk, bs)})[0][:len(chunk)])
         if not out:
             return np.empty((0, *self.info.feature_shape), np.float32)
         return out[0] if len(out) == 1 else np.concatenate(out)  # one call: no copy
