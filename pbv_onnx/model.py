@@ -219,11 +219,12 @@ class Engine:
     `precision="fp16"` (CUDA only) runs a float16 copy of the graph; compare it with fp32 before
     trusting it (bench/gpu_check.py does). `cuda_options` override the CUDA provider's options
     (sessions.CUDA_OPTIONS). `io_binding` feeds and fetches through an IO binding instead of a
-    plain run; by default (None) where the session runs on CUDA (H200 runs found it 1-9% faster in
-    one session, 3-32% slower in a later one: bench/gpu_check.py times both), not on the CPU
-    provider. `fixed_shapes` pads every call to a few fixed input shapes, one session per shape
-    (`pads`); by default where the session runs on CUDA, whose provider plans its convolutions
-    again whenever a session's input shape changes. Each session has its own GPU memory arena.
+    plain run; by default (None) where the session runs on CUDA (H200 runs found it 1-9% faster,
+    later ones 3-32% slower, partly an artefact of engine order: bench/gpu_check.py times both),
+    not on the CPU provider. `fixed_shapes` pads every call to a few fixed input shapes, one
+    session per shape (`pads`); by default where the session runs on CUDA, whose provider plans its
+    convolutions again whenever a session's input shape changes. Each session has its own GPU
+    memory arena.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
