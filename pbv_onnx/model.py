@@ -343,7 +343,8 @@ class Engine:
         """The K-per-image session for calls of `images` x `per_image` cotangents: where calls are
         padded, one session per such shape, so that no session ever sees a second input shape (on
         CUDA a session fed alternating shapes planned its convolutions again at each change: 1.4 s
-        per mobilenet_v2 call on an H200, against 14 ms with one shape per session)."""
+        per mobilenet_v2 call on an H200, against 14 ms with one shape per session). Models exported
+        before the passes were split run both layouts in their one session."""
         sess = self._multi
         if not (self.pads and self._split):
             return sess
