@@ -386,12 +386,13 @@ class Engine:
         sess.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
 
-    def _padded(self, rows: np.ndarray, n: int) -> np.ndarray:
-        """`rows` with zero rows appended up to `n` where calls are padded (`pads`), else as is."""
-        if not self.pads or len(rows) >= n:
+    def _padded(self, rows: np.ndarray, *lead: int) -> np.ndarray:
+        """`rows` zero-padded to `lead` along its leading axes where calls are padded (`pads`), else
+        as is."""
+        if not self.pads or rows.shape[:len(lead)] == lead:
             return rows
-        out = np.zeros((n, *rows.shape[1:]), rows.dtype)
-        out[:len(rows)] = rows
+        out = np.zeros((*lead, *rows.shape[len(lead):]), rows.dtype)
+        out[tuple(slice(0, n) for n in rows.shape[:len(lead)])] = rows
         return out
 
     @property
@@ -452,11 +453,11 @@ class Engine:
         feats, grads = [], []
         sess, bs = self._vjp, self.batch_size
         for i in range(0, len(images), bs):
-            m = len(images[i:i + bs])
-            f, g = self._run(sess, [FEATURES, INPUT_GRAD], {IMAGE: self._padded(images[i:i + bs], bs),
-                                                            COTANGENT: self._padded(cotangents[i:i + bs], bs)})
-            feats.append(f[:m])
-            grads.append(g[:m])
+            chunk, cot = images[i:i + bs], cotangents[i:i + bs]
+            f, g = self._run(sess, [FEATURES, INPUT_GRAD], {IMAGE: self._padded(chunk, bs),
+                                                            COTANGENT: self._padded(cot, bs)})
+            feats.append(f[:len(chunk)])
+            grads.append(g[:len(chunk)])
         if not feats:
             return (np.empty((0, *self.info.feature_shape), np.float32),
                     np.empty((0, *self.info.input_shape), np.float32))
@@ -517,13 +518,11 @@ class Engine:
             for j in range(0, K, kc):
                 c = cot[i:i + ni, j:j + kc]
                 m, k = c.shape[:2]
-                if self.pads and (m, k) != (ni, kc):
-                    c = np.zeros((ni, kc, *fs), np.float32)
-                    c[:m, :k] = cot[i:i + ni, j:j + kc]
+                fed = self._padded(c, ni, kc)
                 f, g = self._run(sess, [FEATURES, grad_out],
-                                 {IMAGE: self._padded(images[i:i + ni], ni), cot_in: c.reshape(-1, *fs)})
+                                 {IMAGE: self._padded(images[i:i + ni], ni), cot_in: fed.reshape(-1, *fs)})
                 feats[i:i + m] = f[:m]
-                grads[i:i + m, j:j + k] = g.reshape(*c.shape[:2], *self.info.input_shape)[:m, :k]
+                grads[i:i + m, j:j + k] = g.reshape(*fed.shape[:2], *self.info.input_shape)[:m, :k]
         return feats, grads
 
 

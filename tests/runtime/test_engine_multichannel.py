@@ -159,20 +159,26 @@ def test_bad_cotangent_shapes_are_usage_errors(models):
         multi.vjp_multi(x, cot[:, :, :2])
 
 
+def recorded(engine: Engine) -> list[tuple[int, dict]]:
+    """(id of the session, copies of the feeds) of each call `engine` makes from now on."""
+    calls = []
+    run = engine._run
+
+    def recording(sess, outputs, feeds):
+        calls.append((id(sess), {k: v.copy() for k, v in feeds.items()}))
+        return run(sess, outputs, feeds)
+
+    engine._run = recording
+    return calls
+
+
 def test_padded_calls_give_the_same_results_and_each_session_sees_one_shape(models):
     # fixed_shapes (the CUDA default): the CUDA provider plans its convolutions again whenever a
     # session's input shape changes, so calls are padded with zero rows to a few shapes, and the
     # K-per-image pass has one session per shape.
     plain = Engine(models[1], device="cpu", batch_size=4)
     padded = Engine(models[1], device="cpu", batch_size=4, fixed_shapes=True)
-    fed = {}  # session -> the input shapes it was fed
-    run = padded._run
-
-    def recording(sess, outputs, feeds):
-        fed.setdefault(id(sess), set()).add(tuple(v.shape for v in feeds.values()))
-        return run(sess, outputs, feeds)
-
-    padded._run = recording
+    calls = recorded(padded)
     x, cot = _inputs(7, 6, seed=4)
     np.testing.assert_allclose(padded.features(x), plain.features(x), rtol=1e-6, atol=1e-6)  # 4 + 3 rows
     for got, want in zip(padded.vjp(x[:5], cot[:5, 0]), plain.vjp(x[:5], cot[:5, 0])):
@@ -182,6 +188,9 @@ def test_padded_calls_give_the_same_results_and_each_session_sees_one_shape(mode
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert padded.pads and not plain.pads  # the CPU provider runs unpadded by default
+    fed = {}  # session -> the input shapes it was fed
+    for session, feeds in calls:
+        fed.setdefault(session, set()).add(tuple(v.shape for v in feeds.values()))
     if has_split_passes(onnx.load(str(models[1]))):
         assert all(len(shapes) == 1 for shapes in fed.values()), fed
         assert len(fed) == 4  # features, one per image, and K-per-image at (2 x 2) and (1 x 4)
@@ -213,19 +222,12 @@ def vjp_of_repeated_images(models, order: list[int], seed: int, **engine_kw) -> 
     x, _ = _inputs(3, 1, seed=seed)
     images = x[order]
     cots = np.random.default_rng(seed + 1).standard_normal((len(order), *FEATURE_SHAPE)).astype(np.float32)
-    fed = []
-    run = multi._run
-
-    def recording(sess, outputs, feeds):
-        fed.append({k: v.copy() for k, v in feeds.items()})
-        return run(sess, outputs, feeds)
-
-    multi._run = recording
+    calls = recorded(multi)
     f, g = multi.vjp(images, cots)
     f1, g1 = single.vjp(images, cots)
     np.testing.assert_allclose(f, f1, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-6)
-    return fed
+    return [feeds for _, feeds in calls]
 
 
 def test_vjp_with_repeated_images_runs_each_forward_once(models):
