@@ -167,13 +167,18 @@ def bench_backbone(name, arch, layer, weights, repeats, n_images, threads) -> di
         (g,) = torch.autograd.grad(y, xi, ct)
         out["torch"] = g
 
+    def torch_fwd():  # the yardstick of torch's own fwd+VJP / fwd (the issue's 2x floor)
+        with torch.no_grad():
+            net(xt)
+
     def ort_vjp():
         out["ort"] = eng.vjp(x, cot)[1]
 
     def ort_fwd():
         eng.features(x)
 
-    times, rounds = _median_times({"torch_vjp": torch_vjp, "ort_vjp": ort_vjp, "ort_forward": ort_fwd}, repeats)
+    times, rounds = _median_times({"torch_vjp": torch_vjp, "torch_forward": torch_fwd, "ort_vjp": ort_vjp,
+                                   "ort_forward": ort_fwd}, repeats)
     # fwd+VJP against forward alone, also in rounds of their own: the ratio of two short runs
     # moves with the shared machine's load, so the cheap backbones get more rounds (up to
     # ORT_ROUNDS_S seconds; the torch-interleaved value is kept as ort_over_2fwd_beside_torch)
@@ -190,6 +195,8 @@ def bench_backbone(name, arch, layer, weights, repeats, n_images, threads) -> di
            "ort_over_torch": round(_paired(rounds, "ort_vjp", "torch_vjp"), 3),
            "ort_over_2fwd": round(_paired(ort_rounds, "ort_vjp", "ort_forward") / 2, 3),
            "ort_over_2fwd_beside_torch": round(_paired(rounds, "ort_vjp", "ort_forward") / 2, 3),
+           "torch_over_2fwd": round(_paired(rounds, "torch_vjp", "torch_forward") / 2, 3),
+           "ort_fwd_over_torch_fwd": round(_paired(rounds, "ort_forward", "torch_forward"), 3),
            "grad_rel_l2_vs_torch": float(f"{err:.2e}"), "load": _machine_load()}
     print(json.dumps(row), flush=True)
     return row
@@ -419,6 +426,19 @@ def markdown(results: dict) -> str:
                      f"{r['ort_over_2fwd_beside_torch']:.2f} | "
                      f"{r['grad_rel_l2_vs_torch']:.1e} | {r['repeats']} / {r['ort_repeats']} | "
                      f"{r['load'][0]} |")
+    same = [r for r in results["backbones"] if "torch_forward" in r]  # (results before it lack it)
+    if same:
+        lines += ["", "## The same ratios for torch, from the rounds above", "",
+                  "The forward pass sets both targets' scale: fwd+VJP / (2 x fwd) is measured against each "
+                  "runtime's own forward pass, and ORT/torch for fwd+VJP follows from how fast each runs the "
+                  "forward pass and how fast the backward one.", "",
+                  "| backbone | torch forward (s) | torch/(2 x torch fwd) | ORT/(2 x ORT fwd) | "
+                  "ORT forward / torch forward | ORT fwd+VJP / torch fwd+VJP |",
+                  "|---|---|---|---|---|---|"]
+        for r in same:
+            lines.append(f"| {r['arch']} {r['layer']} | {r['torch_forward']:.3f} | {r['torch_over_2fwd']:.2f} | "
+                         f"{r['ort_over_2fwd_beside_torch']:.2f} | {r['ort_fwd_over_torch_fwd']:.2f} | "
+                         f"{r['ort_over_torch']:.2f} |")
     mc = results.get("multichannel")
     if mc:
         lines += ["", f"## Multi-channel explain: one object ({mc['object']}) for K={mc['k']} channels, "
