@@ -167,7 +167,7 @@ def bench_backbone(name, arch, layer, weights, repeats, n_images, threads) -> di
         (g,) = torch.autograd.grad(y, xi, ct)
         out["torch"] = g
 
-    def torch_fwd():  # the yardstick of torch's own fwd+VJP / fwd (the 2x floor)
+    def torch_fwd():  # torch's own fwd+VJP / fwd, beside onnxruntime's (an input-only VJP ~ one forward)
         with torch.no_grad():
             net(xt)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@functools.cache
 def _bench():
     # the module imports torch only inside the functions that time it: rendering needs none
     spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
