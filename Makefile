@@ -32,7 +32,7 @@ $(VENV)/runtime/.done: pyproject.toml
 
 # What a rig machine installs: `pip install .`, no extras, not editable (measured by `make bench`).
 CORE_PY := $(VENV)/core/bin/python
-$(VENV)/core/.done: pyproject.toml $(wildcard pbv_onnx/*.py pbv_onnx/*/*.py cli/*.py)
+$(VENV)/core/.done: pyproject.toml $(wildcard pbv_onnx/*.py pbv_onnx/*/*.py cli/*.py export/*.py)
 	rm -rf $(VENV)/core
 	$(PYTHON) -m venv $(VENV)/core
 	$(CORE_PY) -m pip install -q --upgrade pip
@@ -50,7 +50,7 @@ TEST_MODELS := $(BUILD)/models/resnet18_avg.onnx \
   $(if $(wildcard $(WEIGHTS)),$(BUILD)/models/mobilenet_v2-features.18.onnx)
 
 # re-exported when the export code changes (the graph it writes is what the runtime tests test)
-EXPORT_SRC := $(wildcard export/*.py) pbv_onnx/model.py
+EXPORT_SRC := $(wildcard export/*.py) pbv_onnx/runtime/modelfile.py
 
 models: $(TEST_MODELS)
 

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from pbv_onnx.readouts import DEFAULT_ALPHAS, gram, ridge_cv
+from pbv_onnx.method.ridge import DEFAULT_ALPHAS, gram, ridge_cv
 
 
 def main() -> None:

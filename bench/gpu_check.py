@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from pbv_onnx.stats import rel_l2  # noqa: E402
+from pbv_onnx.method.stats import rel_l2  # noqa: E402
 
 # CUDA fp32 (TF32 off) vs CPU fp32 input_grad, relative L2. Different convolution algorithms sum in
 # different orders: the CPU provider itself is 1.9e-3 to 7e-3 away from torch autograd on the
@@ -92,7 +92,7 @@ def paired(rounds: list, a: str, b: str) -> float:
 def images_for(spec, n: int, photos: Path | None) -> np.ndarray:
     """n preprocessed photographs from `photos` (default: the shared folder), else uniform noise."""
     from pbv_onnx.demo.sources import shared_photos
-    from pbv_onnx.images import load_batch
+    from pbv_onnx.runtime.images import load_batch
 
     files = shared_photos(photos)
     if files:
@@ -104,7 +104,7 @@ def images_for(spec, n: int, photos: Path | None) -> np.ndarray:
 def weights_file(record: dict, search: Path | None) -> Path | None:
     """The weights file a model's metadata names: its path, else a file of that name in `search`
     with the recorded sha256."""
-    from pbv_onnx.model import file_sha256
+    from pbv_onnx.runtime.modelfile import file_sha256
 
     path = Path(record.get("path", ""))
     if path.is_file():
@@ -123,7 +123,7 @@ def torch_cuda(info, x: np.ndarray, cot: np.ndarray, search: Path | None) -> dic
     try:
         import torch
 
-        from export import backbone
+        from pbv_onnx.export import backbone
     except Exception as exc:  # torch/torchvision absent on this machine
         return {"skipped": f"torch not importable ({exc.__class__.__name__}: {exc})"}
     if not torch.cuda.is_available():
@@ -157,7 +157,7 @@ EXPLAIN_CALLS = [(6, 0), (2, 4), (11, 0), (3, 3), (1, 5), (14, 0), (4, 2)]
 def explain_pattern(path: Path, x: np.ndarray, fixed_shapes: bool) -> dict:
     """Seconds for EXPLAIN_CALLS on a fresh engine at explain's batch size: the first pass (sessions
     made, convolutions planned) and a second one. Unpadded, each call's shape differs from the last."""
-    from pbv_onnx.model import Engine
+    from pbv_onnx.runtime.engine import Engine
 
     eng = Engine(path, device="cuda", fixed_shapes=fixed_shapes)
     fs = eng.info.feature_shape
@@ -176,7 +176,7 @@ def explain_pattern(path: Path, x: np.ndarray, fixed_shapes: bool) -> dict:
 
 
 def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: Path | None = None) -> dict:
-    from pbv_onnx.model import Engine
+    from pbv_onnx.runtime.engine import Engine
 
     cpu = Engine(path, device="cpu", batch_size=n)
     x = images_for(cpu.info.preprocessing, n, photos)
@@ -341,7 +341,7 @@ def main() -> int:
                     "device": ort.get_device(), "gpu": gpu_name(), "models": []}
     print(json.dumps({k: report[k] for k in ("onnxruntime", "providers", "device")}), flush=True)
     if "CUDAExecutionProvider" not in report["providers"]:
-        from pbv_onnx.sessions import cuda_missing_reason
+        from pbv_onnx.runtime.sessions import cuda_missing_reason
 
         report["note"] = f"no CUDAExecutionProvider: {cuda_missing_reason()}"
         print(report["note"])

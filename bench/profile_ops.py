@@ -25,9 +25,9 @@ def profile(path: str, images: int = 8, runs: int = 3, threads: int | None = Non
     Engine.vjp runs it), on random inputs, after a warm-up run."""
     import onnxruntime as ort
 
-    from pbv_onnx.model import (COTANGENT, FEATURES, IMAGE, INPUT_GRAD, has_split_passes, read_info, read_model,
-                                vjp_subgraph)
-    from pbv_onnx.sessions import session_options
+    from pbv_onnx.runtime.engine import COTANGENT, FEATURES, IMAGE, INPUT_GRAD
+    from pbv_onnx.runtime.modelfile import has_split_passes, read_info, read_model, vjp_subgraph
+    from pbv_onnx.runtime.sessions import session_options
 
     data, proto, _ = read_model(path)
     info = read_info(path, data, proto)

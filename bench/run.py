@@ -49,8 +49,8 @@ def _machine_load() -> list[float]:
 
 
 def _images(spec, n: int) -> tuple[np.ndarray, str]:
-    from export.verify import smooth_images
-    from pbv_onnx.images import load_batch
+    from pbv_onnx.export.verify import smooth_images
+    from pbv_onnx.runtime.images import load_batch
 
     from pbv_onnx.demo.sources import shared_photos
 
@@ -75,10 +75,10 @@ def build_model(arch: str, layer: str, weights: str, threads: int):
     number is still printed for the timed outputs)."""
     import torch
 
-    from export import backbone
-    from export.adjoint import ADJOINT_DESCRIPTION, VJPModule
-    from export.pipeline import DEFAULT_OPSET, vjp_proto
-    from pbv_onnx.model import FORMAT_VERSION, MULTI_COTANGENT
+    from pbv_onnx.export import backbone
+    from pbv_onnx.export.adjoint import ADJOINT_DESCRIPTION, VJPModule
+    from pbv_onnx.export.pipeline import DEFAULT_OPSET, vjp_proto
+    from pbv_onnx.runtime.modelfile import FORMAT_VERSION, MULTI_COTANGENT
 
     torch.set_num_threads(threads)
     if weights == "shared":
@@ -147,8 +147,8 @@ def _paired(times: dict[str, list[float]], a: str, b: str) -> float:
 def bench_backbone(name, arch, layer, weights, repeats, n_images, threads) -> dict:
     import torch
 
-    from export.verify import rel_l2
-    from pbv_onnx.model import Engine
+    from pbv_onnx.export.verify import rel_l2
+    from pbv_onnx.runtime.engine import Engine
 
     t0 = time.perf_counter()
     net, path = build_model(arch, layer, weights, threads)
@@ -210,11 +210,11 @@ def make_study(folder: Path, model: Path, channels: int = 16, seed: int = 0) -> 
     dragonfly; the rest bodies), `channels` synthetic channels = random readouts + noise."""
     import xarray as xr
 
-    from pbv_onnx.features import model_attrs
-    from pbv_onnx.images import load_batch
-    from pbv_onnx.model import Engine
-    from pbv_onnx.readouts import write_readouts
-    from pbv_onnx.responses import make_responses
+    from pbv_onnx.data.features import model_attrs
+    from pbv_onnx.runtime.images import load_batch
+    from pbv_onnx.runtime.engine import Engine
+    from pbv_onnx.data.readouts import write_readouts
+    from pbv_onnx.data.responses import make_responses
 
     from pbv_onnx.demo.sources import shared_photos
 
@@ -242,8 +242,8 @@ def make_study(folder: Path, model: Path, channels: int = 16, seed: int = 0) -> 
 def bench_multichannel(study_files: dict, threads: int, repeats: int = 5, k: int = 16) -> dict:
     """One object explained for K channels (one call) vs the same K pairs one call each; with a
     reference per channel and with one shared reference; and the K pairs with sharing switched off."""
-    from pbv_onnx import explain as ex
-    from pbv_onnx.model import Engine
+    from pbv_onnx.workflows import explain as ex
+    from pbv_onnx.runtime.engine import Engine
 
     eng = Engine(study_files["model"], device="cpu", threads=threads)
     study = ex.open_study(study_files["model"], study_files["readouts"], study_files["responses"],
@@ -286,8 +286,8 @@ def bench_multichannel(study_files: dict, threads: int, repeats: int = 5, k: int
 def bench_study(study_files: dict, threads: int, repeats: int = 3) -> dict:
     """A whole study, as `pbv-onnx explain` runs it: every channel x every object, each matched to
     its reference (features cached), then explained; the time in onnxruntime's calls and outside."""
-    from pbv_onnx import explain as ex
-    from pbv_onnx.model import Engine
+    from pbv_onnx.workflows import explain as ex
+    from pbv_onnx.runtime.engine import Engine
 
     eng = Engine(study_files["model"], device="cpu", threads=threads)
     inside = [0.0]
@@ -332,13 +332,13 @@ def bench_study(study_files: dict, threads: int, repeats: int = 3) -> dict:
 COLD_PROBE = """
 import json, sys, time
 t0 = time.perf_counter()
-import cli.main  # everything `pbv-onnx explain` imports
+import pbv_onnx.cli.main  # everything `pbv-onnx explain` imports
 t1 = time.perf_counter()
-from pbv_onnx.model import Engine
+from pbv_onnx.runtime.engine import Engine
 engine = Engine(sys.argv[1], device="cpu")
 engine._vjp  # the session explain runs (made on first use), so that explain_s holds no session creation
 t2 = time.perf_counter()
-from pbv_onnx import explain as ex
+from pbv_onnx.workflows import explain as ex
 study = ex.open_study(sys.argv[1], sys.argv[2], sys.argv[3], features_cache=sys.argv[4], device="cpu",
                       progress=False, engine=engine)
 ds = ex.explain(study, ex.build_pairs(study, ["0"], [sys.argv[5]]))

@@ -15,7 +15,7 @@ except ImportError:  # older typer runs on click itself
     from click.exceptions import ClickException, NoArgsIsHelpError
 
 from pbv_onnx import __version__
-from pbv_onnx.errors import EXIT_INTERRUPTED, PbvError
+from pbv_onnx.base.errors import EXIT_INTERRUPTED, PbvError
 
 app = typer.Typer(
     name="pbv-onnx",

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.app import app
-from cli.options import BATCH_SIZE, DEVICE, FEATURES, FORCE, IMAGES, MODEL
+from pbv_onnx.cli.app import app
+from pbv_onnx.cli.options import BATCH_SIZE, DEVICE, FEATURES, FORCE, IMAGES, MODEL
 
 
 
@@ -27,7 +27,7 @@ def import_responses(
     force: bool = FORCE,
 ) -> None:
     """Build a responses file from a CSV table or a .npy array."""
-    from pbv_onnx.responses import import_responses as run
+    from pbv_onnx.data.responses import import_responses as run
 
     ds = run(out, csv_path=csv, npy_path=npy, stimuli=stimuli, channels=channels, preferred=preferred,
              units=units, force=force)
@@ -47,7 +47,7 @@ def features(
     force: bool = typer.Option(False, "--force", help="Recompute everything and replace --out."),
 ) -> None:
     """Compute (or update) the latent features of every stimulus image."""
-    from pbv_onnx.features import features_for_responses
+    from pbv_onnx.data.features import features_for_responses
 
     da = features_for_responses(model, responses, out, images, device, batch_size, force)
     typer.echo(f"{out}: {da.sizes['stimulus']} stimuli x {da.sizes['feature']} features")
@@ -72,7 +72,7 @@ def fit(
     force: bool = FORCE,
 ) -> None:
     """Fit a ridge readout per channel on the preferred-category images."""
-    from pbv_onnx.readouts import fit_files, parse_alphas
+    from pbv_onnx.data.readouts import fit_files, parse_alphas
 
     ds = fit_files(model, responses, out, images, features, preferred, parse_alphas(alphas), folds, seed,
                    device, batch_size, force)
@@ -92,7 +92,7 @@ def predict(
     force: bool = FORCE,
 ) -> None:
     """Predict every channel's response to images."""
-    from pbv_onnx.readouts import prediction_table, predict_files
+    from pbv_onnx.data.readouts import prediction_table, predict_files
 
     pred = predict_files(model, readouts, list(images) + list(more or []), out, device, batch_size, force)
     if out is None:
@@ -109,7 +109,7 @@ def evaluate(
     force: bool = FORCE,
 ) -> None:
     """Per-channel table and Fig. 3a: held-out r, out-of-category r, reliability, critical r."""
-    from pbv_onnx.evaluate import evaluate_files
+    from pbv_onnx.workflows.evaluate import evaluate_files
 
     table = evaluate_files(readouts, responses, out, force)
     typer.echo(f"{out}: {table.sizes['channel']} channels")

@@ -8,8 +8,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.app import app
-from cli.options import DEVICE
+from pbv_onnx.cli.app import app
+from pbv_onnx.cli.options import DEVICE
 
 demo_app = typer.Typer(help="The embedded demo: real photographs, synthetic body-selective channels "
                        "with a known answer, and validation against it.", no_args_is_help=True)
@@ -62,7 +62,7 @@ def validate(
 ) -> None:
     """Score the maps against the planted body parts; print and write the validation table."""
     from pbv_onnx.demo.validate import run_validation, write_results
-    from pbv_onnx.saliency import METHODS
+    from pbv_onnx.method.saliency import METHODS
 
     res = run_validation(model, readouts, experiment, methods=method or METHODS, per_object=per_object,
                          steps=steps, device=device, log=_say)

@@ -9,14 +9,15 @@ from typing import List, Optional
 
 import typer
 
-from cli.app import app
-from cli.options import BATCH_SIZE, DEVICE, FEATURES, IMAGES, MODEL
-from pbv_onnx import explain as ex
-from pbv_onnx import checkpoint, report
-from pbv_onnx.atomic import claim_output
-from pbv_onnx.errors import UsageError
-from pbv_onnx.saliency import BASELINES, DEFAULT_STEPS, METHODS, check_options
-from pbv_onnx.similarity import CANDIDATE_MODES, DEFAULT_TOP_K
+from pbv_onnx.cli.app import app
+from pbv_onnx.cli.options import BATCH_SIZE, DEVICE, FEATURES, IMAGES, MODEL
+from pbv_onnx.workflows import explain as ex
+from pbv_onnx.workflows import checkpoint
+from pbv_onnx.report import html as report
+from pbv_onnx.base.atomic import claim_output
+from pbv_onnx.base.errors import UsageError
+from pbv_onnx.method.saliency import BASELINES, DEFAULT_STEPS, METHODS, check_options
+from pbv_onnx.method.similarity import CANDIDATE_MODES, DEFAULT_TOP_K
 
 _READOUTS = typer.Option(..., "--readouts", help="Readouts file (from `pbv-onnx fit`) for this model.")
 _RESPONSES = typer.Option(..., "--responses", help="Recorded responses file (NetCDF).")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import gc
 import signal
 
-from cli.app import app, run
-from cli import model_cmds  # noqa: F401  (export, info)
-from cli import data_cmds  # noqa: F401  (import-responses, features, fit, predict, evaluate)
-from cli import explain_cmds  # noqa: F401  (match, explain)
-from cli import demo_cmds  # noqa: F401  (demo build, demo validate)
+from pbv_onnx.cli.app import app, run
+from pbv_onnx.cli import model_cmds  # noqa: F401  (export, info)
+from pbv_onnx.cli import data_cmds  # noqa: F401  (import-responses, features, fit, predict, evaluate)
+from pbv_onnx.cli import explain_cmds  # noqa: F401  (match, explain)
+from pbv_onnx.cli import demo_cmds  # noqa: F401  (demo build, demo validate)
 
 
 def main() -> None:

@@ -8,9 +8,9 @@ from typing import Optional, Tuple
 
 import typer
 
-from cli.app import app
-from pbv_onnx.errors import DependencyError
-from pbv_onnx.model import DEFAULT_GRAD_TOLERANCE, DEFAULT_OPSET, DEFAULT_TOLERANCE, FLOOR_FACTOR
+from pbv_onnx.cli.app import app
+from pbv_onnx.base.errors import DependencyError
+from pbv_onnx.runtime.modelfile import DEFAULT_GRAD_TOLERANCE, DEFAULT_OPSET, DEFAULT_TOLERANCE, FLOOR_FACTOR
 
 EXPORT_HINT = "the export stage needs PyTorch: pip install 'pbv-onnx[export]'"
 
@@ -18,7 +18,7 @@ EXPORT_HINT = "the export stage needs PyTorch: pip install 'pbv-onnx[export]'"
 def _export_module():
     """Import the export stage lazily: the CLI itself never imports torch."""
     try:
-        import export
+        from pbv_onnx import export
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in {"torch", "torchvision", "onnxscript"}:
             raise DependencyError(None, EXPORT_HINT) from None
@@ -72,7 +72,7 @@ def info_cmd(
 
 def describe_model(path: Path) -> dict:
     """Everything `info` prints: metadata, content hash, size, shapes."""
-    from pbv_onnx.model import read_info
+    from pbv_onnx.runtime.modelfile import read_info
 
     info = read_info(path)
     return {"path": str(info.path), "sha256": info.sha256, "size_bytes": info.path.stat().st_size,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from pbv_onnx.errors import ModelError
+from pbv_onnx.base.errors import ModelError
 
 # How the backward graph is built, recorded in the model's metadata.
 ADJOINT_DESCRIPTION = (

@@ -12,9 +12,9 @@ import torch.fx as fx
 import torchvision
 from torch import nn
 
-from pbv_onnx.errors import ModelError, UsageError
-from pbv_onnx.images import Preprocessing
-from pbv_onnx.model import file_sha256
+from pbv_onnx.base.errors import ModelError, UsageError
+from pbv_onnx.runtime.images import Preprocessing
+from pbv_onnx.runtime.modelfile import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

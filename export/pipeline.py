@@ -17,16 +17,17 @@ import torchvision
 from torch import nn
 
 import pbv_onnx
-from pbv_onnx.atomic import atomic_file, check_writable
-from pbv_onnx.errors import ModelError, UsageError
-from pbv_onnx.images import Preprocessing
-from pbv_onnx.model import (COTANGENT, COTANGENTS, DEFAULT_GRAD_TOLERANCE, DEFAULT_OPSET, DEFAULT_TOLERANCE,
-                            FEATURES, FLOOR_FACTOR, FORMAT_VERSION, IMAGE, INPUT_GRAD, INPUT_GRADS,
-                            MULTI_COTANGENT, features_subgraph, multi_subgraph, read_info, vjp_subgraph)
-from pbv_onnx.sessions import session_options
+from pbv_onnx.base.atomic import atomic_file, check_writable
+from pbv_onnx.base.errors import ModelError, UsageError
+from pbv_onnx.runtime.images import Preprocessing
+from pbv_onnx.runtime.engine import COTANGENT, COTANGENTS, FEATURES, IMAGE, INPUT_GRAD, INPUT_GRADS
+from pbv_onnx.runtime.modelfile import (DEFAULT_GRAD_TOLERANCE, DEFAULT_OPSET, DEFAULT_TOLERANCE, FLOOR_FACTOR,
+                                        FORMAT_VERSION, MULTI_COTANGENT, features_subgraph, multi_subgraph,
+                                        read_info, vjp_subgraph)
+from pbv_onnx.runtime.sessions import session_options
 
-from . import backbone, verify
-from .adjoint import ADJOINT_DESCRIPTION, VJPModule
+from pbv_onnx.export import backbone, verify
+from pbv_onnx.export.adjoint import ADJOINT_DESCRIPTION, VJPModule
 
 
 def _stderr(msg: str) -> None:
@@ -103,7 +104,7 @@ def keep_batch_axis(proto) -> int:
     changes, since a restored axis can reach further Resizes. Returns how many were annotated."""
     from onnx import numpy_helper
 
-    from pbv_onnx.layout import inferred_types
+    from pbv_onnx.runtime.layout import inferred_types
 
     consts = {t.name: t for t in proto.graph.initializer}
     consts.update({n.output[0]: n.attribute[0].t for n in proto.graph.node

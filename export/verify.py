@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from pbv_onnx.demo.sources import shared_photos
-from pbv_onnx.images import Preprocessing, load_batch
-from pbv_onnx.stats import rel_l2
-from pbv_onnx.model import COTANGENT, FEATURES, FLOOR_FACTOR, IMAGE, INPUT_GRAD
+from pbv_onnx.runtime.images import Preprocessing, load_batch
+from pbv_onnx.method.stats import rel_l2
+from pbv_onnx.runtime.engine import COTANGENT, FEATURES, IMAGE, INPUT_GRAD
+from pbv_onnx.runtime.modelfile import FLOOR_FACTOR
 
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pbv_onnx.images import load_batch
-from pbv_onnx.model import Engine
-from pbv_onnx.responses import make_responses
+from pbv_onnx.runtime.images import load_batch
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.data.responses import make_responses
 
 
 def stimulus_images(rng: np.random.Generator, n: int, kind: str, size: int = 16) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pbv_onnx.images import Preprocessing
+from pbv_onnx.runtime.images import Preprocessing
 
 SIZE = 16
 FEATURE_SHAPE = (6, SIZE // 2, SIZE // 2)

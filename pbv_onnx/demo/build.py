@@ -8,14 +8,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-from ..atomic import atomic_dir
-from ..errors import UsageError
-from ..images import load_batch
-from ..model import Engine
-from ..responses import make_responses
-from . import synthetic
-from .sources import available_sources
-from .stimuli import Counts, plan_stimuli, write_stimuli
+from pbv_onnx.base.atomic import atomic_dir
+from pbv_onnx.base.errors import UsageError
+from pbv_onnx.runtime.images import load_batch
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.data.responses import make_responses
+from pbv_onnx.demo import synthetic
+from pbv_onnx.demo.sources import available_sources
+from pbv_onnx.demo.stimuli import Counts, plan_stimuli, write_stimuli
 
 RESPONSES = "responses.nc"
 GROUND_TRUTH = "ground_truth.nc"

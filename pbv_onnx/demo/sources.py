@@ -103,8 +103,8 @@ def default_shared() -> Path:
 
 def shared_photos(folder: Path | None = None) -> list[Path]:
     """The photographs in `folder` (default `default_shared()`), sorted; [] where there are none."""
-    from ..errors import InputDataError
-    from ..readouts import image_files
+    from pbv_onnx.base.errors import InputDataError
+    from pbv_onnx.data.readouts import image_files
 
     folder = default_shared() if folder is None else folder
     if not folder.is_dir():

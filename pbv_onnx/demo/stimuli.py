@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..errors import InputDataError
-from .sources import Source
+from pbv_onnx.base.errors import InputDataError
+from pbv_onnx.demo.sources import Source
 
 TABLE = "stimuli.csv"
 

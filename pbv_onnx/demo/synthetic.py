@@ -26,8 +26,8 @@ from typing import Sequence
 import numpy as np
 import xarray as xr
 
-from ..errors import UsageError
-from .stimuli import Stimulus
+from pbv_onnx.base.errors import UsageError
+from pbv_onnx.demo.stimuli import Stimulus
 
 REGIONS = ("MSB", "ASB")
 # Per region: features per channel, size of the feature pool they are drawn from, pooling

@@ -11,16 +11,16 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .. import explain as ex
-from ..atomic import atomic_file
-from ..errors import InputDataError
-from ..images import Preprocessing, display_image, load_batch
-from ..saliency import METHODS, check_options
-from .stimuli import TABLE, Stimulus, load_mask, read_table
+from pbv_onnx.workflows import explain as ex
+from pbv_onnx.base.atomic import atomic_file
+from pbv_onnx.base.errors import InputDataError
+from pbv_onnx.runtime.images import Preprocessing, display_image, load_batch
+from pbv_onnx.method.saliency import METHODS, check_options
+from pbv_onnx.demo.stimuli import TABLE, Stimulus, load_mask, read_table
 
 if TYPE_CHECKING:
-    from ..model import Engine
-    from .synthetic import GroundTruth
+    from pbv_onnx.runtime.engine import Engine
+    from pbv_onnx.demo.synthetic import GroundTruth
 
 # Deletion test: the image is cut into DELETION_PATCH x DELETION_PATCH blocks, ranked by the map's
 # summed saliency; blocks are set to the preprocessing mean (grey), most salient first or in a
@@ -175,19 +175,19 @@ class Truth:
     index: dict              # channel id (text) -> row of the ground truth
 
     def rates(self, feats: np.ndarray) -> np.ndarray:
-        from . import synthetic
+        from pbv_onnx.demo import synthetic
         return synthetic.mean_rate(self.model, feats)
 
     def maps(self, feats: np.ndarray) -> np.ndarray:
-        from . import synthetic
+        from pbv_onnx.demo import synthetic
         return synthetic.local_maps(self.model, feats)
 
 
 def load_truth(experiment: Path, study: ex.Study, device: str = "auto") -> Truth | None:
     """The ground truth beside an experiment, when its model is there too (else None)."""
-    from ..model import Engine
-    from ..netcdf import read_netcdf
-    from . import synthetic
+    from pbv_onnx.runtime.engine import Engine
+    from pbv_onnx.base.netcdf import read_netcdf
+    from pbv_onnx.demo import synthetic
 
     gt_path = experiment / "ground_truth.nc"
     if not gt_path.is_file():

@@ -22,7 +22,7 @@ SMALL = "64x64"  # random-weight backbones are verified at a small input size to
 
 def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`pbv-onnx ARGS` in a subprocess of this interpreter, with the project importable."""
-    code = "import sys; from cli.main import main; sys.argv = ['pbv-onnx'] + sys.argv[1:]; main()"
+    code = "import sys; from pbv_onnx.cli.main import main; sys.argv = ['pbv-onnx'] + sys.argv[1:]; main()"
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -80,7 +80,7 @@ def mnv2_model(export_dir) -> Path:
 
 
 def _export(export_dir: Path, name: str, **kwargs) -> Path:
-    from export import export_model
+    from pbv_onnx.export import export_model
 
     out = export_dir / f"{name}.onnx"
     if not out.exists():

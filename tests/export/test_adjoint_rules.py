@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export import adjoint
-from export.adjoint import VJPModule
+from pbv_onnx.export import adjoint
+from pbv_onnx.export.adjoint import VJPModule
 
 
 def autograd_input_grad(f, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -7,16 +7,16 @@ import pytest
 import xarray as xr
 
 torch = pytest.importorskip("torch", reason="the parity test runs in the export environment (.venv/export)")
-pipeline = pytest.importorskip("export.pipeline", reason="the export stage (export/pipeline.py) is not present")
+pipeline = pytest.importorskip("pbv_onnx.export.pipeline", reason="the export stage (export/pipeline.py) is not present")
 
-from export import backbone  # noqa: E402
-from pbv_onnx import explain as ex  # noqa: E402
-from pbv_onnx.features import model_attrs  # noqa: E402
-from pbv_onnx.images import load_batch  # noqa: E402
-from pbv_onnx.model import Engine  # noqa: E402
-from pbv_onnx.readouts import write_readouts  # noqa: E402
-from pbv_onnx.responses import make_responses  # noqa: E402
-from pbv_onnx.stats import rel_l2  # noqa: E402
+from pbv_onnx.export import backbone  # noqa: E402
+from pbv_onnx.workflows import explain as ex  # noqa: E402
+from pbv_onnx.data.features import model_attrs  # noqa: E402
+from pbv_onnx.runtime.images import load_batch  # noqa: E402
+from pbv_onnx.runtime.engine import Engine  # noqa: E402
+from pbv_onnx.data.readouts import write_readouts  # noqa: E402
+from pbv_onnx.data.responses import make_responses  # noqa: E402
+from pbv_onnx.method.stats import rel_l2  # noqa: E402
 
 ARCH, LAYER, SIZE = "resnet18", "layer2", "64x64"
 
@@ -70,7 +70,7 @@ def test_explained_pair_equals_torch_autograd(setup, candidates):
     ours_phi = study.phi([pairs[0].ooc, pairs[0].reference])
     assert rel_l2(ours_phi, phi) < 1e-5
     assert float(ds["similarity"][0]) == pytest.approx(s, abs=1e-6)
-    from pbv_onnx.saliency import hadamard_weights
+    from pbv_onnx.method.saliency import hadamard_weights
     assert rel_l2(hadamard_weights(w, *ours_phi), v) < 1e-5
     grads = ds["input_grad"].values[0]
     print(f"\nparity ({candidates}): features {rel_l2(ours_phi, phi):.1e}, similarity "

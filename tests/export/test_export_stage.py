@@ -13,10 +13,10 @@ from torch import nn
 from torchvision import transforms as T
 
 from conftest import ROOT, SHARED, run_cli, tiny_cnn
-from export import adjoint, export_model
-from export.backbone import build_preprocessing
-from pbv_onnx.errors import ModelError, OutputError, UsageError
-from pbv_onnx.images import preprocess
+from pbv_onnx.export import adjoint, export_model
+from pbv_onnx.export.backbone import build_preprocessing
+from pbv_onnx.base.errors import ModelError, OutputError, UsageError
+from pbv_onnx.runtime.images import preprocess
 
 
 def _pil_images() -> list[Image.Image]:

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import MNV2_WEIGHTS, tiny_cnn
-from export import adjoint, export_model
-from export.verify import rel_l2, smooth_images
-from pbv_onnx.errors import ModelError
-from pbv_onnx.model import Engine
+from pbv_onnx.export import adjoint, export_model
+from pbv_onnx.export.verify import rel_l2, smooth_images
+from pbv_onnx.base.errors import ModelError
+from pbv_onnx.runtime.engine import Engine
 from test_parity import _resnet_trunk, assert_parity, autograd_vjp, photos, seeded
 
 
@@ -185,7 +185,7 @@ def test_a_wrong_multi_cotangent_layout_is_refused(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not MNV2_WEIGHTS.is_file(), reason="real MobileNetV2 weights not present")
 def test_export_records_the_multi_cotangent_check(mnv2_model):
-    from pbv_onnx.model import MULTI_COTANGENT, read_info
+    from pbv_onnx.runtime.modelfile import MULTI_COTANGENT, read_info
 
     meta = read_info(mnv2_model).metadata
     assert meta[MULTI_COTANGENT] is True
@@ -204,8 +204,9 @@ def test_the_one_cotangent_per_image_pass_stays_in_the_blocked_layout(fixture, r
     residual Add fused into a Conv."""
     import onnxruntime as ort
 
-    from pbv_onnx.model import COTANGENT, IMAGE, vjp_subgraph
-    from pbv_onnx.sessions import session_options
+    from pbv_onnx.runtime.engine import COTANGENT, IMAGE
+    from pbv_onnx.runtime.modelfile import vjp_subgraph
+    from pbv_onnx.runtime.sessions import session_options
 
     if fixture == "mnv2_model" and not MNV2_WEIGHTS.is_file():
         pytest.skip("real MobileNetV2 weights not present")
@@ -234,8 +235,9 @@ def test_the_k_per_image_pass_runs_in_the_blocked_layout(fixture, request, tmp_p
     computes."""
     import onnxruntime as ort
 
-    from pbv_onnx.model import COTANGENTS, FEATURES, IMAGE, INPUT_GRADS, multi_subgraph
-    from pbv_onnx.sessions import CACHE_ENV, session_options
+    from pbv_onnx.runtime.engine import COTANGENTS, FEATURES, IMAGE, INPUT_GRADS
+    from pbv_onnx.runtime.modelfile import multi_subgraph
+    from pbv_onnx.runtime.sessions import CACHE_ENV, session_options
 
     if fixture == "mnv2_model" and not MNV2_WEIGHTS.is_file():
         pytest.skip("real MobileNetV2 weights not present")
@@ -269,7 +271,7 @@ def test_strided_depthwise_adjoints_go_phase_by_phase_in_the_k_per_image_pass(tm
     (summing two phase gradients phase by phase) until another rule reads them: no zero-upsampled
     gradient, one 2x2 interleave. Exact against one cotangent per call and torch autograd; the
     one-per-image pass keeps its zero insertion (phases measured slower there)."""
-    from pbv_onnx.model import multi_subgraph, vjp_subgraph
+    from pbv_onnx.runtime.modelfile import multi_subgraph, vjp_subgraph
 
     out = tmp_path / "phases.onnx"
     export_model(out, module=phase_net(), resize="32x32", progress=None, n_images=2)
@@ -309,8 +311,8 @@ def test_unpooling_keeps_the_batch_axis_so_the_masks_after_it_stay_blocked(poole
     product back in (vgg16: 36 layout conversions, 15 now); the export checked parity as ever."""
     import onnxruntime as ort
 
-    from pbv_onnx.model import vjp_subgraph
-    from pbv_onnx.sessions import session_options
+    from pbv_onnx.runtime.modelfile import vjp_subgraph
+    from pbv_onnx.runtime.sessions import session_options
 
     sub = vjp_subgraph(onnx.load(str(pooled_model)))
     inferred = onnx.shape_inference.infer_shapes(sub).graph.value_info
@@ -341,7 +343,7 @@ def test_keep_batch_axis_annotates_resizes_that_keep_the_batch_axis():
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    from export.pipeline import keep_batch_axis
+    from pbv_onnx.export.pipeline import keep_batch_axis
 
     def scales(name, v):
         return numpy_helper.from_array(np.array(v, np.float32), name)
@@ -375,7 +377,9 @@ def test_the_float16_copy_keeps_the_unpooling_scales_in_float32(pooled_model):
     gradient as closely as float16 rounding lets each window's first maximum stay where it was."""
     import onnxruntime as ort
 
-    from pbv_onnx.model import COTANGENT, FEATURES, IMAGE, INPUT_GRAD, to_fp16, vjp_subgraph
+    from pbv_onnx.runtime.engine import COTANGENT, FEATURES, IMAGE, INPUT_GRAD
+    from pbv_onnx.runtime.fp16 import to_fp16
+    from pbv_onnx.runtime.modelfile import vjp_subgraph
 
     sub = vjp_subgraph(onnx.load(str(pooled_model)))
     rng = np.random.default_rng(0)

@@ -11,9 +11,9 @@ import torchvision
 from torch import nn
 
 from conftest import MNV2_WEIGHTS, SHARED, tiny_cnn
-from export.verify import rel_l2, smooth_images
-from pbv_onnx.images import load_batch
-from pbv_onnx.model import Engine
+from pbv_onnx.export.verify import rel_l2, smooth_images
+from pbv_onnx.runtime.images import load_batch
+from pbv_onnx.runtime.engine import Engine
 
 FEATURE_TOL = 1e-4
 

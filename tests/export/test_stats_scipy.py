@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pbv_onnx.stats import betainc, critical_r, p_value_r
+from pbv_onnx.method.stats import betainc, critical_r, p_value_r
 
 stats = pytest.importorskip("scipy.stats")
 special = pytest.importorskip("scipy.special")

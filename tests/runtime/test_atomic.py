@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from pbv_onnx.atomic import atomic_dir, atomic_file, output_lock
-from pbv_onnx.errors import OutputError
+from pbv_onnx.base.atomic import atomic_dir, atomic_file, output_lock
+from pbv_onnx.base.errors import OutputError
 
 
 def test_failed_write_leaves_nothing(tmp_path):

@@ -26,10 +26,10 @@ import onnx
 import pytest
 import xarray as xr
 
-from pbv_onnx.atomic import output_lock
-from pbv_onnx.checkpoint import work_folder
-from pbv_onnx.features import features_for_responses
-from pbv_onnx.readouts import fit_files
+from pbv_onnx.base.atomic import output_lock
+from pbv_onnx.workflows.checkpoint import work_folder
+from pbv_onnx.data.features import features_for_responses
+from pbv_onnx.data.readouts import fit_files
 from test_explain import make_study_files
 from tinymodel import build_tiny_model
 

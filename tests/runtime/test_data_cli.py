@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pbv_onnx.features import load_features
-from pbv_onnx.readouts import load_readouts
+from pbv_onnx.data.features import load_features
+from pbv_onnx.data.readouts import load_readouts
 from simresponses import simulate
 from tinymodel import build_tiny_model
 

@@ -100,7 +100,7 @@ def test_packaged_photos_give_bodies_and_objects_without_shared():
 
 
 def test_render_without_body_photos_is_refused():
-    from pbv_onnx.errors import InputDataError
+    from pbv_onnx.base.errors import InputDataError
 
     objs = [(s, im.size) for s, im in fake_photos() if s.category == "object"]
     with pytest.raises(InputDataError, match="body photo"):

@@ -99,7 +99,7 @@ def test_ground_truth_round_trips_through_netcdf(tmp_path):
 
 
 def test_pooled_model_is_refused():
-    from pbv_onnx.errors import UsageError
+    from pbv_onnx.base.errors import UsageError
 
     table, feats = constructed()
     with pytest.raises(UsageError, match="spatial"):
@@ -109,7 +109,7 @@ def test_pooled_model_is_refused():
 def test_built_experiment_is_a_valid_responses_file(tmp_path, tiny_model):
     from pbv_onnx.demo.build import build_experiment
     from pbv_onnx.demo.stimuli import Counts, read_table
-    from pbv_onnx.responses import load_responses, preferred_category, split_halves
+    from pbv_onnx.data.responses import load_responses, preferred_category, split_halves
 
     out = tmp_path / "exp"
     m = build_experiment(out, tiny_model, Counts(body=12, object=6, planted=4), n_channels=4,

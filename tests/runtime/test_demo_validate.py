@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pbv_onnx.demo import validate as v
-from pbv_onnx.images import Preprocessing
+from pbv_onnx.runtime.images import Preprocessing
 
 ROOT = Path(__file__).resolve().parents[2]
 PBV = Path(sys.executable).parent / "pbv-onnx"

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pbv_onnx.images import load_batch
-from pbv_onnx.model import Engine
+from pbv_onnx.runtime.images import load_batch
+from pbv_onnx.runtime.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = {"mnv2": ROOT / "build" / "models" / "mobilenet_v2-features.18.onnx",
@@ -29,7 +29,7 @@ EXPECTED = {"mnv2": ("mobilenet_v2", "features.18", (1280, 7, 7), (3, 224, 224))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    code = "import sys; from cli.main import main; sys.argv = ['pbv-onnx'] + sys.argv[1:]; main()"
+    code = "import sys; from pbv_onnx.cli.main import main; sys.argv = ['pbv-onnx'] + sys.argv[1:]; main()"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
 

@@ -16,11 +16,12 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from pbv_onnx import explain as ex
-from pbv_onnx.errors import UsageError
+from pbv_onnx.workflows import explain as ex
+from pbv_onnx.base.errors import UsageError
 import onnxruntime as ort
 
-from pbv_onnx.model import COTANGENTS, INPUT_GRADS, MULTI_COTANGENT, Engine, duplicate_groups, has_split_passes
+from pbv_onnx.runtime.engine import COTANGENTS, INPUT_GRADS, Engine, duplicate_groups
+from pbv_onnx.runtime.modelfile import MULTI_COTANGENT, has_split_passes
 from test_explain import make_study_files
 from tinymodel import FEATURE_SHAPE, PREPROCESSING, SIZE, build_tiny_model
 

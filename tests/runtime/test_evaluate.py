@@ -10,10 +10,10 @@ import pytest
 import xarray as xr
 from PIL import Image
 
-from pbv_onnx.errors import MismatchError, OutputError
-from pbv_onnx.evaluate import evaluate, write_report
-from pbv_onnx.responses import make_responses, mean_response, split_halves
-from pbv_onnx.stats import channel_metrics, critical_r, p_value_r, pearson_rows, spearman_brown
+from pbv_onnx.base.errors import MismatchError, OutputError
+from pbv_onnx.workflows.evaluate import evaluate, write_report
+from pbv_onnx.data.responses import make_responses, mean_response, split_halves
+from pbv_onnx.method.stats import channel_metrics, critical_r, p_value_r, pearson_rows, spearman_brown
 
 
 def simulated_reliability(signal_sd, noise_sd, reps, n_stim=3000, phases=False, seed=0):

@@ -11,14 +11,14 @@ import pytest
 import xarray as xr
 from PIL import Image, ImageDraw
 
-from pbv_onnx import explain as ex
-from pbv_onnx import figures, report
-from pbv_onnx.features import model_attrs
-from pbv_onnx.images import load_batch
-from pbv_onnx.model import Engine
-from pbv_onnx.readouts import write_readouts
-from pbv_onnx.responses import make_responses
-from pbv_onnx.similarity import similarities
+from pbv_onnx.workflows import explain as ex
+from pbv_onnx.report import figures, html as report
+from pbv_onnx.data.features import model_attrs
+from pbv_onnx.runtime.images import load_batch
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.data.readouts import write_readouts
+from pbv_onnx.data.responses import make_responses
+from pbv_onnx.method.similarity import similarities
 from tinymodel import build_tiny_model, tiny_forward, tiny_weights
 
 CHANNELS = [3, 7, 11]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import pbv_onnx.features as features_mod
-from pbv_onnx.errors import InputDataError, MismatchError
-from pbv_onnx.features import load_features, load_or_compute_features
-from pbv_onnx.images import load_batch
-from pbv_onnx.model import Engine
+import pbv_onnx.data.features as features_mod
+from pbv_onnx.base.errors import InputDataError, MismatchError
+from pbv_onnx.data.features import load_features, load_or_compute_features
+from pbv_onnx.runtime.images import load_batch
+from pbv_onnx.runtime.engine import Engine
 from simresponses import stimulus_images, write_images
 from tinymodel import build_tiny_model
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pbv_onnx import figures
+from pbv_onnx.report import figures
 
 
 def test_the_colour_map_matches_matplotlibs_inferno():

@@ -11,11 +11,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-import pbv_onnx.model as model_mod
-from pbv_onnx.errors import DependencyError
-from pbv_onnx.model import FP32_ONLY, Engine, to_fp16
-from pbv_onnx.sessions import CUDA_OPTIONS, with_cuda_options
-from pbv_onnx.stats import rel_l2
+import pbv_onnx.runtime.engine as model_mod
+from pbv_onnx.base.errors import DependencyError
+from pbv_onnx.runtime.fp16 import FP32_ONLY, to_fp16
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.runtime.sessions import CUDA_OPTIONS, with_cuda_options
+from pbv_onnx.method.stats import rel_l2
 from tinymodel import FEATURE_SHAPE, SIZE, tiny_batch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,13 +88,13 @@ def test_fp16_copy_keeps_scatter_and_steps_in_float32_and_leaves_the_model_alone
 
 
 def _photos(eng: Engine, files):
-    from pbv_onnx.images import load_batch
+    from pbv_onnx.runtime.images import load_batch
 
     return load_batch(files, eng.info.preprocessing)
 
 
 def test_cuda_request_without_a_cuda_build_names_the_fix(monkeypatch):
-    from pbv_onnx import sessions
+    from pbv_onnx.runtime import sessions
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has a CUDA provider")

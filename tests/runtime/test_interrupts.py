@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pbv_onnx import explain as ex
-from pbv_onnx.atomic import atomic_dir, atomic_file, output_lock
-from pbv_onnx.checkpoint import Checkpoints, work_folder
-from pbv_onnx.errors import MismatchError, OutputError
-from pbv_onnx.model import Engine
+from pbv_onnx.workflows import explain as ex
+from pbv_onnx.base.atomic import atomic_dir, atomic_file, output_lock
+from pbv_onnx.workflows.checkpoint import Checkpoints, work_folder
+from pbv_onnx.base.errors import MismatchError, OutputError
+from pbv_onnx.runtime.engine import Engine
 from test_explain import make_study_files
 
 PBV = Path(sys.executable).parent / "pbv-onnx"
@@ -271,7 +271,7 @@ def test_a_live_writer_is_never_disturbed(tmp_path):
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
         (tmp / "a").write_text("being written")
-        probe = subprocess.run([sys.executable, "-c", "import sys\nfrom pbv_onnx.atomic import output_lock\n"
+        probe = subprocess.run([sys.executable, "-c", "import sys\nfrom pbv_onnx.base.atomic import output_lock\n"
                                 "try:\n    output_lock(sys.argv[1]).__enter__()\nexcept Exception as e:\n"
                                 "    print(type(e).__name__, e)\n", str(out)],
                                capture_output=True, text=True, timeout=60)

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pbv_onnx import layout, sessions
-from pbv_onnx.model import COTANGENTS, FEATURES, IMAGE, INPUT_GRADS
+from pbv_onnx.runtime import layout, sessions
+from pbv_onnx.runtime.engine import COTANGENTS, FEATURES, IMAGE, INPUT_GRADS
 
 C, S = 16, 8  # one whole NCHWc block of channels (the rewrite's condition), 8x8 maps
 

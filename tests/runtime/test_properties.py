@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pbv_onnx.errors import InputDataError, PbvError
-from pbv_onnx.features import load_features
-from pbv_onnx.images import Preprocessing, load_image, preprocess
-from pbv_onnx.readouts import load_readouts
-from pbv_onnx.responses import from_long_csv, from_npy, load_responses, validate_responses
+from pbv_onnx.base.errors import InputDataError, PbvError
+from pbv_onnx.data.features import load_features
+from pbv_onnx.runtime.images import Preprocessing, load_image, preprocess
+from pbv_onnx.data.readouts import load_readouts
+from pbv_onnx.data.responses import from_long_csv, from_npy, load_responses, validate_responses
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SPEC = Preprocessing(resize=(16, 16), crop=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

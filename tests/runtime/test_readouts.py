@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pbv_onnx.errors import InputDataError, MismatchError, UsageError
-from pbv_onnx.features import load_or_compute_features
-from pbv_onnx.model import Engine, read_info
-from pbv_onnx.readouts import (fit_readouts, load_readouts, make_folds, parse_alphas, predict, ridge_cv,
-                               write_readouts)
-from pbv_onnx.responses import image_paths
+from pbv_onnx.base.errors import InputDataError, MismatchError, UsageError
+from pbv_onnx.data.features import load_or_compute_features
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.runtime.modelfile import read_info
+from pbv_onnx.data.readouts import fit_readouts, load_readouts, parse_alphas, predict, write_readouts
+from pbv_onnx.method.ridge import make_folds, ridge_cv
+from pbv_onnx.data.responses import image_paths
 from simresponses import noise_ceiling, simulate
 from tinymodel import build_tiny_model
 

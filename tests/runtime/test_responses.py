@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pbv_onnx.errors import InputDataError, UsageError
-from pbv_onnx.responses import (from_long_csv, from_npy, image_paths, load_responses, make_responses,
-                                mean_response, preferred_category, split_halves)
+from pbv_onnx.base.errors import InputDataError, UsageError
+from pbv_onnx.data.responses import (from_long_csv, from_npy, image_paths, load_responses, make_responses,
+                                     mean_response, preferred_category, split_halves)
 
 
 def sample(rng=None, reps=4, phase=False) -> xr.Dataset:

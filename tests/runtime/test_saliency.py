@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pbv_onnx.images import preprocess
-from pbv_onnx.model import Engine
-from pbv_onnx.saliency import (black_baseline, blur_baseline, display_map, gaussian_smooth,
-                               hadamard_weights, integrated, pair_cotangents, shared_vmax)
-from pbv_onnx.similarity import similarities
+from pbv_onnx.runtime.images import preprocess
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.method.saliency import black_baseline, blur_baseline, hadamard_weights, integrated, pair_cotangents
+from pbv_onnx.method.display import display_map, shared_vmax
+from pbv_onnx.method.filters import gaussian_smooth
+from pbv_onnx.method.similarity import similarities
 from tinymodel import FEATURE_SHAPE, PREPROCESSING, SIZE, tiny_forward, tiny_weights
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pbv_onnx import sessions
-from pbv_onnx.model import Engine
+from pbv_onnx.runtime import sessions
+from pbv_onnx.runtime.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET = ROOT / "build" / "models" / "resnet18_avg.onnx"  # convolutions: NCHWc rewrites apply

@@ -8,8 +8,8 @@ import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pbv_onnx.errors import InputDataError, UsageError
-from pbv_onnx.similarity import candidate_ids, rank_candidates, similarities
+from pbv_onnx.base.errors import InputDataError, UsageError
+from pbv_onnx.method.similarity import candidate_ids, rank_candidates, similarities
 
 
 def brute_force(w, o, b):

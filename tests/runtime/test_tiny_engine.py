@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pbv_onnx.errors import ModelError, UsageError
-from pbv_onnx.model import Engine
+from pbv_onnx.base.errors import ModelError, UsageError
+from pbv_onnx.runtime.engine import Engine
 from tinymodel import FEATURE_SHAPE, SIZE, tiny_batch, tiny_forward, tiny_weights
 
 

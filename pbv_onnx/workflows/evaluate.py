@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .atomic import atomic_dir
-from .errors import InputDataError, MismatchError
-from .responses import mean_response, split_halves
-from .stats import channel_metrics
+from pbv_onnx.base.atomic import atomic_dir
+from pbv_onnx.base.errors import InputDataError, MismatchError
+from pbv_onnx.data.responses import mean_response, split_halves
+from pbv_onnx.method.stats import channel_metrics
 
 COLUMNS = ("r_cv_preferred", "r_ooc", "reliability", "r_critical", "r_critical_ooc",
            "n_preferred", "n_ooc", "alpha")
@@ -128,9 +128,9 @@ def write_report(table: xr.Dataset, out: str | os.PathLike, force: bool = False)
 def evaluate_files(readouts: str | os.PathLike, responses: str | os.PathLike, out: str | os.PathLike,
                    force: bool = False) -> xr.Dataset:
     """`pbv-onnx evaluate`: the per-channel table and Fig. 3a for fitted readouts."""
-    from .atomic import claim_output
-    from .readouts import load_readouts
-    from .responses import load_responses
+    from pbv_onnx.base.atomic import claim_output
+    from pbv_onnx.data.readouts import load_readouts
+    from pbv_onnx.data.responses import load_responses
 
     with claim_output(out, force):
         table = evaluate(load_readouts(readouts), load_responses(responses), readouts, responses)

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from .errors import OutputError, OutputLockedError
+from pbv_onnx.base.errors import OutputError, OutputLockedError
 
 try:
     import fcntl

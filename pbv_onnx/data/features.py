@@ -10,12 +10,12 @@ from typing import Sequence
 import numpy as np
 import xarray as xr
 
-from . import __version__
-from .atomic import write_netcdf
-from .errors import InputDataError, MismatchError, OutputLockedError, UsageError
-from .netcdf import read_netcdf
-from .images import load_batch
-from .model import ModelInfo, file_sha256
+from pbv_onnx import __version__
+from pbv_onnx.base.atomic import write_netcdf
+from pbv_onnx.base.errors import InputDataError, MismatchError, OutputLockedError, UsageError
+from pbv_onnx.base.netcdf import read_netcdf
+from pbv_onnx.runtime.images import load_batch
+from pbv_onnx.runtime.modelfile import ModelInfo, file_sha256
 
 FEATURES = "features"
 
@@ -160,9 +160,9 @@ def features_for_responses(model: str | os.PathLike, responses: str | os.PathLik
                            images: str | os.PathLike | None = None, device: str = "auto",
                            batch_size: int = 16, force: bool = False, progress: bool = True) -> xr.DataArray:
     """`pbv-onnx features`: features of every stimulus of a responses file, cached in `out`."""
-    from .atomic import claim_output
-    from .model import Engine
-    from .responses import image_paths, load_responses
+    from pbv_onnx.base.atomic import claim_output
+    from pbv_onnx.runtime.engine import Engine
+    from pbv_onnx.data.responses import image_paths, load_responses
 
     # The cache is this command's output: held for the whole run (an existing one is updated).
     with claim_output(out, force=True):

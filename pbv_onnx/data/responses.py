@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 import xarray as xr
 
-from .errors import InputDataError, UsageError
-from .netcdf import read_netcdf
+from pbv_onnx.base.errors import InputDataError, UsageError
+from pbv_onnx.base.netcdf import read_netcdf
 
 RESPONSE = "response"
 CORE_DIMS = ("channel", "stimulus")
@@ -322,7 +322,7 @@ def import_responses(out: str | os.PathLike, csv_path: str | os.PathLike | None 
                      channels: str | os.PathLike | None = None, preferred: str | None = None,
                      units: str = "", force: bool = False) -> xr.Dataset:
     """`pbv-onnx import-responses`: build a responses file from a long CSV or a .npy array."""
-    from .atomic import claim_output, write_netcdf
+    from pbv_onnx.base.atomic import claim_output, write_netcdf
 
     if (csv_path is None) == (npy_path is None):
         raise UsageError(None, "give either --csv or --npy (with --stimuli)")

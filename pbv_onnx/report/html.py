@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from . import figures
-from .atomic import atomic_dir
-from .images import Preprocessing, display_image, load_image
-from .saliency import gaussian_smooth, shared_vmax
+from pbv_onnx.report import figures
+from pbv_onnx.base.atomic import atomic_dir
+from pbv_onnx.runtime.images import Preprocessing, display_image, load_image
+from pbv_onnx.method.filters import gaussian_smooth
+from pbv_onnx.method.display import shared_vmax
 
 SCALES = ("run", "channel", "pair")
 NETCDF = "explanations.nc"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MismatchError, OutputError
+from pbv_onnx.base.errors import MismatchError, OutputError
 
 FORMAT = 1
 RUN = "run.json"

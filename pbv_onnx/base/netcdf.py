@@ -7,7 +7,7 @@ from pathlib import Path
 
 import xarray as xr
 
-from .errors import InputDataError
+from pbv_onnx.base.errors import InputDataError
 
 
 def read_netcdf(path: str | os.PathLike, what: str) -> xr.Dataset:

@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import xarray as xr
 
-from .errors import InputDataError, UsageError
+from pbv_onnx.base.errors import InputDataError, UsageError
 
 CANDIDATE_MODES = ("top-k", "all")
 DEFAULT_TOP_K = 20

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputDataError
+from pbv_onnx.base.errors import InputDataError
 
 # Stimulus photographs are at most a few megapixels; anything far larger is refused as a
 # possible decompression bomb before Pillow allocates it.

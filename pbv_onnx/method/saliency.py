@@ -6,8 +6,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import UsageError
-from .images import Preprocessing
+from pbv_onnx.base.errors import UsageError
+from pbv_onnx.runtime.images import Preprocessing
+from pbv_onnx.method.filters import gaussian_smooth
 
 METHODS = ("parallel", "gradient", "grad-x-act", "integrated")
 BASELINES = ("black", "blur")
@@ -71,31 +72,6 @@ def black_baseline(spec: Preprocessing) -> np.ndarray:
     return np.broadcast_to(level[:, None, None], (3, H, W)).astype(np.float32)
 
 
-def gaussian_kernel(sigma: float) -> np.ndarray:
-    """A normalised 1-D Gaussian, truncated at 4 sigma."""
-    radius = max(1, int(np.ceil(4.0 * sigma)))
-    t = np.arange(-radius, radius + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
-
-
-def gaussian_smooth(a: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian filter over the last two axes (y, x), reflecting at the borders."""
-    a = np.asarray(a)
-    if sigma <= 0:
-        return a.copy()
-    k = gaussian_kernel(sigma)
-    r = len(k) // 2
-    out = a.astype(np.float64)
-    for axis in (-2, -1):
-        pad = [(0, 0)] * out.ndim
-        pad[axis] = (r, r)
-        padded = np.moveaxis(np.pad(out, pad, mode="reflect"), axis, -1)
-        win = np.lib.stride_tricks.sliding_window_view(padded, len(k), axis=-1)
-        out = np.moveaxis(win @ k, -1, axis)
-    return out.astype(a.dtype if np.issubdtype(a.dtype, np.floating) else np.float64)
-
-
 def blur_baseline(x: np.ndarray, sigma: float | None = None) -> np.ndarray:
     """A Gaussian-blurred copy of preprocessed image(s) [..., 3, H, W]."""
     if sigma is None:
@@ -134,32 +110,3 @@ def integrated(vjp: Vjp, images: np.ndarray, baselines: np.ndarray, cotangents: 
     return ((x - x0) * acc / steps).astype(np.float32)
 
 
-def display_map(grad: np.ndarray) -> np.ndarray:
-    """S = sum over colour of |G|: [..., 3, H, W] -> [..., H, W]. Never normalised.
-
-    Summed colour by colour (numpy's own order for this axis, so the same bits as
-    np.abs(G).sum(axis=-3)) without an |G| copy of the whole run's gradients."""
-    g = np.asarray(grad)
-    out = np.abs(g[..., 0, :, :])
-    for c in range(1, g.shape[-3]):
-        out += np.abs(g[..., c, :, :])
-    return out
-
-
-def shared_vmax(maps: np.ndarray, percentile: float = 99.5) -> float:
-    """One colour-scale maximum for a set of display maps (a pair, a channel or a run).
-
-    A high percentile of all their pixels pooled, so one hot pixel does not wash out the rest;
-    the same value is used for every map in the set, never one per image.
-    """
-    a = np.array(maps, np.float64).ravel()  # our own copy: the percentile partitions it in place
-    finite = np.isfinite(a)
-    if not finite.all():
-        a = a[finite]
-    del finite
-    if a.size == 0:
-        return 1.0
-    v = float(np.percentile(a, percentile, overwrite_input=True))
-    if v <= 0:
-        v = float(a.max())
-    return v if v > 0 else 1.0

@@ -13,13 +13,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import xarray as xr
 
-from . import responses as resp_io
-from . import saliency
-from .errors import InputDataError, MismatchError, UsageError
-from .images import load_batch
-from .model import Engine
-from .sessions import one_blas_thread
-from .similarity import DEFAULT_TOP_K, candidate_ids, rank_candidates, rank_order, ranked_scores
+from pbv_onnx.data import responses as resp_io
+from pbv_onnx.method import saliency
+from pbv_onnx.method.display import display_map
+from pbv_onnx.base.errors import InputDataError, MismatchError, UsageError
+from pbv_onnx.runtime.images import load_batch
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.runtime.sessions import one_blas_thread
+from pbv_onnx.method.similarity import DEFAULT_TOP_K, candidate_ids, rank_candidates, rank_order, ranked_scores
 
 ROLES = ("ooc", "reference")
 COLORS = ("R", "G", "B")
@@ -197,7 +198,7 @@ class Study:
             # every row the feature cache returned is kept: later calls do not re-read it
             self._phi.update(_stimulus_features(self, stim))
         if outside:
-            from .features import compute_features
+            from pbv_onnx.data.features import compute_features
 
             feats = compute_features(self.engine, [r.path for r in outside], progress=False)
             self._phi.update({r.key: f for r, f in zip(outside, feats)})
@@ -208,7 +209,7 @@ class Study:
 def _stimulus_features(study: Study, refs: Sequence[ImageRef]) -> dict[tuple[str, str], np.ndarray]:
     """{key: features} of recorded stimuli, through the shared feature cache where one is given
     (then of the whole stimulus set, which the cache covers)."""
-    from . import features as feat_io
+    from pbv_onnx.data import features as feat_io
 
     if study.features_cache is not None:
         # The cache covers the whole stimulus set, so later commands reuse it as is.
@@ -229,7 +230,7 @@ def open_study(model: str | os.PathLike, readouts: str | os.PathLike, responses:
                progress: bool = True, engine: Engine | None = None,
                image_cache_bytes: int = IMAGE_CACHE_BYTES) -> Study:
     """Open the model once, and the readouts and responses it will explain (all checked)."""
-    from . import readouts as ro_io
+    from pbv_onnx.data import readouts as ro_io
 
     engine = engine or Engine(model, device=device, batch_size=batch_size)
     readouts_path, responses_path = Path(readouts), Path(responses)
@@ -384,8 +385,8 @@ def run_description(study: Study, pairs: Sequence[Pair], method: str, steps: int
                     save_inputs: bool) -> dict:
     """What decides an explain run's gradients, for checkpoints: hashes of the model, the readouts
     and every image, the method and its options, the pairs in order."""
-    from .features import content_hash
-    from .model import file_sha256
+    from pbv_onnx.data.features import content_hash
+    from pbv_onnx.runtime.modelfile import file_sha256
 
     hashes: dict[Path, str] = {}
 
@@ -476,7 +477,7 @@ def to_dataset(study: Study, pairs: Sequence[Pair], grads: np.ndarray, inputs: n
     data = {
         "input_grad": (("pair", "role", "color", "y", "x"), np.asarray(grads, np.float32),
                        {"long_name": "J_phi(x)^T v, the raw input gradient"}),
-        "saliency": (("pair", "role", "y", "x"), np.asarray(saliency.display_map(grads), np.float32),
+        "saliency": (("pair", "role", "y", "x"), np.asarray(display_map(grads), np.float32),
                      {"long_name": "sum over colour of |input_grad| (display map, unsmoothed)"}),
     }
     if inputs is not None:
@@ -491,7 +492,7 @@ def to_dataset(study: Study, pairs: Sequence[Pair], grads: np.ndarray, inputs: n
 
 
 def _version() -> str:
-    from . import __version__
+    from pbv_onnx import __version__
     return __version__
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import DependencyError, UsageError
+from pbv_onnx.base.errors import DependencyError, UsageError
 
 CACHE_ENV = "PBV_ONNX_CACHE"
 CACHE_OFF = {"off", "0", "no", "false", "none"}

@@ -1,0 +1,1 @@
+"""Foundations every layer uses: the error model, atomic outputs, NetCDF reading."""

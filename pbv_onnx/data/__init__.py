@@ -1,0 +1,1 @@
+"""Study data on disk: responses, feature caches, readouts."""

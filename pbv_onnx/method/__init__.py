@@ -1,0 +1,1 @@
+"""The method's numerics: similarity, ridge readouts, attribution, statistics."""

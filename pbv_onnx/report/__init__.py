@@ -1,0 +1,1 @@
+"""What people look at: pair figures, response panels, the HTML report."""
