@@ -13,7 +13,7 @@ LAYER ?= features.18
 OUT ?= models/$(ARCH)-$(LAYER).onnx
 EXPORT_ARGS ?=
 
-.PHONY: envs export models demo test test-runtime test-export bench gpu-check clean
+.PHONY: envs export models demo test lint test-runtime test-export bench gpu-check clean
 
 envs: $(VENV)/export/.done $(VENV)/runtime/.done
 
@@ -26,7 +26,7 @@ $(VENV)/export/.done: pyproject.toml
 $(VENV)/runtime/.done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)/runtime
 	$(RUNTIME_PY) -m pip install -q --upgrade pip
-	$(RUNTIME_PY) -m pip install -q -e '.[demo,test]'
+	$(RUNTIME_PY) -m pip install -q -e '.[demo,test,nwb]'
 	@! $(RUNTIME_PY) -c 'import torch' 2>/dev/null || (echo "torch leaked into the runtime environment" && false)
 	touch $@
 
@@ -62,7 +62,12 @@ $(BUILD)/models/mobilenet_v2-%.onnx: $(EXPORT_SRC) | $(VENV)/export/.done
 	$(VENV)/export/bin/pbv-onnx export --arch mobilenet_v2 --layer $* --weights $(WEIGHTS) \
 	  --mean 0.5 0.5 0.5 --std 0.5 0.5 0.5 --resize 224x224 --out $@ --force
 
-test: envs models test-export test-runtime
+test: envs models lint test-export test-runtime
+
+# ruff's rules and style live in pyproject.toml; `ruff format .` applies the style
+lint: $(VENV)/runtime/.done
+	$(VENV)/runtime/bin/ruff check .
+	$(VENV)/runtime/bin/ruff format --check .
 
 test-runtime: $(VENV)/runtime/.done
 	$(VENV)/runtime/bin/pytest -q tests/runtime

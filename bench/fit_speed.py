@@ -20,8 +20,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     n, d, c = args.images, args.features, args.channels
     # Non-negative, correlated features as after a ReLU; responses a noisy linear map of them.
-    X = np.maximum(rng.standard_normal((n, 64)).astype(np.float32) @ rng.standard_normal((64, d)).astype(np.float32)
-                   + rng.standard_normal((n, d)).astype(np.float32), 0)
+    X = np.maximum(
+        rng.standard_normal((n, 64)).astype(np.float32) @ rng.standard_normal((64, d)).astype(np.float32)
+        + rng.standard_normal((n, d)).astype(np.float32),
+        0,
+    )
     w = rng.standard_normal((c, d)).astype(np.float32) / np.sqrt(d)
     Y = (X @ w.T).astype(np.float64)
     Y += rng.standard_normal(Y.shape) * Y.std(0)
@@ -31,9 +34,11 @@ def main() -> None:
     fit = ridge_cv(X, Y, DEFAULT_ALPHAS, folds=args.folds, seed=0)
     t2 = time.perf_counter()
     r = [np.corrcoef(fit.heldout[:, i], Y[:, i])[0, 1] for i in range(c)]
-    print(f"{c} channels x {n} images x {d} features, {len(DEFAULT_ALPHAS)} penalties, "
-          f"{args.folds}-fold nested CV: Gram matrix {t1 - t0:.2f} s, full fit {t2 - t1:.2f} s "
-          f"(mean held-out r {np.mean(r):.3f})")
+    print(
+        f"{c} channels x {n} images x {d} features, {len(DEFAULT_ALPHAS)} penalties, "
+        f"{args.folds}-fold nested CV: Gram matrix {t1 - t0:.2f} s, full fit {t2 - t1:.2f} s "
+        f"(mean held-out r {np.mean(r):.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pbv_onnx.method.stats import rel_l2  # noqa: E402
 # different orders: the CPU provider itself is 1.9e-3 to 7e-3 away from torch autograd on the
 # benchmarked backbones, and CUDA measured 0.3e-3 to 1.4e-3 from the CPU provider.
 FP32_TOL = 1e-2
-FP16_TOL = 5e-2   # fp16 vs fp32, reported (fp16_ok), not part of `ok`: fp16 is an option to weigh
+FP16_TOL = 5e-2  # fp16 vs fp32, reported (fp16_ok), not part of `ok`: fp16 is an option to weigh
 # CUDA provider configurations compared (over sessions.CUDA_OPTIONS, the default).
 CONFIGS = {"default": {}, "exhaustive": {"cudnn_conv_algo_search": "EXHAUSTIVE"}, "tf32": {"use_tf32": "1"}}
 
@@ -43,8 +43,9 @@ def gpu_name() -> str:
     import subprocess
 
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30).stdout.strip()
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -76,7 +77,7 @@ def interleaved(fns: dict, repeats: int) -> tuple[dict, list]:
     names, rounds = list(fns), []
     for r in range(repeats):
         t = {}
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             fns[name]()
             t[name] = time.perf_counter() - t0
@@ -163,8 +164,10 @@ def explain_pattern(path: Path, x: np.ndarray, fixed_shapes: bool) -> dict:
     fs = eng.info.feature_shape
     rng = np.random.default_rng(1)
     images = x[np.arange(14) % len(x)] + np.arange(14, dtype=np.float32)[:, None, None, None] * 1e-3  # distinct
-    feeds = [(images[:m], rng.standard_normal((m, *fs) if k == 0 else (m, k, *fs)).astype(np.float32), k)
-             for m, k in EXPLAIN_CALLS]
+    feeds = [
+        (images[:m], rng.standard_normal((m, *fs) if k == 0 else (m, k, *fs)).astype(np.float32), k)
+        for m, k in EXPLAIN_CALLS
+    ]
 
     def once() -> float:
         t0 = time.perf_counter()
@@ -194,8 +197,13 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
         f_gpu, g_gpu = gpu.vjp(x, cot)
         t2 = time.perf_counter()
         gpu.features(x)
-        row[name] = {"provider": gpu.provider, "session_s": t1 - t0, "first_vjp_s": t2 - t1,
-                     "features_vs_cpu": rel_l2(f_gpu, f_cpu), "input_grad_vs_cpu": rel_l2(g_gpu, g_cpu)}
+        row[name] = {
+            "provider": gpu.provider,
+            "session_s": t1 - t0,
+            "first_vjp_s": t2 - t1,
+            "features_vs_cpu": rel_l2(f_gpu, f_cpu),
+            "input_grad_vs_cpu": rel_l2(g_gpu, g_cpu),
+        }
         engines[name] = (gpu, g_gpu)
     gpu, g_gpu = engines["default"]
     # IO binding against plain runs, on two engines made one after the other. (Earlier runs timed the
@@ -242,25 +250,38 @@ def check_model(path: Path, n: int, repeats: int, search: Path | None, photos: P
         half = Engine(path, device="cuda", batch_size=n, precision="fp16")
         f16, g16 = half.vjp(x, cot)
         t16, r16 = interleaved({"fp16": lambda: half.vjp(x, cot), "fp32": lambda: gpu.vjp(x, cot)}, repeats)
-        row["fp16"] = {"provider": half.provider, "features_vs_fp32": rel_l2(f16, f_cpu),
-                       "input_grad_vs_fp32": rel_l2(g16, g_cpu), "map_corr_vs_fp32": map_corr(g16, g_cpu),
-                       "vjp_s": t16["fp16"], "vjp_vs_fp32": paired(r16, "fp16", "fp32")}
+        row["fp16"] = {
+            "provider": half.provider,
+            "features_vs_fp32": rel_l2(f16, f_cpu),
+            "input_grad_vs_fp32": rel_l2(g16, g_cpu),
+            "map_corr_vs_fp32": map_corr(g16, g_cpu),
+            "vjp_s": t16["fp16"],
+            "vjp_vs_fp32": paired(r16, "fp16", "fp32"),
+        }
     except Exception as exc:
         row["fp16"] = {"failed": f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     tc = torch_cuda(cpu.info, x, cot, search)
     if "grad" in tc:
-        times, rounds = interleaved({"ort": lambda: gpu.vjp(x, cot), "torch": tc["run"],
-                                     "torch_benchmark": tc["run_benchmark"]}, repeats)
-        row["torch_cuda"] = {"torch": tc["torch"], "vjp_s": times["torch"], "vjp_benchmark_s": times["torch_benchmark"],
-                             "ort_vjp_s": times["ort"], "ort_grad_vs_torch": rel_l2(g_gpu, tc["grad"])}
+        times, rounds = interleaved(
+            {"ort": lambda: gpu.vjp(x, cot), "torch": tc["run"], "torch_benchmark": tc["run_benchmark"]}, repeats
+        )
+        row["torch_cuda"] = {
+            "torch": tc["torch"],
+            "vjp_s": times["torch"],
+            "vjp_benchmark_s": times["torch_benchmark"],
+            "ort_vjp_s": times["ort"],
+            "ort_grad_vs_torch": rel_l2(g_gpu, tc["grad"]),
+        }
         row["ort_over_torch_cuda"] = paired(rounds, "ort", "torch")
         row["ort_over_torch_cuda_benchmark"] = paired(rounds, "ort", "torch_benchmark")
     else:
         row["torch_cuda"] = tc
-    row["ok"] = bool(all(row[c]["provider"] == "CUDAExecutionProvider" for c in CONFIGS)
-                     and row["default"]["input_grad_vs_cpu"] <= FP32_TOL
-                     and row["exhaustive"]["input_grad_vs_cpu"] <= FP32_TOL
-                     and row["multi_vs_single"] <= 1e-4)
+    row["ok"] = bool(
+        all(row[c]["provider"] == "CUDAExecutionProvider" for c in CONFIGS)
+        and row["default"]["input_grad_vs_cpu"] <= FP32_TOL
+        and row["exhaustive"]["input_grad_vs_cpu"] <= FP32_TOL
+        and row["multi_vs_single"] <= 1e-4
+    )
     row["fp16_ok"] = bool(row["fp16"].get("input_grad_vs_fp32", np.inf) <= FP16_TOL)
     return row
 
@@ -282,26 +303,35 @@ def pattern(p: dict | None) -> str:
 def markdown(report: dict) -> str:
     """The report as a markdown table (times in ms, per call of `images` images)."""
     ms = lambda v: f"{v * 1e3:.2f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-    lines = [f"GPU check: onnxruntime {report['onnxruntime']}, {report.get('gpu', '')}, "
-             f"providers {', '.join(report['providers'])}", ""]
+    lines = [
+        f"GPU check: onnxruntime {report['onnxruntime']}, {report.get('gpu', '')}, "
+        f"providers {', '.join(report['providers'])}",
+        "",
+    ]
     if not report["models"]:
         return "\n".join(lines + [report.get("note", "no models checked")]) + "\n"
-    lines += ["| model | images | ORT fwd+VJP ms | ORT fwd ms | fwd+VJP / fwd | torch CUDA ms (cudnn.benchmark) "
-              "| ORT / torch | grad vs CPU (rel L2) | first call s | exhaustive: first s, fwd+VJP ms | TF32: fwd+VJP ms, grad vs CPU "
-              "| IO binding: fwd+VJP ms | K=16 multi / 16 single | fp16: fwd+VJP ms (x fp32), grad vs fp32, map corr "
-              "| fwd+VJP ms, batch size alternating with 4x on one unpadded session "
-              "| explain's mix of 7 calls, s: padded again (first), unpadded again (first) | ok |",
-              "|" + "---|" * 17]
+    lines += [
+        "| model | images | ORT fwd+VJP ms | ORT fwd ms | fwd+VJP / fwd | torch CUDA ms (cudnn.benchmark) "
+        "| ORT / torch | grad vs CPU (rel L2) | first call s | exhaustive: first s, fwd+VJP ms | TF32:"
+        " fwd+VJP ms, grad vs CPU "
+        "| IO binding: fwd+VJP ms | K=16 multi / 16 single | fp16: fwd+VJP ms (x fp32), grad vs fp32, map corr "
+        "| fwd+VJP ms, batch size alternating with 4x on one unpadded session "
+        "| explain's mix of 7 calls, s: padded again (first), unpadded again (first) | ok |",
+        "|" + "---|" * 17,
+    ]
     for r in report["models"]:
         if "error" in r:
             lines.append(f"| {Path(r['model']).name} | error: {r['error']} |" + " |" * 15)
             continue
         d, e, t, h, tc = r["default"], r["exhaustive"], r["tf32"], r["fp16"], r["torch_cuda"]
-        torch_cell = (f"{ms(tc['vjp_s'])} ({ms(tc['vjp_benchmark_s'])})" if "vjp_s" in tc else tc.get("skipped", "-"))
+        torch_cell = f"{ms(tc['vjp_s'])} ({ms(tc['vjp_benchmark_s'])})" if "vjp_s" in tc else tc.get("skipped", "-")
         vs = lambda v: f" ({v:.2f}x)" if isinstance(v, float) else ""  # noqa: E731
         ratio = f"{r['ort_over_torch_cuda']:.2f}" if "ort_over_torch_cuda" in r else "-"
-        fp16 = (f"{ms(h['vjp_s'])}{vs(h.get('vjp_vs_fp32'))}, {h['input_grad_vs_fp32']:.3f}, {h['map_corr_vs_fp32']:.3f}" if "vjp_s" in h
-                else h.get("failed", "-"))
+        fp16 = (
+            f"{ms(h['vjp_s'])}{vs(h.get('vjp_vs_fp32'))}, {h['input_grad_vs_fp32']:.3f}, {h['map_corr_vs_fp32']:.3f}"
+            if "vjp_s" in h
+            else h.get("failed", "-")
+        )
         lines.append(
             f"| {r['arch']} {r['layer']} | {r['images']} | {ms(d['vjp_s'])} | {ms(d['forward_s'])} | "
             f"{d['vjp_over_forward']:.2f} | {torch_cell} | {ratio} | {d['input_grad_vs_cpu']:.1e} | "
@@ -309,15 +339,22 @@ def markdown(report: dict) -> str:
             f"{ms(t['vjp_s'])}{vs(t.get('vjp_vs_default'))}, {t['input_grad_vs_cpu']:.3f} | "
             f"{io_binding(d)} | {r['multi_k16_s'] / r['single_x16_s']:.2f} | {fp16} | "
             f"{ms(d.get('vjp_alternating_shapes_s'))} | {pattern(r.get('explain_pattern'))} | "
-            f"{'yes' if r['ok'] else 'NO'} |")
+            f"{'yes' if r['ok'] else 'NO'} |"
+        )
     paired_run = any("vjp_vs_default" in r.get("default", {}) for r in report["models"])
-    lines += ["", "Times are medians per call of `images` images, float32 with TF32 off unless named; "
-              + ("(Nx): the median within-round ratio to the default configuration, all configurations "
-                 "interleaved in each round. " if paired_run else
-                 "each configuration timed in turn (a run of an earlier bench/gpu_check.py, before interleaving). ")
-              + "The default configuration starts first in the process: its first call also pays for starting "
-              "CUDA and cuDNN. "
-              "`ok`: CUDA within the fp32 tolerance of the CPU provider, multi-cotangent equal to single calls."]
+    lines += [
+        "",
+        "Times are medians per call of `images` images, float32 with TF32 off unless named; "
+        + (
+            "(Nx): the median within-round ratio to the default configuration, all configurations "
+            "interleaved in each round. "
+            if paired_run
+            else "each configuration timed in turn (a run of an earlier bench/gpu_check.py, before interleaving). "
+        )
+        + "The default configuration starts first in the process: its first call also pays for starting "
+        "CUDA and cuDNN. "
+        "`ok`: CUDA within the fp32 tolerance of the CPU provider, multi-cotangent equal to single calls.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -336,9 +373,15 @@ def main() -> int:
         return 0
     import onnxruntime as ort  # the Engine preloads the CUDA and cuDNN libraries it needs
 
-    report: dict = {"python": sys.version.split()[0], "platform": platform.platform(),
-                    "onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
-                    "device": ort.get_device(), "gpu": gpu_name(), "models": []}
+    report: dict = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "onnxruntime": ort.__version__,
+        "providers": ort.get_available_providers(),
+        "device": ort.get_device(),
+        "gpu": gpu_name(),
+        "models": [],
+    }
     print(json.dumps({k: report[k] for k in ("onnxruntime", "providers", "device")}), flush=True)
     if "CUDAExecutionProvider" not in report["providers"]:
         from pbv_onnx.runtime.sessions import cuda_missing_reason
@@ -346,14 +389,19 @@ def main() -> int:
         report["note"] = f"no CUDAExecutionProvider: {cuda_missing_reason()}"
         print(report["note"])
     else:
-        models = args.models or sorted({*ROOT.glob("build/bench/*.onnx"), *ROOT.glob("build/models/*.onnx"),
-                                        *ROOT.glob("models/*.onnx")})
+        models = args.models or sorted(
+            {*ROOT.glob("build/bench/*.onnx"), *ROOT.glob("build/models/*.onnx"), *ROOT.glob("models/*.onnx")}
+        )
         for path in models:
             try:
                 row = check_model(path, args.images, args.repeats, args.weights, args.photos)
             except Exception as exc:
-                row = {"model": str(path), "ok": False, "error": f"{exc.__class__.__name__}: {exc}",
-                       "traceback": traceback.format_exc(limit=3)}
+                row = {
+                    "model": str(path),
+                    "ok": False,
+                    "error": f"{exc.__class__.__name__}: {exc}",
+                    "traceback": traceback.format_exc(limit=3),
+                }
             report["models"].append(row)
             print(json.dumps(row, default=float), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

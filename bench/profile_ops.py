@@ -1,6 +1,6 @@
 """Where an exported model's time goes: onnxruntime's profiler, summed per operator type.
 
-    .venv/runtime/bin/python bench/profile_ops.py MODEL.onnx [--images 8] [--runs 3] [--top 15]
+.venv/runtime/bin/python bench/profile_ops.py MODEL.onnx [--images 8] [--runs 3] [--top 15]
 """
 
 from __future__ import annotations
@@ -64,8 +64,11 @@ def main() -> None:
     args = ap.parse_args()
     per_op = profile(args.model, args.images, args.runs, args.threads)
     total = sum(per_op.values())
-    print(f"{args.model}: {total / 1e3:.0f} ms of kernel time per run ({args.images} images, mean of {args.runs} warm runs)")
-    for op, us in list(per_op.items())[:args.top]:
+    print(
+        f"{args.model}: {total / 1e3:.0f} ms of kernel time per run ({args.images} images, mean of"
+        f" {args.runs} warm runs)"
+    )
+    for op, us in list(per_op.items())[: args.top]:
         print(f"  {op:<24} {us / 1e3:8.1f} ms  {100 * us / total:5.1f} %")
 
 

@@ -30,9 +30,9 @@ import numpy as np  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 CACHE = ROOT / "build" / "bench"
-RUNTIME_ENV = ROOT / ".venv" / "runtime"   # editable, with the demo and test extras
+RUNTIME_ENV = ROOT / ".venv" / "runtime"  # editable, with the demo and test extras
 EXPORT_ENV = ROOT / ".venv" / "export"
-CORE_ENV = ROOT / ".venv" / "core"         # `pip install .`: what a rig machine installs
+CORE_ENV = ROOT / ".venv" / "core"  # `pip install .`: what a rig machine installs
 MNV2_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
 
 # name, arch, layer, weights, preprocessing overrides (mean, std), repeats
@@ -50,9 +50,7 @@ def _machine_load() -> list[float]:
 
 def _images(spec, n: int) -> tuple[np.ndarray, str]:
     from pbv_onnx.export.verify import smooth_images
-    from pbv_onnx.runtime.images import load_batch
-
-    from pbv_onnx.demo.sources import shared_photos
+    from pbv_onnx.runtime.images import load_batch, shared_photos
 
     files = shared_photos()
     if len(files) >= 1:
@@ -76,8 +74,9 @@ def build_model(arch: str, layer: str, weights: str, threads: int):
     import torch
 
     from pbv_onnx.export import backbone
-    from pbv_onnx.export.adjoint import ADJOINT_DESCRIPTION, VJPModule
+    from pbv_onnx.export.adjoint import VJPModule, describe, fp32_table
     from pbv_onnx.export.pipeline import DEFAULT_OPSET, vjp_proto
+    from pbv_onnx.runtime.fp16 import FP32_ONLY_KEY
     from pbv_onnx.runtime.modelfile import FORMAT_VERSION, MULTI_COTANGENT
 
     torch.set_num_threads(threads)
@@ -101,10 +100,19 @@ def build_model(arch: str, layer: str, weights: str, threads: int):
         with torch.no_grad():
             feature_shape = tuple(net(torch.zeros((1, *input_shape))).shape[1:])
         proto = vjp_proto(vjp, input_shape, feature_shape, DEFAULT_OPSET)
-        meta = {"format_version": FORMAT_VERSION, "arch": arch, "layer": layer, "pool": "none",
-                "feature_shape": list(feature_shape), "preprocessing": spec.to_dict(),
-                "weights": bb.weights, "adjoint": ADJOINT_DESCRIPTION, MULTI_COTANGENT: True,
-                "verification": "none (benchmark build)"}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "arch": arch,
+            "layer": layer,
+            "pool": "none",
+            "feature_shape": list(feature_shape),
+            "preprocessing": spec.to_dict(),
+            "weights": bb.weights,
+            "adjoint": describe(vjp.rules),
+            MULTI_COTANGENT: True,
+            FP32_ONLY_KEY: fp32_table(vjp.rules),
+            "verification": "none (benchmark build)",
+        }
         for key, value in meta.items():
             proto.metadata_props.add(key=key, value=json.dumps(value))
         tmp = path.with_suffix(".tmp")
@@ -130,7 +138,7 @@ def _median_times(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, 
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for r in range(repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
+        for k in names[r % len(names) :] + names[: r % len(names)]:
             time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             fns[k]()
@@ -177,27 +185,41 @@ def bench_backbone(name, arch, layer, weights, repeats, n_images, threads) -> di
     def ort_fwd():
         eng.features(x)
 
-    times, rounds = _median_times({"torch_vjp": torch_vjp, "torch_forward": torch_fwd, "ort_vjp": ort_vjp,
-                                   "ort_forward": ort_fwd}, repeats)
+    times, rounds = _median_times(
+        {"torch_vjp": torch_vjp, "torch_forward": torch_fwd, "ort_vjp": ort_vjp, "ort_forward": ort_fwd}, repeats
+    )
     # fwd+VJP against forward alone, also in rounds of their own: the ratio of two short runs
     # moves with the shared machine's load, so the cheap backbones get more rounds (up to
     # ORT_ROUNDS_S seconds; the torch-interleaved value is kept as ort_over_2fwd_beside_torch)
-    ort_repeats = repeats if repeats == 1 else max(  # (--quick: one round)
-        repeats, min(40, int(ORT_ROUNDS_S / (times["ort_vjp"] + times["ort_forward"]))))
+    ort_repeats = (
+        repeats
+        if repeats == 1
+        else max(  # (--quick: one round)
+            repeats, min(40, int(ORT_ROUNDS_S / (times["ort_vjp"] + times["ort_forward"])))
+        )
+    )
     _, ort_rounds = _median_times({"ort_vjp": ort_vjp, "ort_forward": ort_fwd}, ort_repeats)
     err = rel_l2(out["ort"], out["torch"].numpy())
-    row = {"name": name, "arch": arch, "layer": layer,
-           "weights": "shared real (file)" if weights == "shared" else "random (seed 0)",
-           "feature_shape": list(eng.info.feature_shape), "images": desc, "repeats": repeats,
-           "ort_repeats": ort_repeats,
-           "model_mb": round(path.stat().st_size / 1e6, 1), "build_s": round(build_s, 1),
-           **{k: round(v, 4) for k, v in times.items()},
-           "ort_over_torch": round(_paired(rounds, "ort_vjp", "torch_vjp"), 3),
-           "ort_over_2fwd": round(_paired(ort_rounds, "ort_vjp", "ort_forward") / 2, 3),
-           "ort_over_2fwd_beside_torch": round(_paired(rounds, "ort_vjp", "ort_forward") / 2, 3),
-           "torch_over_2fwd": round(_paired(rounds, "torch_vjp", "torch_forward") / 2, 3),
-           "ort_fwd_over_torch_fwd": round(_paired(rounds, "ort_forward", "torch_forward"), 3),
-           "grad_rel_l2_vs_torch": float(f"{err:.2e}"), "load": _machine_load()}
+    row = {
+        "name": name,
+        "arch": arch,
+        "layer": layer,
+        "weights": "shared real (file)" if weights == "shared" else "random (seed 0)",
+        "feature_shape": list(eng.info.feature_shape),
+        "images": desc,
+        "repeats": repeats,
+        "ort_repeats": ort_repeats,
+        "model_mb": round(path.stat().st_size / 1e6, 1),
+        "build_s": round(build_s, 1),
+        **{k: round(v, 4) for k, v in times.items()},
+        "ort_over_torch": round(_paired(rounds, "ort_vjp", "torch_vjp"), 3),
+        "ort_over_2fwd": round(_paired(ort_rounds, "ort_vjp", "ort_forward") / 2, 3),
+        "ort_over_2fwd_beside_torch": round(_paired(rounds, "ort_vjp", "ort_forward") / 2, 3),
+        "torch_over_2fwd": round(_paired(rounds, "torch_vjp", "torch_forward") / 2, 3),
+        "ort_fwd_over_torch_fwd": round(_paired(rounds, "ort_forward", "torch_forward"), 3),
+        "grad_rel_l2_vs_torch": float(f"{err:.2e}"),
+        "load": _machine_load(),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -211,12 +233,10 @@ def make_study(folder: Path, model: Path, channels: int = 16, seed: int = 0) -> 
     import xarray as xr
 
     from pbv_onnx.data.features import model_attrs
-    from pbv_onnx.runtime.images import load_batch
-    from pbv_onnx.runtime.engine import Engine
     from pbv_onnx.data.readouts import write_readouts
     from pbv_onnx.data.responses import make_responses
-
-    from pbv_onnx.demo.sources import shared_photos
+    from pbv_onnx.runtime.engine import Engine
+    from pbv_onnx.runtime.images import load_batch, shared_photos
 
     files = shared_photos()
     stim = [p.stem for p in files]
@@ -229,33 +249,49 @@ def make_study(folder: Path, model: Path, channels: int = 16, seed: int = 0) -> 
     ds = make_responses(resp, list(range(channels)), stim, cats, file=[str(f) for f in files], preferred="body")
     folder.mkdir(parents=True, exist_ok=True)
     ds.to_netcdf(folder / "responses.nc", engine="h5netcdf")
-    ro = xr.Dataset({"weight": (("channel", "feature"), w.astype(np.float32)),
-                     "bias": ("channel", np.zeros(channels, np.float32))},
-                    coords={"channel": list(range(channels))},
-                    attrs={**model_attrs(eng.info), "preferred_category": "body"})
+    ro = xr.Dataset(
+        {"weight": (("channel", "feature"), w.astype(np.float32)), "bias": ("channel", np.zeros(channels, np.float32))},
+        coords={"channel": list(range(channels))},
+        attrs={**model_attrs(eng.info), "preferred_category": "body"},
+    )
     write_readouts(ro, folder / "readouts.nc", force=True)
     obj = next(s for s in stim if s in OBJECTS)
-    return {"model": model, "readouts": folder / "readouts.nc", "responses": folder / "responses.nc",
-            "object": obj, "bodies": [s for s, c in zip(stim, cats) if c == "body"], "folder": folder}
+    return {
+        "model": model,
+        "readouts": folder / "readouts.nc",
+        "responses": folder / "responses.nc",
+        "object": obj,
+        "bodies": [s for s, c in zip(stim, cats) if c == "body"],
+        "folder": folder,
+    }
 
 
 def bench_multichannel(study_files: dict, threads: int, repeats: int = 5, k: int = 16) -> dict:
     """One object explained for K channels (one call) vs the same K pairs one call each; with a
     reference per channel and with one shared reference; and the K pairs with sharing switched off."""
-    from pbv_onnx.workflows import explain as ex
     from pbv_onnx.runtime.engine import Engine
+    from pbv_onnx.workflows import explain as ex
 
     eng = Engine(study_files["model"], device="cpu", threads=threads)
-    study = ex.open_study(study_files["model"], study_files["readouts"], study_files["responses"],
-                          device="cpu", progress=False, engine=eng)
+    study = ex.open_study(
+        study_files["model"],
+        study_files["readouts"],
+        study_files["responses"],
+        device="cpu",
+        progress=False,
+        engine=eng,
+    )
     channels = [str(c) for c in study.channels[:k]]
     forced = ex.build_pairs(study, channels, [study_files["object"]], reference=study_files["bodies"][0])
     # Each channel with its own reference where there are enough bodies (matching on random
     # readouts picks the same body for all): the object is the only image shared.
     bodies = [study.image(b) for b in study_files["bodies"]]
     matched = [ex.Pair(p.channel, p.ooc, bodies[i % len(bodies)], p.similarity) for i, p in enumerate(forced)]
-    out = {"k": len(channels), "object": study_files["object"],
-           "distinct_references_matched": len({p.reference.key for p in matched})}
+    out = {
+        "k": len(channels),
+        "object": study_files["object"],
+        "distinct_references_matched": len({p.reference.key for p in matched}),
+    }
 
     def shared(pairs):
         return lambda: ex.explain(study, pairs)
@@ -270,11 +306,19 @@ def bench_multichannel(study_files: dict, threads: int, repeats: int = 5, k: int
                 ex.explain(study, pairs)
             finally:
                 eng.multi = True
+
         return run
 
-    times, rounds = _median_times({"matched_shared": shared(matched), "matched_separate": separate(matched),
-                                   "matched_no_multi": unshared(matched), "forced_shared": shared(forced),
-                                   "forced_separate": separate(forced)}, repeats)
+    times, rounds = _median_times(
+        {
+            "matched_shared": shared(matched),
+            "matched_separate": separate(matched),
+            "matched_no_multi": unshared(matched),
+            "forced_shared": shared(forced),
+            "forced_separate": separate(forced),
+        },
+        repeats,
+    )
     out.update({name: round(v, 3) for name, v in times.items()})
     out["ratio_matched"] = round(_paired(rounds, "matched_shared", "matched_separate"), 3)
     out["ratio_forced"] = round(_paired(rounds, "forced_shared", "forced_separate"), 3)
@@ -286,8 +330,8 @@ def bench_multichannel(study_files: dict, threads: int, repeats: int = 5, k: int
 def bench_study(study_files: dict, threads: int, repeats: int = 3) -> dict:
     """A whole study, as `pbv-onnx explain` runs it: every channel x every object, each matched to
     its reference (features cached), then explained; the time in onnxruntime's calls and outside."""
-    from pbv_onnx.workflows import explain as ex
     from pbv_onnx.runtime.engine import Engine
+    from pbv_onnx.workflows import explain as ex
 
     eng = Engine(study_files["model"], device="cpu", threads=threads)
     inside = [0.0]
@@ -303,8 +347,14 @@ def bench_study(study_files: dict, threads: int, repeats: int = 3) -> dict:
     eng._run = timed
     match_s, explain_s, ort_s = [], [], []
     for _ in range(repeats + 1):  # the first: sessions, features and caches warm up, not counted
-        study = ex.open_study(study_files["model"], study_files["readouts"], study_files["responses"],
-                              device="cpu", progress=False, engine=eng)
+        study = ex.open_study(
+            study_files["model"],
+            study_files["readouts"],
+            study_files["responses"],
+            device="cpu",
+            progress=False,
+            engine=eng,
+        )
         objects = [s for s in study.paths if s in OBJECTS]
         study.phi([study.image(s) for s in study.paths])  # the feature cache of a real run
         time.sleep(PAUSE_S)
@@ -319,12 +369,20 @@ def bench_study(study_files: dict, threads: int, repeats: int = 3) -> dict:
         ort_s.append(inside[0])
     match_s, explain_s, ort_s = match_s[1:], explain_s[1:], ort_s[1:]
     i = int(np.argsort(explain_s)[len(explain_s) // 2])  # the median run, its own split
-    out = {"pairs": len(pairs), "channels": len(study.channels), "objects": len(objects),
-           "distinct_references": len({p.reference.key for p in pairs}), "repeats": repeats,
-           "match_s": round(statistics.median(match_s), 3), "explain_s": round(explain_s[i], 3),
-           "onnxruntime_s": round(ort_s[i], 3), "onnxruntime_share": round(ort_s[i] / explain_s[i], 3),
-           "outside_ms_per_pair": round(1e3 * (explain_s[i] - ort_s[i]) / len(pairs), 1),
-           "ms_per_pair": round(1e3 * explain_s[i] / len(pairs), 1), "load": _machine_load()}
+    out = {
+        "pairs": len(pairs),
+        "channels": len(study.channels),
+        "objects": len(objects),
+        "distinct_references": len({p.reference.key for p in pairs}),
+        "repeats": repeats,
+        "match_s": round(statistics.median(match_s), 3),
+        "explain_s": round(explain_s[i], 3),
+        "onnxruntime_s": round(ort_s[i], 3),
+        "onnxruntime_share": round(ort_s[i] / explain_s[i], 3),
+        "outside_ms_per_pair": round(1e3 * (explain_s[i] - ort_s[i]) / len(pairs), 1),
+        "ms_per_pair": round(1e3 * explain_s[i] / len(pairs), 1),
+        "load": _machine_load(),
+    }
     print(json.dumps(out), flush=True)
     return out
 
@@ -357,12 +415,30 @@ def bench_cold(study_files: dict, repeats: int = 5) -> dict:
     if not exe.is_file():
         return {"skipped": f"{exe} not found"}
     folder = study_files["folder"]
-    args = [str(exe), "explain", "--model", str(study_files["model"]), "--readouts", str(study_files["readouts"]),
-            "--responses", str(study_files["responses"]), "--features", str(folder / "features.nc"),
-            "--channel", "0", "--image", study_files["object"], "--device", "cpu", "--force"]
+    args = [
+        str(exe),
+        "explain",
+        "--model",
+        str(study_files["model"]),
+        "--readouts",
+        str(study_files["readouts"]),
+        "--responses",
+        str(study_files["responses"]),
+        "--features",
+        str(folder / "features.nc"),
+        "--channel",
+        "0",
+        "--image",
+        study_files["object"],
+        "--device",
+        "cpu",
+        "--force",
+    ]
     cached = {**os.environ, "PBV_ONNX_CACHE": str(folder / "session-cache")}
     uncached = {**os.environ, "PBV_ONNX_CACHE": "off"}
-    subprocess.run(args + ["--out", str(folder / "warm")], check=True, capture_output=True, env=cached)  # fills both caches
+    subprocess.run(
+        args + ["--out", str(folder / "warm")], check=True, capture_output=True, env=cached
+    )  # fills both caches
     timer = ["/usr/bin/time", "-f", "%M", "-o", str(folder / "rss.txt")] if Path("/usr/bin/time").is_file() else []
     walls: dict[str, list[float]] = {"cached": [], "uncached": []}
     rss = []
@@ -373,16 +449,41 @@ def bench_cold(study_files: dict, repeats: int = 5) -> dict:
             walls[name].append(time.perf_counter() - t0)
             if timer:  # the child's own peak (getrusage would count the pages it shared with us at fork)
                 rss.append(int((folder / "rss.txt").read_text().split()[-1]))
-    probe = [str(py), "-c", COLD_PROBE, str(study_files["model"]), str(study_files["readouts"]),
-             str(study_files["responses"]), str(folder / "features.nc"), study_files["object"]]
-    probes = [json.loads(subprocess.run(probe, cwd=folder if env_dir == CORE_ENV else ROOT, check=True,
-                                        capture_output=True, text=True, env=cached).stdout.strip().splitlines()[-1])
-              for _ in range(repeats)]
-    out = {"env": env_dir.name, "wall_s": round(statistics.median(walls["cached"]), 2),
-           "wall_no_cache_s": round(statistics.median(walls["uncached"]), 2),
-           "wall_range_s": [round(min(walls["cached"]), 2), round(max(walls["cached"]), 2)],
-           **{k: round(statistics.median(p[k] for p in probes), 2) for k in ("import_s", "engine_s", "explain_s")},
-           "peak_rss_mb": round(max(rss) / 1024, 1) if rss else None, "repeats": repeats, "load": _machine_load()}
+    probe = [
+        str(py),
+        "-c",
+        COLD_PROBE,
+        str(study_files["model"]),
+        str(study_files["readouts"]),
+        str(study_files["responses"]),
+        str(folder / "features.nc"),
+        study_files["object"],
+    ]
+    probes = [
+        json.loads(
+            subprocess.run(
+                probe,
+                cwd=folder if env_dir == CORE_ENV else ROOT,
+                check=True,
+                capture_output=True,
+                text=True,
+                env=cached,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        for _ in range(repeats)
+    ]
+    out = {
+        "env": env_dir.name,
+        "wall_s": round(statistics.median(walls["cached"]), 2),
+        "wall_no_cache_s": round(statistics.median(walls["uncached"]), 2),
+        "wall_range_s": [round(min(walls["cached"]), 2), round(max(walls["cached"]), 2)],
+        **{k: round(statistics.median(p[k] for p in probes), 2) for k in ("import_s", "engine_s", "explain_s")},
+        "peak_rss_mb": round(max(rss) / 1024, 1) if rss else None,
+        "repeats": repeats,
+        "load": _machine_load(),
+    }
     out["report_and_rest_s"] = round(out["wall_s"] - out["import_s"] - out["engine_s"] - out["explain_s"], 2)
     print(json.dumps(out), flush=True)
     return out
@@ -399,9 +500,13 @@ def env_sizes() -> dict:
     """Disk size of the core install a rig machine needs (`pip install .`), of the development
     runtime environment (editable, with the demo/test extras) and of the export environment."""
     core, runtime, export = _du_mb(CORE_ENV), _du_mb(RUNTIME_ENV), _du_mb(EXPORT_ENV)
-    return {"core_mb": core, "runtime_mb": runtime, "export_mb": export,
-            "core_over_export": round(core / export, 3) if core and export else None,
-            "runtime_over_export": round(runtime / export, 3) if runtime and export else None}
+    return {
+        "core_mb": core,
+        "runtime_mb": runtime,
+        "export_mb": export,
+        "core_over_export": round(core / export, 3) if core and export else None,
+        "runtime_over_export": round(runtime / export, 3) if runtime and export else None,
+    }
 
 
 def markdown(results: dict) -> str:
@@ -417,67 +522,98 @@ def markdown(results: dict) -> str:
         "",
         "## Forward + VJP, 8 images 224x224 (real photos), one call",
         "",
-        "| backbone | weights | torch autograd (s) | ORT fwd+VJP (s) | ORT fwd only (s) | ORT/torch | ORT/(2 x fwd) | ORT/(2 x fwd), interleaved with torch | grad rel. L2 vs torch | rounds (with torch / ORT alone) | load |",
+        "| backbone | weights | torch autograd (s) | ORT fwd+VJP (s) | ORT fwd only (s) | ORT/torch |"
+        " ORT/(2 x fwd) | ORT/(2 x fwd), interleaved with torch | grad rel. L2 vs torch"
+        " | rounds (with torch / ORT alone) | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["backbones"]:
-        lines.append(f"| {r['arch']} {r['layer']} | {r['weights']} | {r['torch_vjp']:.3f} | {r['ort_vjp']:.3f} | "
-                     f"{r['ort_forward']:.3f} | **{r['ort_over_torch']:.2f}** | **{r['ort_over_2fwd']:.2f}** | "
-                     f"{r['ort_over_2fwd_beside_torch']:.2f} | "
-                     f"{r['grad_rel_l2_vs_torch']:.1e} | {r['repeats']} / {r['ort_repeats']} | "
-                     f"{r['load'][0]} |")
+        lines.append(
+            f"| {r['arch']} {r['layer']} | {r['weights']} | {r['torch_vjp']:.3f} | {r['ort_vjp']:.3f} | "
+            f"{r['ort_forward']:.3f} | **{r['ort_over_torch']:.2f}** | **{r['ort_over_2fwd']:.2f}** | "
+            f"{r['ort_over_2fwd_beside_torch']:.2f} | "
+            f"{r['grad_rel_l2_vs_torch']:.1e} | {r['repeats']} / {r['ort_repeats']} | "
+            f"{r['load'][0]} |"
+        )
     same = [r for r in results["backbones"] if "torch_forward" in r]  # (results before it lack it)
     if same:
-        lines += ["", "## The same ratios for torch, from the rounds above", "",
-                  "The forward pass sets both targets' scale: fwd+VJP / (2 x fwd) is measured against each "
-                  "runtime's own forward pass, and ORT/torch for fwd+VJP follows from how fast each runs the "
-                  "forward pass and how fast the backward one.", "",
-                  "| backbone | torch forward (s) | torch/(2 x torch fwd) | ORT/(2 x ORT fwd) | "
-                  "ORT forward / torch forward | ORT fwd+VJP / torch fwd+VJP |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## The same ratios for torch, from the rounds above",
+            "",
+            "The forward pass sets both targets' scale: fwd+VJP / (2 x fwd) is measured against each "
+            "runtime's own forward pass, and ORT/torch for fwd+VJP follows from how fast each runs the "
+            "forward pass and how fast the backward one.",
+            "",
+            "| backbone | torch forward (s) | torch/(2 x torch fwd) | ORT/(2 x ORT fwd) | "
+            "ORT forward / torch forward | ORT fwd+VJP / torch fwd+VJP |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in same:
-            lines.append(f"| {r['arch']} {r['layer']} | {r['torch_forward']:.3f} | {r['torch_over_2fwd']:.2f} | "
-                         f"{r['ort_over_2fwd_beside_torch']:.2f} | {r['ort_fwd_over_torch_fwd']:.2f} | "
-                         f"{r['ort_over_torch']:.2f} |")
+            lines.append(
+                f"| {r['arch']} {r['layer']} | {r['torch_forward']:.3f} | {r['torch_over_2fwd']:.2f} | "
+                f"{r['ort_over_2fwd_beside_torch']:.2f} | {r['ort_fwd_over_torch_fwd']:.2f} | "
+                f"{r['ort_over_torch']:.2f} |"
+            )
     mc = results.get("multichannel")
     if mc:
-        lines += ["", f"## Multi-channel explain: one object ({mc['object']}) for K={mc['k']} channels, "
-                  "mobilenet_v2 features.18", "",
-                  "| references | K pairs, one `explain` (s) | K pairs, one `explain` each (s) | ratio | sharing off, one `explain` (s) |",
-                  "|---|---|---|---|---|",
-                  f"| one per channel ({mc['distinct_references_matched']} distinct) | {mc['matched_shared']:.2f} | "
-                  f"{mc['matched_separate']:.2f} | **{mc['ratio_matched']:.2f}** | {mc['matched_no_multi']:.2f} |",
-                  f"| one forced reference | {mc['forced_shared']:.2f} | {mc['forced_separate']:.2f} | "
-                  f"**{mc['ratio_forced']:.2f}** | |"]
+        lines += [
+            "",
+            f"## Multi-channel explain: one object ({mc['object']}) for K={mc['k']} channels, mobilenet_v2 features.18",
+            "",
+            "| references | K pairs, one `explain` (s) | K pairs, one `explain` each (s) | ratio |"
+            " sharing off, one `explain` (s) |",
+            "|---|---|---|---|---|",
+            f"| one per channel ({mc['distinct_references_matched']} distinct) | {mc['matched_shared']:.2f} | "
+            f"{mc['matched_separate']:.2f} | **{mc['ratio_matched']:.2f}** | {mc['matched_no_multi']:.2f} |",
+            f"| one forced reference | {mc['forced_shared']:.2f} | {mc['forced_separate']:.2f} | "
+            f"**{mc['ratio_forced']:.2f}** | |",
+        ]
     st = results.get("study")
     if st:
-        lines += ["", f"## A whole study: {st['channels']} channels x {st['objects']} objects = {st['pairs']} pairs, "
-                  "mobilenet_v2 features.18 (median of "
-                  f"{st['repeats']} runs)", "",
-                  "| matching all pairs (s) | `explain` (s) | per pair (ms) | in onnxruntime (s) | share in onnxruntime | "
-                  "outside onnxruntime, per pair (ms) | distinct references |",
-                  "|---|---|---|---|---|---|---|",
-                  f"| {st['match_s']:.2f} | {st['explain_s']:.2f} | {st['ms_per_pair']:.1f} | {st['onnxruntime_s']:.2f} | "
-                  f"**{st['onnxruntime_share']:.0%}** | {st['outside_ms_per_pair']:.1f} | {st['distinct_references']} |"]
+        lines += [
+            "",
+            f"## A whole study: {st['channels']} channels x {st['objects']} objects = {st['pairs']} pairs, "
+            "mobilenet_v2 features.18 (median of "
+            f"{st['repeats']} runs)",
+            "",
+            "| matching all pairs (s) | `explain` (s) | per pair (ms) | in onnxruntime (s) | share in onnxruntime | "
+            "outside onnxruntime, per pair (ms) | distinct references |",
+            "|---|---|---|---|---|---|---|",
+            f"| {st['match_s']:.2f} | {st['explain_s']:.2f} | {st['ms_per_pair']:.1f} | {st['onnxruntime_s']:.2f} | "
+            f"**{st['onnxruntime_share']:.0%}** | {st['outside_ms_per_pair']:.1f} | {st['distinct_references']} |",
+        ]
     cold = results.get("cold")
     if cold and "wall_s" in cold:
-        lines += ["", f"## Cold `pbv-onnx explain`, one pair, mobilenet_v2 (.venv/{cold['env']}, feature cache present)", "",
-                  "| wall (s) | wall range (s) | wall, no session cache (s) | imports (s) | model + session (s) | "
-                  "study + matching + VJP (s) | report: NetCDF, figures, HTML, and the rest (s) | peak RSS (MB) |",
-                  "|---|---|---|---|---|---|---|---|",
-                  f"| **{cold['wall_s']:.2f}** | {cold['wall_range_s'][0]:.2f}-{cold['wall_range_s'][1]:.2f} | "
-                  f"{cold['wall_no_cache_s']:.2f} | {cold['import_s']:.2f} | {cold['engine_s']:.2f} | "
-                  f"{cold['explain_s']:.2f} | {cold['report_and_rest_s']:.2f} | {cold['peak_rss_mb']} |"]
+        lines += [
+            "",
+            f"## Cold `pbv-onnx explain`, one pair, mobilenet_v2 (.venv/{cold['env']}, feature cache present)",
+            "",
+            "| wall (s) | wall range (s) | wall, no session cache (s) | imports (s) | model + session (s) | "
+            "study + matching + VJP (s) | report: NetCDF, figures, HTML, and the rest (s) | peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| **{cold['wall_s']:.2f}** | {cold['wall_range_s'][0]:.2f}-{cold['wall_range_s'][1]:.2f} | "
+            f"{cold['wall_no_cache_s']:.2f} | {cold['import_s']:.2f} | {cold['engine_s']:.2f} | "
+            f"{cold['explain_s']:.2f} | {cold['report_and_rest_s']:.2f} | {cold['peak_rss_mb']} |",
+        ]
     env = results.get("env")
     if env:
-        lines += ["", "## Environments on disk", "",
-                  "| .venv/core: `pip install .` (MB) | .venv/export (MB) | core/export | "
-                  ".venv/runtime: editable + demo/test extras (MB) | runtime/export |",
-                  "|---|---|---|---|---|",
-                  f"| {env['core_mb']} | {env['export_mb']} | **{env['core_over_export']}** | "
-                  f"{env['runtime_mb']} | {env['runtime_over_export']} |"]
-    lines += ["", f"Peak RSS of the benchmark process: {results['peak_rss_mb']:.0f} MB. "
-              f"Total benchmark time: {results['seconds']:.0f} s.", ""]
+        lines += [
+            "",
+            "## Environments on disk",
+            "",
+            "| .venv/core: `pip install .` (MB) | .venv/export (MB) | core/export | "
+            ".venv/runtime: editable + demo/test extras (MB) | runtime/export |",
+            "|---|---|---|---|---|",
+            f"| {env['core_mb']} | {env['export_mb']} | **{env['core_over_export']}** | "
+            f"{env['runtime_mb']} | {env['runtime_over_export']} |",
+        ]
+    lines += [
+        "",
+        f"Peak RSS of the benchmark process: {results['peak_rss_mb']:.0f} MB. "
+        f"Total benchmark time: {results['seconds']:.0f} s.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -497,15 +633,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # the benchmark's own session cache (pbv_onnx/sessions.py), not the user's
     os.environ.setdefault("PBV_ONNX_CACHE", str(CACHE / "session-cache"))
-    results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                           "load_at_start": _machine_load(), "threads": args.threads,
-                           "onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
-               "backbones": []}
+    results = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_at_start": _machine_load(),
+            "threads": args.threads,
+            "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__,
+        },
+        "backbones": [],
+    }
     for name, arch, layer, weights, repeats in BACKBONES:
         if args.only and name not in args.only:
             continue
-        results["backbones"].append(bench_backbone(name, arch, layer, weights, 1 if args.quick else repeats,
-                                                   args.images, args.threads))
+        results["backbones"].append(
+            bench_backbone(name, arch, layer, weights, 1 if args.quick else repeats, args.images, args.threads)
+        )
     if not args.skip_explain and MNV2_WEIGHTS.is_file():
         _, model = build_model("mobilenet_v2", "features.18", "shared", args.threads)
         with tempfile.TemporaryDirectory() as tmp:

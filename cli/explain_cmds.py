@@ -9,21 +9,23 @@ from typing import List, Optional
 
 import typer
 
-from pbv_onnx.cli.app import app
+from pbv_onnx.cli.app import app, progress
 from pbv_onnx.cli.options import BATCH_SIZE, DEVICE, FEATURES, IMAGES, MODEL
-from pbv_onnx.workflows import explain as ex
-from pbv_onnx.workflows import checkpoint
-from pbv_onnx.report import html as report
-from pbv_onnx.base.atomic import claim_output
-from pbv_onnx.base.errors import UsageError
-from pbv_onnx.method.saliency import BASELINES, DEFAULT_STEPS, METHODS, check_options
+from pbv_onnx.method import methods
 from pbv_onnx.method.similarity import CANDIDATE_MODES, DEFAULT_TOP_K
+from pbv_onnx.report import html as report
+from pbv_onnx.report.run import run_explain
+from pbv_onnx.workflows import explain as ex
+from pbv_onnx.workflows import run
 
 _READOUTS = typer.Option(..., "--readouts", help="Readouts file (from `pbv-onnx fit`) for this model.")
 _RESPONSES = typer.Option(..., "--responses", help="Recorded responses file (NetCDF).")
-_CANDIDATES = typer.Option("top-k", "--candidates",
-                           help=f"Reference candidates: {' or '.join(CANDIDATE_MODES)} (the channel's top-k "
-                           "preferred stimuli by recorded response, or all preferred stimuli).")
+_CANDIDATES = typer.Option(
+    "top-k",
+    "--candidates",
+    help=f"Reference candidates: {' or '.join(CANDIDATE_MODES)} (the channel's top-k "
+    "preferred stimuli by recorded response, or all preferred stimuli).",
+)
 _TOP_K = typer.Option(DEFAULT_TOP_K, "--top-k", help="k for --candidates top-k.")
 
 
@@ -46,19 +48,16 @@ def match(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Rank a channel's candidate references by the neuron-specific similarity s_n(object, reference)."""
-    study = ex.open_study(model, readouts, responses, images, features, device=device, progress=False)
-    ch = study.channel(channel)
-    ranked = ex.match(study, ch, study.image(image), candidates, top_k)
-    rows = [{"rank": int(r), "stimulus": str(s), "similarity": float(v), "recorded": float(rec)}
-            for r, s, v, rec in zip(ranked["rank"].values, ranked["stimulus"].values,
-                                    ranked["similarity"].values, ranked["recorded"].values)]
+    table = run.run_match(model, readouts, responses, channel, image, images, candidates, top_k, features, device)
+    rows = table["ranking"]
     if as_json:
-        payload = {"channel": str(ch), "object": ranked.attrs["object"], "candidates": candidates,
-                   "ranking": [{**r, "recorded": r["recorded"] if math.isfinite(r["recorded"]) else None}
-                               for r in rows]}
+        payload = {
+            **table,
+            "ranking": [{**r, "recorded": r["recorded"] if math.isfinite(r["recorded"]) else None} for r in rows],
+        }
         typer.echo(json.dumps(payload, indent=2))
         return
-    typer.echo(f"channel {ch}, object {ranked.attrs['object']}, {len(rows)} candidates ({candidates})")
+    typer.echo(f"channel {table['channel']}, object {table['object']}, {len(rows)} candidates ({candidates})")
     width = max([len("stimulus")] + [len(r["stimulus"]) for r in rows])
     typer.echo(f"{'rank':>4}  {'stimulus':<{width}}  {'similarity':>10}  {'recorded':>9}")
     for r in rows:
@@ -72,48 +71,98 @@ def explain(
     responses: Path = _RESPONSES,
     out: Path = typer.Option(..., "--out", help="Output folder (explanations.nc, figures, index.html)."),
     channel: Optional[List[str]] = typer.Option(None, "--channel", help="Channel id (repeatable; default: all)."),
-    image: Optional[List[str]] = typer.Option(None, "--image", help="Object to explain: stimulus id or image path "
-                                              "(repeatable; default: each channel's --top-objects)."),
-    top_objects: int = typer.Option(ex.DEFAULT_TOP_OBJECTS, "--top-objects",
-                                    help="Without --image: each channel's K most driving out-of-category stimuli."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="Force this reference (stimulus id or "
-                                            "image path) instead of matching."),
+    image: Optional[List[str]] = typer.Option(
+        None,
+        "--image",
+        help="Object to explain: stimulus id or image path (repeatable; default: each channel's --top-objects).",
+    ),
+    top_objects: int = typer.Option(
+        ex.DEFAULT_TOP_OBJECTS,
+        "--top-objects",
+        help="Without --image: each channel's K most driving out-of-category stimuli.",
+    ),
+    reference: Optional[str] = typer.Option(
+        None, "--reference", help="Force this reference (stimulus id or image path) instead of matching."
+    ),
     candidates: str = _CANDIDATES,
     top_k: int = _TOP_K,
-    method: str = typer.Option("parallel", "--method", help=f"{' | '.join(METHODS)}."),
-    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="Integration steps for --method integrated."),
-    baseline: str = typer.Option("black", "--baseline", help=f"Integrated-gradients baseline: {' or '.join(BASELINES)}."),
+    method: str = typer.Option("parallel", "--method", help=f"Attribution method: {methods.help_text()}."),
+    path: Optional[str] = typer.Option(
+        None,
+        "--path",
+        help=f"Gradient path: {methods.path_help()} (default: the method's own; combines with any method's rule).",
+    ),
+    steps: int = typer.Option(
+        methods.option("steps").default, "--steps", help=f"--path integrated: {methods.option('steps').help}."
+    ),
+    baseline: str = typer.Option(
+        methods.option("baseline").default,
+        "--baseline",
+        help=f"--path integrated: {methods.option('baseline').help}, "
+        f"{' or '.join(methods.option('baseline').choices)}.",
+    ),
+    noise: float = typer.Option(
+        methods.option("noise").default, "--noise", help=f"--path smooth: {methods.option('noise').help}."
+    ),
+    samples: int = typer.Option(
+        methods.option("samples").default, "--samples", help=f"--path smooth: {methods.option('samples').help}."
+    ),
+    seed: int = typer.Option(
+        methods.option("seed").default,
+        "--seed",
+        help=f"--path smooth: {methods.option('seed').help} (the same seed, the same maps).",
+    ),
+    path_option: Optional[List[str]] = typer.Option(
+        None,
+        "--path-option",
+        help="NAME=VALUE: a path's option by name (repeatable), for paths whose options have no flag here.",
+    ),
     images: Optional[Path] = IMAGES,
     features: Optional[Path] = FEATURES,
     device: str = DEVICE,
     batch_size: int = BATCH_SIZE,
     smooth: float = typer.Option(0.0, "--smooth", help="Gaussian sigma (pixels) for the displayed maps only."),
-    scale: str = typer.Option("run", "--scale", help="Colour scale shared by: run (all pairs), channel, or pair "
-                              "(always shared by both maps of a pair)."),
+    scale: str = typer.Option(
+        "run",
+        "--scale",
+        help="Colour scale shared by: run (all pairs), channel, or pair (always shared by both maps of a pair).",
+    ),
     save_inputs: bool = typer.Option(False, "--save-inputs", help="Also store the preprocessed images."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run: reuse the pairs it "
-                                "checkpointed (in .OUT.partial beside --out) if its inputs and options match."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder (and discard the "
-                               "checkpoints of an interrupted run)."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue an interrupted run: reuse the pairs it "
+        "checkpointed (in .OUT.partial beside --out) if its inputs and options match.",
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output folder (and discard the checkpoints of an interrupted run)."
+    ),
 ) -> None:
     """Explain objects that drive body-selective channels: match a reference, backpropagate both."""
-    if scale not in report.SCALES:
-        raise UsageError(None, f"--scale must be one of {', '.join(report.SCALES)}, not {scale!r}")
-    if smooth < 0:
-        raise UsageError(None, f"--smooth must be non-negative, not {smooth}")
-    check_options([method], steps, baseline)
-    # Held for the whole run, before any computation: a second run into --out is refused at once.
-    with claim_output(out, force):
-        checkpoint.check_leftovers(out, resume, force)
-        study = ex.open_study(model, readouts, responses, images, features, device=device, batch_size=batch_size)
-        pairs = ex.build_pairs(study, channel, image, top_objects, reference, candidates, top_k)
-        options = {"candidates": candidates, "top_k": top_k, "top_objects": None if image else top_objects,
-                   "reference": reference, "steps": steps if method == "integrated" else None,
-                   "baseline": baseline if method == "integrated" else None, "batch_size": batch_size,
-                   "device": study.engine.provider}
-        saved = checkpoint.Checkpoints(out, ex.run_description(study, pairs, method, steps, baseline, save_inputs),
-                                       resume=resume, force=force)
-        ds = ex.explain(study, pairs, method, steps, baseline, save_inputs, options, checkpoint=saved)
-        report.write_output(ds, out, ex.channel_summary(study), smooth, scale, force, progress=study.progress)
-        saved.discard()
-    typer.echo(f"{len(pairs)} pairs -> {out}/index.html")
+    report.check_display(smooth, scale)
+    given = {"steps": steps, "baseline": baseline, "noise": noise, "samples": samples, "seed": seed}
+    attribution = methods.resolve(method, path, **{**given, **methods.path_options(path_option or [])})
+    ds = run_explain(
+        model,
+        readouts,
+        responses,
+        out,
+        channel,
+        image,
+        top_objects,
+        reference,
+        candidates,
+        top_k,
+        attribution,
+        images_root=images,
+        features_cache=features,
+        device=device,
+        batch_size=batch_size,
+        smooth=smooth,
+        scale=scale,
+        save_inputs=save_inputs,
+        resume=resume,
+        force=force,
+        progress=progress(),
+    )
+    typer.echo(f"{ds.sizes['pair']} pairs -> {out}/index.html")

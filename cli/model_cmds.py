@@ -8,8 +8,8 @@ from typing import Optional, Tuple
 
 import typer
 
-from pbv_onnx.cli.app import app
 from pbv_onnx.base.errors import DependencyError
+from pbv_onnx.cli.app import app
 from pbv_onnx.runtime.modelfile import DEFAULT_GRAD_TOLERANCE, DEFAULT_OPSET, DEFAULT_TOLERANCE, FLOOR_FACTOR
 
 EXPORT_HINT = "the export stage needs PyTorch: pip install 'pbv-onnx[export]'"
@@ -31,25 +31,51 @@ def export_cmd(
     arch: str = typer.Option(..., "--arch", help="torchvision classification model, e.g. mobilenet_v2, resnet50."),
     layer: str = typer.Option(..., "--layer", help="Module path to cut at (inclusive), e.g. features.18, layer4."),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
-    weights: str = typer.Option("none", "--weights",
-                                help="torchvision weights name (IMAGENET1K_V1), a state_dict file, or none (seeded random)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random init (--weights none) and of the verification cotangents."),
+    weights: Optional[str] = typer.Option(
+        None,
+        "--weights",
+        help="Required: torchvision weights name (IMAGENET1K_V1), a state_dict file, or none (seeded random weights).",
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of the random init (--weights none) and of the verification cotangents."
+    ),
     pool: str = typer.Option("none", "--pool", help="none: features [C,h,w]; avg: global average pooled [C]."),
-    resize: Optional[str] = typer.Option(None, "--resize", help="HxW exact size, or N for the shorter side (needs --crop)."),
+    resize: Optional[str] = typer.Option(
+        None, "--resize", help="HxW exact size, or N for the shorter side (needs --crop)."
+    ),
     crop: Optional[str] = typer.Option(None, "--crop", help="Centre crop N or HxW after resizing."),
     mean: Optional[Tuple[float, float, float]] = typer.Option(None, "--mean", help="Normalisation mean R G B."),
     std: Optional[Tuple[float, float, float]] = typer.Option(None, "--std", help="Normalisation std R G B."),
     opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset (16 or later)."),
-    tolerance: float = typer.Option(DEFAULT_TOLERANCE, "--tolerance", help="Largest relative L2 error of the features (onnxruntime vs torch)."),
-    grad_tolerance: float = typer.Option(DEFAULT_GRAD_TOLERANCE, "--grad-tolerance",
-                                         help=f"Largest relative L2 error of input_grad (raised to {FLOOR_FACTOR:g}x the fp32 floor where that is larger)."),
+    tolerance: float = typer.Option(
+        DEFAULT_TOLERANCE, "--tolerance", help="Largest relative L2 error of the features (onnxruntime vs torch)."
+    ),
+    grad_tolerance: float = typer.Option(
+        DEFAULT_GRAD_TOLERANCE,
+        "--grad-tolerance",
+        help=f"Largest relative L2 error of input_grad (raised to {FLOOR_FACTOR:g}x the fp32 floor "
+        "where that is larger).",
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
 ) -> None:
     """Export a truncated torchvision backbone and its gradient graph to one verified ONNX model."""
     export = _export_module()
-    export.export_model(out, arch=arch, layer=layer, weights=weights, seed=seed, pool=pool,
-                        resize=resize, crop=crop, mean=_triple(mean), std=_triple(std), opset=opset,
-                        tolerance=tolerance, grad_tolerance=grad_tolerance, force=force)
+    export.export_model(
+        out,
+        arch=arch,
+        layer=layer,
+        weights=weights,
+        seed=seed,
+        pool=pool,
+        resize=resize,
+        crop=crop,
+        mean=_triple(mean),
+        std=_triple(std),
+        opset=opset,
+        tolerance=tolerance,
+        grad_tolerance=grad_tolerance,
+        force=force,
+    )
 
 
 def _triple(value):
@@ -63,42 +89,10 @@ def info_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
     """Print what an exported model says about itself (torch-free)."""
+    from pbv_onnx.runtime.describe import describe_model, format_info
+
     info = describe_model(model)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
     typer.echo(format_info(info))
-
-
-def describe_model(path: Path) -> dict:
-    """Everything `info` prints: metadata, content hash, size, shapes."""
-    from pbv_onnx.runtime.modelfile import read_info
-
-    info = read_info(path)
-    return {"path": str(info.path), "sha256": info.sha256, "size_bytes": info.path.stat().st_size,
-            "n_features": info.n_features, "input_shape": list(info.input_shape),
-            "metadata": info.metadata}
-
-
-def format_info(info: dict) -> str:
-    """A human-readable summary of `describe_model`'s dict."""
-    meta = info["metadata"]
-    pre = meta["preprocessing"]
-    w = meta.get("weights", {})
-    ver = meta.get("verification", {})
-    lines = [
-        f"model:              {info['path']} ({info['size_bytes'] / 1e6:.1f} MB, sha256 {info['sha256']})",
-        f"backbone:           {meta['arch']} cut at {meta['layer'] or '(output)'}, pool {meta.get('pool', 'none')}",
-        f"features:           {meta['feature_shape']} ({info['n_features']} values)",
-        f"input:              {info['input_shape']}; resize {pre['resize']}, crop {pre['crop']}, "
-        f"mean {pre['mean']}, std {pre['std']}, {pre.get('interpolation', 'bilinear')}",
-        "weights:            " + ", ".join(f"{k} {v}" for k, v in w.items()),
-        "versions:           " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()),
-    ]
-    errors = ver.get("errors", {})
-    for name in ("ort_vs_torch32", "torch32_vs_torch64"):
-        if name in errors:
-            lines.append(f"{name + ':':<20}" + ", ".join(f"{k} {v:.1e}" for k, v in errors[name].items()))
-    if ver:
-        lines.append(f"verified on:        {ver.get('inputs', '?')}")
-    return "\n".join(lines)

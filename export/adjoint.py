@@ -1,4 +1,9 @@
-"""Hand-written, ONNX-friendly adjoints: an fx graph -> a module returning (features, J^T cotangent)."""
+"""Hand-written, ONNX-friendly adjoints: an fx graph -> a module returning (features, J^T cotangent).
+
+Each op type has one rule class, registered with `@register` (section "registry" below): which fx
+nodes it takes, their forward and adjoint, a one-line description and the ONNX ops it emits that a
+float16 copy must keep in float32 (both recorded in the model's metadata), and a small example
+network the tests check it on. export/README.md says how to add one."""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import math
 import operator
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -17,52 +22,39 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from pbv_onnx.base.errors import ModelError
 
-# How the backward graph is built, recorded in the model's metadata.
-ADJOINT_DESCRIPTION = (
-    "hand-written adjoints on the torch.fx graph of the truncated network, reverse pass over its "
-    "nodes: stride-1 Conv adjoint = Conv with flipped, in/out-transposed weights (computed in-graph "
-    "from the forward weights), strided Conv adjoint = ConvTranspose with output_padding; BatchNorm "
-    "(eval) = per-channel scale, folded into the adjoint weights of the conv it alone follows; "
-    "ReLU/ReLU6 = mask of the forward output as exact 0/1 steps (HardSigmoid with power-of-two "
-    "slopes, which onnxruntime keeps in its blocked NCHWc layout; ReLU6: one step, then a 1x1 "
-    "depthwise Conv + Add + step that onnxruntime fuses), made in the forward pass (a "
-    "ReLU read only by a MaxPool: the mask of the pooled output, applied before un-pooling); "
-    "strided depthwise Conv adjoint = zero insertion (1x1 ConvTranspose) + depthwise Conv, "
-    "in the K-per-image pass (3x3, stride 2, even sizes) four depthwise Convs, one per output "
-    "phase, the phases kept through masks, BatchNorm and widening 1x1 adjoints and interleaved "
-    "by a grouped 2x2 ConvTranspose where another rule reads them; "
-    "MaxPool with non-overlapping windows = mask of each "
-    "window's first maximum (ArgMax) times the nearest-upsampled gradient (a Resize with constant "
-    "scales, its output's batch axis given in value_info), other MaxPool = indices "
-    "(a second MaxPool node, read only by the backward pass) + ScatterElements(add) into zeros "
-    "made from the pool's input (both keep the symbolic batch axis, so the masks after them stay "
-    "in onnxruntime's NCHWc layout); strided Conv "
-    "whose kernel is nearly a multiple of the stride (e.g. 11x11/4) = sub-pixel Conv + "
-    "DepthToSpace; Avg/AdaptiveAvgPool = ConvTranspose with a constant kernel; "
-    "add/mul/cat/flatten/Linear/Hardswish/SiLU/Sigmoid/Hardsigmoid by their closed forms; "
-    "two backward passes read one forward pass: cotangent [N, ...] (one per image, the batch "
-    "axis shared with the image's, so onnxruntime keeps the whole backward pass in NCHWc; the "
-    "cotangent and each ConvTranspose output enter that layout through an identity 1x1 "
-    "depthwise Conv) and cotangents [N*K, ...] image-major (K per image)")
-
 
 class UnsupportedOp(ModelError):
     """A node of the traced network with no adjoint rule."""
 
 
+@dataclass(frozen=True)
+class Layout:
+    """The cotangent layout of the backward pass being traced: one cotangent per image ([N, ...],
+    the batch axis shared with the image's) or K per image ([N*K, ...], image-major). Passed to
+    every adjoint explicitly, never held in module state, so two exports in one process cannot
+    interfere. The forward pass has the one-per-image layout."""
+
+    multi: bool = False
+
+
+ONE_PER_IMAGE = Layout(multi=False)
+K_PER_IMAGE = Layout(multi=True)
+
+
 @dataclass
-class Rule:
+class Adjoint:
     """One node: its forward (returning the output and what the adjoint needs) and its adjoint.
 
-    `inputs`: the fx nodes passed positionally to `fwd`; `bwd(g, xs, y, saved)` returns one
-    gradient (or None) per input.
+    `inputs`: the fx nodes passed positionally to `fwd`; `bwd(g, xs, y, saved, layout)` returns
+    one gradient (or None) per input, for the pass of that `Layout`.
     """
 
     inputs: list[fx.Node]
     fwd: Callable[..., tuple[torch.Tensor, Any]]
-    bwd: Callable[[torch.Tensor, list, torch.Tensor, Any], list] | None
+    bwd: Callable[[Any, list, torch.Tensor, Any, Layout], list] | None
     live: frozenset = frozenset()  # the inputs that depend on the image (set by VJPModule)
     phases: bool = False  # bwd takes a Phases gradient, returning Phases (else it gets the whole)
+    rule: AdjointRule | None = None  # the registered rule that built it (set by adjoint_for)
 
 
 class Phases:
@@ -132,8 +124,9 @@ def _phase_adjoint(g: torch.Tensor, w: torch.Tensor) -> Phases:
     # tap instead of a one-sided Pad, which onnxruntime runs outside its blocked layout. The four
     # kernels are constants of the graph (the depthwise weights are small), so that shape
     # inference knows every phase's shape (pbv_onnx/layout.py relies on it).
-    padded = np.zeros((c, 1, 4, 4), np.float32)  # w at [1:, 1:], a zero tap at index 0
-    padded[:, :, 1:, 1:] = w.detach().cpu().numpy()
+    w_np = w.detach().cpu().numpy()
+    padded = np.zeros((c, 1, 4, 4), w_np.dtype)  # w at [1:, 1:], a zero tap at index 0
+    padded[:, :, 1:, 1:] = w_np
     taps = {0: [2], 1: [0, 3, 1]}  # even: w[1]; odd: 0, w[2], w[0]
 
     def kernel(a: int, b: int) -> torch.Tensor:
@@ -159,11 +152,7 @@ def _unbroadcast(g: torch.Tensor, shape: tuple[int, ...], g_shape: tuple[int, ..
     return g.sum(dim=dims, keepdim=True) if dims else g
 
 
-# The backward pass being traced: one cotangent per image, or K per image (VJPModule.forward).
-_layout = {"multi": False}
-
-
-def kmul(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def kmul(g: torch.Tensor, t: torch.Tensor, layout: Layout) -> torch.Tensor:
     """g * t where t is one forward tensor per image ([N, ...], broadcastable to g's per-sample
     shape) and g holds one cotangent per image ([N, ...]: a plain Mul whose operands onnxruntime
     can prove equal in shape) or, in the multi-cotangent pass, K per image ([N*K, ...],
@@ -171,9 +160,9 @@ def kmul(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if isinstance(g, Phases):
         full = tuple(2 * int(v) for v in g.parts[0][0].shape[-2:])
         if tuple(int(v) for v in t.shape[-2:]) == full and t.dim() == 4:
-            return g.map(lambda p, a, b: kmul(p, _phase_of(t, a, b)))
+            return g.map(lambda p, a, b: kmul(p, _phase_of(t, a, b), layout))
         g = g.interleave()
-    if not _layout["multi"]:
+    if not layout.multi:
         return g * t
     shape = tuple(int(v) for v in g.shape[1:])  # static: a traced size would become ops
     tail = tuple(int(v) for v in t.shape[1:])
@@ -197,7 +186,7 @@ def _slope(t: float) -> float:
     """A power of two s with s * |y - t| >= 1 for every float32 y != t: near t, |y - t| is at
     least the float spacing just below |t|, 2^(e - 25) for |t| in [2^(e-1), 2^e), and s * y - s * t
     is exact (Sterbenz); far from t it is large. For t = 0: every normal float32 y > 0."""
-    return 2.0 ** 126 if t == 0 else 2.0 ** (25 - math.frexp(abs(t))[1])
+    return 2.0**126 if t == 0 else 2.0 ** (25 - math.frexp(abs(t))[1])
 
 
 def step_above(y: torch.Tensor, t: float) -> torch.Tensor:
@@ -215,25 +204,36 @@ def step_below(y: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def _unsupported(what: str) -> UnsupportedOp:
-    return UnsupportedOp(None, f"the export stage has no adjoint for {what}; cut the network "
-                         "earlier (--layer) or add a rule in export/adjoint.py")
+    return UnsupportedOp(
+        None,
+        f"the export stage has no adjoint for {what}; cut the network "
+        "earlier (layer) or add a rule in export/adjoint.py",
+        param="layer",
+    )
 
 
 # -- convolutions and pools ---------------------------------------------------------------------
 def conv_adjoint_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
     """Weights of the stride-1 adjoint conv: per group in/out transposed, spatially flipped."""
     cout, cin_g, kh, kw = (int(v) for v in w.shape)  # static: a traced size would become ops
-    return (w.reshape(groups, cout // groups, cin_g, kh, kw).transpose(1, 2)
-            .reshape(groups * cin_g, cout // groups, kh, kw).flip(-2, -1))
+    return (
+        w.reshape(groups, cout // groups, cin_g, kh, kw)
+        .transpose(1, 2)
+        .reshape(groups * cin_g, cout // groups, kh, kw)
+        .flip(-2, -1)
+    )
 
 
 def _output_padding(x_hw, y_hw, stride, padding, dilation, kernel) -> tuple[int, int]:
-    return tuple(int(x - ((y - 1) * s - 2 * p + d * (k - 1) + 1))
-                 for x, y, s, p, d, k in zip(x_hw, y_hw, stride, padding, dilation, kernel))
+    return tuple(
+        int(x - ((y - 1) * s - 2 * p + d * (k - 1) + 1))
+        for x, y, s, p, d, k in zip(x_hw, y_hw, stride, padding, dilation, kernel)
+    )
 
 
-def conv_input_adjoint(g: torch.Tensor, w: torch.Tensor, x_hw, y_hw, stride, padding, dilation,
-                       groups: int) -> torch.Tensor:
+def conv_input_adjoint(
+    g: torch.Tensor, w: torch.Tensor, x_hw, y_hw, stride, padding, dilation, groups: int, layout: Layout
+) -> torch.Tensor:
     """J^T g for y = conv2d(x, w): Conv with flipped weights at stride 1; strided depthwise convs
     the same on the zero-upsampled gradient (onnxruntime's grouped ConvTranspose runs group by
     group, far slower than its depthwise Conv); other strided convs ConvTranspose."""
@@ -242,15 +242,22 @@ def conv_input_adjoint(g: torch.Tensor, w: torch.Tensor, x_hw, y_hw, stride, pad
     if stride == (1, 1) and min(adj_pad) >= 0:
         return F.conv2d(g, conv_adjoint_weight(w, groups), None, 1, adj_pad, dilation, groups)
     c = int(w.shape[0])
-    if (_layout["multi"] and groups == c and int(w.shape[1]) == 1 and kernel == (3, 3) and stride == (2, 2)
-            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
-            and tuple(x_hw) == (2 * y_hw[0], 2 * y_hw[1])):
+    if (
+        layout.multi
+        and groups == c
+        and int(w.shape[1]) == 1
+        and kernel == (3, 3)
+        and stride == (2, 2)
+        and tuple(padding) == (1, 1)
+        and tuple(dilation) == (1, 1)
+        and tuple(x_hw) == (2 * y_hw[0], 2 * y_hw[1])
+    ):
         return _phase_adjoint(g, w)
     if groups == c and int(w.shape[1]) == 1 and min(adj_pad) >= 0:
         (h, wd), (sh, sw) = y_hw, stride
-        # u[s*i] = g[i], zeros between: a 1x1 depthwise ConvTranspose of ones (10 ms against
-        # 17 for nearest upsampling times a 0/1 grid, and it keeps the batch axis symbolic, so
-        # onnxruntime can prove the masks' shapes equal downstream)
+        # u[s*i] = g[i], zeros between: a 1x1 depthwise ConvTranspose of ones (faster than nearest
+        # upsampling times a 0/1 grid, see docs/performance.md; it keeps the batch axis symbolic,
+        # so onnxruntime can prove the masks' shapes equal downstream)
         ones = torch.ones((c, 1, 1, 1), dtype=g.dtype)
         u = F.conv_transpose2d(g, ones, None, stride, 0, (sh - 1, sw - 1), c)
         right = (x_hw[0] + padding[0] - h * sh, x_hw[1] + padding[1] - wd * sw)
@@ -261,17 +268,17 @@ def conv_input_adjoint(g: torch.Tensor, w: torch.Tensor, x_hw, y_hw, stride, pad
     if groups == 1 and dilation == (1, 1) and _subpixel_pays(kernel, stride):
         return _subpixel_adjoint(g, w, x_hw, stride, padding)
     op = _output_padding(x_hw, y_hw, stride, padding, dilation, kernel)
-    return to_blocked(F.conv_transpose2d(g, w, None, stride, padding, op, groups, dilation))
+    return to_blocked(F.conv_transpose2d(g, w, None, stride, padding, op, groups, dilation), layout)
 
 
-def to_blocked(t: torch.Tensor) -> torch.Tensor:
+def to_blocked(t: torch.Tensor, layout: Layout) -> torch.Tensor:
     """t through an exact identity, a 1x1 depthwise Conv of ones, in the one-per-image pass.
 
     onnxruntime's NCHWc layout is entered only through a Conv; a graph input (the cotangent) or a
     ConvTranspose output read raw by a residual Add or a mask product keeps those, and every
     later shortcut gradient, in plain NCHW, with layout conversions around each (resnet50: 15
     Adds and 19 mask products)."""
-    if _layout["multi"] or not _whole_blocks(t):
+    if layout.multi or not _whole_blocks(t):
         return t
     c = int(t.shape[1])
     return F.conv2d(t, torch.ones((c, 1, 1, 1), dtype=t.dtype), groups=c)
@@ -313,8 +320,11 @@ def _subpixel_adjoint(g: torch.Tensor, w: torch.Tensor, x_hw, stride, padding) -
     else:
         n, _, qh, qw = u.shape
         cin = int(w.shape[1])
-        u = (u.reshape(n, cin, stride[0], stride[1], qh, qw).permute(0, 1, 4, 2, 5, 3)
-             .reshape(n, cin, qh * stride[0], qw * stride[1]))
+        u = (
+            u.reshape(n, cin, stride[0], stride[1], qh, qw)
+            .permute(0, 1, 4, 2, 5, 3)
+            .reshape(n, cin, qh * stride[0], qw * stride[1])
+        )
     size = [int(v) for v in u.shape[-2:]]
     # rows [p, p + x) of the padded input; pad with zeros where no output phase reached
     right = [x + p - full for x, p, full in zip(x_hw, padding, size)]
@@ -335,20 +345,40 @@ def _folded_bn(conv: fx.Node, gm: fx.GraphModule) -> nn.BatchNorm2d | None:
     return None
 
 
-def _conv_rule(node: fx.Node, m: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> Rule:
+def _conv_rule(node: fx.Node, m: nn.Conv2d, bn: nn.BatchNorm2d | None = None) -> Adjoint:
     if m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid":
         raise _unsupported(f"Conv2d with padding={m.padding!r}, padding_mode={m.padding_mode!r} ({node.target})")
     padding = (0, 0) if isinstance(m.padding, str) else _pair(m.padding)
     stride, dilation = _pair(m.stride), _pair(m.dilation)
     x_hw, y_hw = _shape(node.args[0])[-2:], _shape(node)[-2:]
-    pointwise = (m.kernel_size == (1, 1) and stride == (1, 1) and padding == (0, 0) and m.groups == 1
-                 and m.in_channels <= m.out_channels)  # phases pass it on, on fewer channels
-    return Rule([node.args[0]],
-                lambda x: (F.conv2d(x, m.weight, m.bias, stride, padding, dilation, m.groups), None),
-                lambda g, xs, y, s: [pmap(g, lambda v: conv_input_adjoint(
-                    v, m.weight if bn is None else m.weight * _bn_scale(bn).reshape(-1, 1, 1, 1),
-                    x_hw, y_hw, stride, padding, dilation, m.groups))],  # a phase: 1x1, sizes unused
-                phases=pointwise)
+    pointwise = (
+        m.kernel_size == (1, 1)
+        and stride == (1, 1)
+        and padding == (0, 0)
+        and m.groups == 1
+        and m.in_channels <= m.out_channels
+    )  # phases pass it on, on fewer channels
+    return Adjoint(
+        [node.args[0]],
+        lambda x: (F.conv2d(x, m.weight, m.bias, stride, padding, dilation, m.groups), None),
+        lambda g, xs, y, s, layout: [
+            pmap(
+                g,
+                lambda v: conv_input_adjoint(
+                    v,
+                    m.weight if bn is None else m.weight * _bn_scale(bn).reshape(-1, 1, 1, 1),
+                    x_hw,
+                    y_hw,
+                    stride,
+                    padding,
+                    dilation,
+                    m.groups,
+                    layout,
+                ),
+            )
+        ],  # a phase: 1x1, sizes unused
+        phases=pointwise,
+    )
 
 
 def _bn_scale(m: nn.BatchNorm2d) -> torch.Tensor:
@@ -358,17 +388,20 @@ def _bn_scale(m: nn.BatchNorm2d) -> torch.Tensor:
     return scale.reshape(1, -1, 1, 1)
 
 
-def _bn_rule(node: fx.Node, m: nn.BatchNorm2d, folded: bool = False) -> Rule:
+def _bn_rule(node: fx.Node, m: nn.BatchNorm2d, folded: bool = False) -> Adjoint:
     if m.running_var is None:
         raise _unsupported(f"BatchNorm2d without running statistics ({node.target})")
-    return Rule([node.args[0]],
-                lambda x: (F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False,
-                                        0.0, m.eps), None),
-                (lambda g, xs, y, s: [g]) if folded else (lambda g, xs, y, s: [pmap(g, lambda v: v * _bn_scale(m))]),
-                phases=True)
+    return Adjoint(
+        [node.args[0]],
+        lambda x: (F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps), None),
+        (lambda g, xs, y, s, layout: [g])
+        if folded
+        else (lambda g, xs, y, s, layout: [pmap(g, lambda v: v * _bn_scale(m))]),
+        phases=True,
+    )
 
 
-def _tiled_maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule | None:
+def _tiled_maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Adjoint | None:
     """Max pooling over non-overlapping windows (kernel = stride, no padding or dilation).
 
     The forward pass stays a plain MaxPool (onnxruntime's fast kernel; its MaxPool with indices
@@ -391,22 +424,24 @@ def _tiled_maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule | None:
     position = F.pad(((yy % kh) * kw + xx % kw).float(), pad, value=-2.0)[None, None]
 
     def fwd(x):
-        xs = x[:, :, :size[0], :size[1]] if any(pad) else x
+        xs = x[:, :, : size[0], : size[1]] if any(pad) else x
         # [N, C, h, w, kh*kw]: swapping two middle axes keeps kw contiguous (a fast transpose)
-        tiles = _batch_reshape(_batch_reshape(xs, (c, h, kh, w, kw)).transpose(3, 4), (c, h, w, kh * kw))
+        tiles = _batch_reshape(
+            _batch_reshape(xs, (c, h, kh, w, kw), ONE_PER_IMAGE).transpose(3, 4), (c, h, w, kh * kw), ONE_PER_IMAGE
+        )
         first = _nearest_up(torch.argmax(tiles, dim=-1).to(x.dtype), kernel)
         if any(pad):
             first = F.pad(first, pad, value=-1.0)
         return F.max_pool2d(x, kernel, stride), (first == position.to(x.dtype)).to(x.dtype)
 
-    def bwd(g, xs, y, mask):
+    def bwd(g, xs, y, mask, layout):
         gx = _nearest_up(g, kernel)
-        return [kmul(F.pad(gx, pad) if any(pad) else gx, mask)]
+        return [kmul(F.pad(gx, pad) if any(pad) else gx, mask, layout)]
 
-    return Rule([node.args[0]], fwd, bwd)
+    return Adjoint([node.args[0]], fwd, bwd)
 
 
-def _maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule:
+def _maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Adjoint:
     tiled = _tiled_maxpool_rule(node, m)
     if tiled is not None:
         return tiled
@@ -421,16 +456,16 @@ def _maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule:
         # that only the backward pass reads, so the forward-only subgraph never runs it
         return F.max_pool2d(x, *args), MaxPoolIndices.apply(x, *args, c, hw_in)
 
-    def bwd(g, xs, y, idx):
+    def bwd(g, xs, y, idx, layout):
         # Scatter-add so overlapping windows that pick the same pixel sum their gradients; the K
         # cotangents of an image share its forward indices.
-        if not _layout["multi"]:
+        if not layout.multi:
             # into zeros made from x, (x < x) (false even for inf and NaN), not from its shape: they
             # carry x's symbolic batch axis to the gradient, so onnxruntime can prove the later
             # mask products' shapes equal and keeps them in its blocked layout
-            zeros = _batch_reshape((xs[0] < xs[0]).to(g.dtype), (c, hw_in))
+            zeros = _batch_reshape((xs[0] < xs[0]).to(g.dtype), (c, hw_in), layout)
             gx = zeros.scatter_add(2, idx.reshape(-1, c, hw_out), g.reshape(-1, c, hw_out))
-            return [_batch_reshape(gx, x_shape[1:])]
+            return [_batch_reshape(gx, x_shape[1:], layout)]
         n = idx.shape[0]
         gk = g.reshape(n, -1, c, hw_out)
         k = gk.shape[1]
@@ -439,7 +474,7 @@ def _maxpool_rule(node: fx.Node, m: nn.MaxPool2d) -> Rule:
         ik = idx.reshape(n, 1, c, hw_out).expand(-1, k, -1, -1)
         return [flat.scatter_add(3, ik, gk).reshape(-1, *x_shape[1:])]
 
-    return Rule([node.args[0]], fwd, bwd)
+    return Adjoint([node.args[0]], fwd, bwd)
 
 
 class MaxPoolIndices(torch.autograd.Function):
@@ -455,9 +490,17 @@ class MaxPoolIndices(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, kernel, stride, padding, dilation, ceil_mode, c, hw):
         k, s, p, d = _pair(kernel), _pair(stride or kernel), _pair(padding), _pair(dilation)
-        _, idx = g.op("MaxPool", x, outputs=2, kernel_shape_i=list(k), strides_i=list(s),
-                      pads_i=[p[0], p[1], p[0], p[1]], dilations_i=list(d),
-                      ceil_mode_i=int(bool(ceil_mode)), storage_order_i=0)
+        _, idx = g.op(
+            "MaxPool",
+            x,
+            outputs=2,
+            kernel_shape_i=list(k),
+            strides_i=list(s),
+            pads_i=[p[0], p[1], p[0], p[1]],
+            dilations_i=list(d),
+            ceil_mode_i=int(bool(ceil_mode)),
+            storage_order_i=0,
+        )
 
         def const(v):
             return g.op("Constant", value_t=torch.tensor(v, dtype=torch.int64))
@@ -468,7 +511,7 @@ class MaxPoolIndices(torch.autograd.Function):
         return g.op("Sub", idx, offsets)
 
 
-def _avgpool_rule(node: fx.Node, kernel, stride, padding, count_include_pad=True) -> Rule:
+def _avgpool_rule(node: fx.Node, kernel, stride, padding, count_include_pad=True) -> Adjoint:
     """Average pooling as a depthwise conv with a constant kernel; its adjoint a ConvTranspose."""
     kernel, stride, padding = _pair(kernel), _pair(stride or kernel), _pair(padding)
     c, *x_hw = _shape(node.args[0])[1:]
@@ -486,12 +529,16 @@ def _avgpool_rule(node: fx.Node, kernel, stride, padding, count_include_pad=True
         fwd = lambda x: (x.mean(dim=(2, 3), keepdim=True), None)  # noqa: E731  (GlobalAveragePool)
     else:
         fwd = lambda x: (F.avg_pool2d(x, kernel, stride, padding), None)  # noqa: E731
-    return Rule([node.args[0]], fwd,
-                lambda g, xs, y, s: [to_blocked(F.conv_transpose2d(g, weight.to(g.dtype), None, stride,
-                                                                   padding, op, c))])
+    return Adjoint(
+        [node.args[0]],
+        fwd,
+        lambda g, xs, y, s, layout: [
+            to_blocked(F.conv_transpose2d(g, weight.to(g.dtype), None, stride, padding, op, c), layout)
+        ],
+    )
 
 
-def _adaptive_avg_rule(node: fx.Node, output_size) -> Rule:
+def _adaptive_avg_rule(node: fx.Node, output_size) -> Adjoint:
     x_hw = _shape(node.args[0])[-2:]
     out = [x if o is None else o for x, o in zip(x_hw, _pair(output_size))]
     if any(x % o for x, o in zip(x_hw, out)):
@@ -501,13 +548,15 @@ def _adaptive_avg_rule(node: fx.Node, output_size) -> Rule:
 
 
 # -- elementwise ----------------------------------------------------------------------------------
-def _relu_rule(node: fx.Node, x: fx.Node, gm: fx.GraphModule) -> Rule:
+def _relu_rule(node: fx.Node, x: fx.Node, gm: fx.GraphModule) -> Adjoint:
     if _relu_into_maxpool(node, gm):  # its mask is applied by the pool, at the pooled size
-        return Rule([x], lambda v: (F.relu(v), None), lambda g, xs, y, s: [g])
+        return Adjoint([x], lambda v: (F.relu(v), None), lambda g, xs, y, s, layout: [g])
+
     def fwd(v):
         y = F.relu(v)
         return y, step_above(y, 0.0)
-    return Rule([x], fwd, lambda g, xs, y, mask: [kmul(g, mask)], phases=True)
+
+    return Adjoint([x], fwd, lambda g, xs, y, mask, layout: [kmul(g, mask, layout)], phases=True)
 
 
 RELU_FUNCTIONS = (F.relu, torch.relu, "relu")
@@ -526,11 +575,10 @@ def _relu_into_maxpool(node: fx.Node, gm: fx.GraphModule) -> bool:
     if not _is_relu(node, gm) or len(node.users) != 1:
         return False
     user = next(iter(node.users))
-    return (user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.MaxPool2d)
-            and user.args[0] is node)
+    return user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.MaxPool2d) and user.args[0] is node
 
 
-def _masked_by_output(rule: Rule) -> Rule:
+def _masked_by_output(rule: Adjoint) -> Adjoint:
     """The rule with its incoming gradient first multiplied by (output > 0): a mask made in the
     forward pass, as the ReLU's own, beside whatever the rule saves."""
     fwd, bwd = rule.fwd, rule.bwd
@@ -540,7 +588,7 @@ def _masked_by_output(rule: Rule) -> Rule:
         return y, (saved, step_above(y, 0.0))
 
     rule.fwd = masked_fwd
-    rule.bwd = lambda g, xs, y, s: bwd(kmul(g, s[1]), xs, y, s[0])
+    rule.bwd = lambda g, xs, y, s, layout: bwd(kmul(g, s[1], layout), xs, y, s[0], layout)
     return rule
 
 
@@ -559,7 +607,7 @@ def clamp_mask(y: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     subnormal y > 0, never a network's output in practice, may read as 0 here).
     """
     # the fusion happens in onnxruntime's blocked layout only
-    if lo != 0.0 or not 0.0 < hi < 2.0 ** 100 or _float32(hi) != hi or not _whole_blocks(y):
+    if lo != 0.0 or not 0.0 < hi < 2.0**100 or _float32(hi) != hi or not _whole_blocks(y):
         return step_above(y, lo) * step_below(y, hi)
     c = int(y.shape[1])
     scale = 2.0 ** -math.frexp(hi)[1]
@@ -568,17 +616,18 @@ def clamp_mask(y: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return step_below(u, hi * scale)
 
 
-def _clamp_rule(node: fx.Node, x: fx.Node, lo: float, hi: float) -> Rule:
+def _clamp_rule(node: fx.Node, x: fx.Node, lo: float, hi: float) -> Adjoint:
     # the mask is forward state: made once per image, while y is fresh in cache, and read by
     # both backward passes (K cotangents share it)
     def fwd(v):
         y = F.hardtanh(v, lo, hi)
         return y, clamp_mask(y, lo, hi)
-    return Rule([x], fwd, lambda g, xs, y, mask: [kmul(g, mask)], phases=True)
+
+    return Adjoint([x], fwd, lambda g, xs, y, mask, layout: [kmul(g, mask, layout)], phases=True)
 
 
-def _pointwise_rule(x: fx.Node, f, df) -> Rule:
-    return Rule([x], lambda v: (f(v), None), lambda g, xs, y, s: [kmul(g, df(xs[0], y))])
+def _pointwise_rule(x: fx.Node, f, df) -> Adjoint:
+    return Adjoint([x], lambda v: (f(v), None), lambda g, xs, y, s, layout: [kmul(g, df(xs[0], y), layout)])
 
 
 def _hardswish_grad(x, y):
@@ -594,18 +643,8 @@ def _silu_grad(x, y):
     return s * (1 + x * (1 - s))
 
 
-POINTWISE = {
-    nn.Hardswish: (F.hardswish, _hardswish_grad),
-    nn.Hardsigmoid: (F.hardsigmoid, _hardsigmoid_grad),
-    nn.SiLU: (F.silu, _silu_grad),
-    nn.Sigmoid: (torch.sigmoid, lambda x, y: y * (1 - y)),
-}
-POINTWISE_FN = {F.hardswish: nn.Hardswish, F.hardsigmoid: nn.Hardsigmoid, F.silu: nn.SiLU,
-                torch.sigmoid: nn.Sigmoid}
-
-
-def _identity_rule(x: fx.Node) -> Rule:
-    return Rule([x], lambda v: (v, None), lambda g, xs, y, s: [g])
+def _identity_rule(x: fx.Node) -> Adjoint:
+    return Adjoint([x], lambda v: (v, None), lambda g, xs, y, s, layout: [g])
 
 
 class _BatchReshape(torch.autograd.Function):
@@ -624,11 +663,11 @@ class _BatchReshape(torch.autograd.Function):
         return g.op("Reshape", t, target)
 
 
-def _batch_reshape(g: torch.Tensor, rest: tuple[int, ...]) -> torch.Tensor:
+def _batch_reshape(g: torch.Tensor, rest: tuple[int, ...], layout: Layout) -> torch.Tensor:
     """g as [batch, *rest]: the batch axis copied in the one-per-image pass; a -1 in the K-per-image
     pass, whose axis is its own anyway and may be empty (the whole graph's default `cotangents`,
     which the 0-copying form cannot reshape: its -1 would divide by zero)."""
-    return g.reshape(-1, *rest) if _layout["multi"] else _BatchReshape.apply(g, rest)
+    return g.reshape(-1, *rest) if layout.multi else _BatchReshape.apply(g, rest)
 
 
 class _Repeat(torch.autograd.Function):
@@ -645,8 +684,15 @@ class _Repeat(torch.autograd.Function):
     def symbolic(g, t, kh, kw):
         scales = g.op("Constant", value_t=torch.tensor([1.0, 1.0, float(kh), float(kw)]))
         roi = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
-        return g.op("Resize", t, roi, scales, mode_s="nearest",
-                    coordinate_transformation_mode_s="asymmetric", nearest_mode_s="floor")
+        return g.op(
+            "Resize",
+            t,
+            roi,
+            scales,
+            mode_s="nearest",
+            coordinate_transformation_mode_s="asymmetric",
+            nearest_mode_s="floor",
+        )
 
 
 def _nearest_up(t: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
@@ -654,12 +700,12 @@ def _nearest_up(t: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
     return _Repeat.apply(t, int(kernel[0]), int(kernel[1]))
 
 
-def _reshape_rule(x: fx.Node, fwd) -> Rule:
+def _reshape_rule(x: fx.Node, fwd) -> Adjoint:
     rest = tuple(int(v) for v in _shape(x)[1:])
-    return Rule([x], lambda v: (fwd(v), None), lambda g, xs, y, s: [_batch_reshape(g, rest)])
+    return Adjoint([x], lambda v: (fwd(v), None), lambda g, xs, y, s, layout: [_batch_reshape(g, rest, layout)])
 
 
-def _binary_rule(node: fx.Node, op: str) -> Rule:
+def _binary_rule(node: fx.Node, op: str) -> Adjoint:
     """add/sub/mul of two operands, either of which may be a constant or a tensor."""
     a, b = node.args[0], node.args[1]
     if node.kwargs.get("alpha", 1) != 1:
@@ -674,7 +720,7 @@ def _binary_rule(node: fx.Node, op: str) -> Rule:
         vb = next(it) if isinstance(b, fx.Node) else b
         return {"add": operator.add, "sub": operator.sub, "mul": operator.mul}[op](va, vb), (va, vb)
 
-    def bwd(g, xs, y, saved):
+    def bwd(g, xs, y, saved, layout):
         va, vb = saved
         grads = []
         for v, w, other, sign in ((a, b, vb, 1), (b, a, va, -1 if op == "sub" else 1)):
@@ -684,30 +730,34 @@ def _binary_rule(node: fx.Node, op: str) -> Rule:
                 grads.append(None)
                 continue
             if op == "mul":  # a forward tensor of the image is shared by its K cotangents
-                gv = kmul(g, other) if w in rule.live else g * other
+                gv = kmul(g, other, layout) if w in rule.live else g * other
             else:
                 gv = g if sign == 1 else -g
             grads.append(_unbroadcast(gv, shapes[v], y_shape))
         return grads
 
-    rule = Rule(tensors, fwd, None)
+    rule = Adjoint(tensors, fwd, None)
     rule.bwd = bwd
     return rule
 
 
-def _cat_rule(node: fx.Node) -> Rule:
+def _cat_rule(node: fx.Node) -> Adjoint:
     parts = list(node.args[0])
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if dim == 0:
         raise _unsupported(f"concatenation along the batch dimension ({node.name})")
     sizes = [_shape(p)[dim] for p in parts]
-    return Rule(parts, lambda *ts: (torch.cat(ts, dim), None),
-                lambda g, xs, y, s: list(torch.split(g, sizes, dim)))
+    return Adjoint(
+        parts, lambda *ts: (torch.cat(ts, dim), None), lambda g, xs, y, s, layout: list(torch.split(g, sizes, dim))
+    )
 
 
-def _linear_rule(node: fx.Node, m: nn.Linear) -> Rule:
-    return Rule([node.args[0]], lambda x: (F.linear(x, m.weight, m.bias), None),
-                lambda g, xs, y, s: [g.matmul(m.weight)])
+def _linear_rule(node: fx.Node, m: nn.Linear) -> Adjoint:
+    return Adjoint(
+        [node.args[0]],
+        lambda x: (F.linear(x, m.weight, m.bias), None),
+        lambda g, xs, y, s, layout: [g.matmul(m.weight)],
+    )
 
 
 def _flatten_args(node: fx.Node) -> tuple[int, int]:
@@ -716,66 +766,583 @@ def _flatten_args(node: fx.Node) -> tuple[int, int]:
     return start, end
 
 
-# -- dispatch -------------------------------------------------------------------------------------
-def rule_for(node: fx.Node, gm: fx.GraphModule) -> Rule:
-    """The forward + adjoint rule of one fx node, or UnsupportedOp naming it."""
-    if _is_relu(node, gm):
-        return _relu_rule(node, node.args[0], gm)
+# -- registry -------------------------------------------------------------------------------------
+class AdjointRule:
+    """One op type: which fx nodes it takes, and for each its forward and adjoint.
+
+    A subclass, registered with `@register`, sets what it matches (`modules`: nn.Module classes,
+    subclasses included; `types`: nn.Module classes matched exactly; `functions`: fx call_function
+    targets and call_method names), a one-line `description` (recorded in the model's `adjoint`
+    metadata), `fp32_only` (ONNX op type -> its float inputs, for the ops its graph emits that a
+    float16 copy must keep in float32; recorded in the model's metadata), implements `build`, and
+    gives an `example` network that exercises it (the tests check every registered rule on its
+    example against torch autograd).
+    """
+
+    modules: ClassVar[tuple[type[nn.Module], ...]] = ()
+    types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    functions: ClassVar[tuple[Any, ...]] = ()
+    description: ClassVar[str] = ""
+    fp32_only: ClassVar[dict[str, tuple[int, ...]]] = {}
+
+    @property
+    def name(self) -> str:
+        """The rule's name in the metadata: its class name without the `Rule` suffix."""
+        return type(self).__name__.removesuffix("Rule")
+
+    def matches(self, node: fx.Node, gm: fx.GraphModule) -> bool:
+        """Whether this rule takes the node."""
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            return type(m) in self.types or isinstance(m, self.modules)
+        return node.op in ("call_function", "call_method") and node.target in self.functions
+
+    def build(self, node: fx.Node, gm: fx.GraphModule) -> Adjoint:
+        """The node's forward and adjoint (or UnsupportedOp for a variant it cannot handle)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def example() -> tuple[nn.Module, tuple[int, int, int]]:
+        """A small network in eval mode that uses this rule (in each of its forms), and its input
+        shape [C, H, W]."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<adjoint rule {self.name}>"
+
+
+# Dispatch tries the rules in registration order and takes the first that matches; a module
+# class or function claimed by an earlier rule is refused at registration, so the order matters
+# only for subclasses (`modules`) of another rule's classes.
+RULES: list[AdjointRule] = []
+
+
+def register(cls: type[AdjointRule]) -> type[AdjointRule]:
+    """Class decorator: add a rule to the registry."""
+    rule = cls()
+    if not rule.description or "\n" in rule.description:
+        raise ValueError(f"adjoint rule {rule.name} needs a one-line description")
+    for other in RULES:
+        claimed = {*rule.types, *rule.modules} & {*other.types, *other.modules} | {
+            f for f in rule.functions if f in other.functions
+        }
+        if claimed:
+            raise ValueError(f"adjoint rule {rule.name} claims {claimed}, already {other.name}'s")
+    RULES.append(rule)
+    return cls
+
+
+def rule_for(node: fx.Node, gm: fx.GraphModule) -> AdjointRule:
+    """The registered rule that takes an fx node, or UnsupportedOp naming the node."""
+    for rule in RULES:
+        if rule.matches(node, gm):
+            return rule
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        x = node.args[0]
-        if isinstance(m, nn.Conv2d):
-            return _conv_rule(node, m, _folded_bn(node, gm))
-        if isinstance(m, nn.BatchNorm2d):
-            return _bn_rule(node, m, isinstance(x, fx.Node) and _folded_bn(x, gm) is m)
-        if isinstance(m, nn.ReLU6) or type(m) is nn.Hardtanh:
-            return _clamp_rule(node, x, float(m.min_val), float(m.max_val))
-        if isinstance(m, nn.MaxPool2d):
-            rule = _maxpool_rule(node, m)
-            return _masked_by_output(rule) if _relu_into_maxpool(x, gm) else rule
-        if isinstance(m, nn.AvgPool2d):
-            if m.divisor_override:
-                raise _unsupported(f"AvgPool2d with divisor_override ({node.target})")
-            return _avgpool_rule(node, m.kernel_size, m.stride, m.padding, m.count_include_pad)
-        if isinstance(m, nn.AdaptiveAvgPool2d):
-            return _adaptive_avg_rule(node, m.output_size)
-        if type(m) in POINTWISE:
-            return _pointwise_rule(x, *POINTWISE[type(m)])
-        if isinstance(m, (nn.Dropout, nn.Identity)):
-            return _identity_rule(x)
-        if isinstance(m, nn.Flatten):
-            return _reshape_rule(x, lambda v: v.flatten(m.start_dim, m.end_dim))
-        if isinstance(m, nn.Linear):
-            return _linear_rule(node, m)
         raise _unsupported(f"module {type(m).__name__} ({node.target})")
     if node.op in ("call_function", "call_method"):
-        t = node.target
-        x = node.args[0] if node.args else None
-        if t in (operator.add, torch.add, "add", operator.iadd):
-            return _binary_rule(node, "add")
-        if t in (operator.sub, torch.sub, "sub"):
-            return _binary_rule(node, "sub")
-        if t in (operator.mul, torch.mul, "mul", operator.imul):
-            return _binary_rule(node, "mul")
-        if t in (torch.cat, torch.concat):
-            return _cat_rule(node)
-        if t is F.relu6:
-            return _clamp_rule(node, x, 0.0, 6.0)
-        if t in POINTWISE_FN:
-            return _pointwise_rule(x, *POINTWISE[POINTWISE_FN[t]])
-        if t in (F.dropout, "contiguous") or t is F.dropout2d:
-            return _identity_rule(x)
-        if t in (torch.flatten, "flatten"):
-            start, end = _flatten_args(node)
-            return _reshape_rule(x, lambda v: v.flatten(start, end))
-        if t in ("view", "reshape", torch.reshape):
-            y_shape = _shape(node)
-            return _reshape_rule(x, lambda v: v.reshape(-1, *y_shape[1:]))
-        if t is F.adaptive_avg_pool2d:
-            return _adaptive_avg_rule(node, node.args[1] if len(node.args) > 1 else node.kwargs["output_size"])
-        name = getattr(t, "__name__", str(t))
+        name = getattr(node.target, "__name__", str(node.target))
         raise _unsupported(f"operation {name!r} ({node.name})")
     raise _unsupported(f"fx node {node.op} {node.target!r}")
+
+
+def adjoint_for(node: fx.Node, gm: fx.GraphModule) -> Adjoint:
+    """The forward + adjoint of one fx node, built by its rule."""
+    rule = rule_for(node, gm)
+    adjoint = rule.build(node, gm)
+    adjoint.rule = rule
+    return adjoint
+
+
+# How the VJP module uses the rules (the `method` line of the model's `adjoint` metadata).
+METHOD = (
+    "hand-written adjoint rules (export/adjoint.py) applied in reverse over the torch.fx graph of "
+    "the truncated network; two backward passes read one forward pass: cotangent [N, ...] one per "
+    "image (its batch axis the image's; the cotangent and ConvTranspose outputs enter onnxruntime's "
+    "NCHWc layout through an identity 1x1 depthwise Conv) and cotangents [N*K, ...] K per image, "
+    "image-major"
+)
+
+
+def describe(rules: list[AdjointRule]) -> dict[str, Any]:
+    """The model's `adjoint` metadata: the method, and each rule's description by name."""
+    return {"method": METHOD, "rules": {rule.name: rule.description for rule in rules}}
+
+
+def fp32_table(rules: list[AdjointRule]) -> dict[str, list[int]]:
+    """ONNX op type -> float inputs kept in float32 in a float16 copy, over the given rules."""
+    table: dict[str, set[int]] = {}
+    for rule in rules:
+        for op, inputs in rule.fp32_only.items():
+            table.setdefault(op, set()).update(inputs)
+    return {op: sorted(inputs) for op, inputs in sorted(table.items())}
+
+
+def _conv_bn_stats(*bns: nn.BatchNorm2d) -> None:
+    """Non-trivial batch-norm statistics for the examples (fresh ones are the identity)."""
+    with torch.no_grad():
+        for bn in bns:
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+
+
+class _Example(nn.Module):
+    """An example network: a forward function over the given submodules and constant tensors."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor], buffers: dict[str, torch.Tensor], **modules: nn.Module):
+        super().__init__()
+        self._forward = forward
+        for name, m in modules.items():
+            self.add_module(name, m)
+        for name, t in buffers.items():
+            self.register_buffer(name, t)
+
+    def forward(self, x):
+        return self._forward(self, x)
+
+
+def _example(
+    shape: tuple[int, int, int], forward: Callable[..., torch.Tensor], buffers: dict | None = None, **modules: nn.Module
+) -> tuple[nn.Module, tuple[int, int, int]]:
+    return _Example(forward, buffers or {}, **modules).eval(), shape
+
+
+@register
+class ReLURule(AdjointRule):
+    description = (
+        "ReLU: the mask of the forward output as an exact 0/1 step (HardSigmoid with a "
+        "power-of-two slope, kept in onnxruntime's NCHWc layout), made in the forward pass; "
+        "nothing where a MaxPool alone reads it (the pool masks its output)"
+    )
+    types = (nn.ReLU,)
+    functions = RELU_FUNCTIONS
+    fp32_only = {"HardSigmoid": (0,)}  # slopes up to 2^126: inf * 0 in float16
+
+    def matches(self, node, gm):
+        return _is_relu(node, gm)
+
+    def build(self, node, gm):
+        return _relu_rule(node, node.args[0], gm)
+
+    @staticmethod
+    def example():
+        # module, function and method spellings; one read only by a max-pool
+        return _example(
+            (3, 12, 12),
+            lambda s, x: s.pool(torch.relu(s.c2(F.relu(s.act(s.c1(x))).relu()))).relu(),
+            c1=nn.Conv2d(3, 8, 3, padding=1),
+            act=nn.ReLU(),
+            c2=nn.Conv2d(8, 8, 3),
+            pool=nn.MaxPool2d(2),
+        )
+
+
+@register
+class Conv2dRule(AdjointRule):
+    description = (
+        "Conv2d: stride 1 = Conv with flipped, in/out-transposed weights (computed in-graph); "
+        "strided depthwise = zero insertion (1x1 ConvTranspose) + depthwise Conv, in the "
+        "K-per-image pass (3x3/2, even sizes) four phase Convs kept apart through masks, "
+        "BatchNorm and widening 1x1 adjoints and interleaved by a grouped 2x2 ConvTranspose; "
+        "kernel nearly a multiple of the stride (e.g. 11x11/4) = sub-pixel Conv + DepthToSpace; "
+        "other strided = ConvTranspose with output_padding; a BatchNorm it alone feeds is "
+        "folded into its adjoint weights"
+    )
+    modules = (nn.Conv2d,)
+
+    def build(self, node, gm):
+        return _conv_rule(node, gm.get_submodule(node.target), _folded_bn(node, gm))
+
+    @staticmethod
+    def example():
+        bn = nn.BatchNorm2d(16)
+        _conv_bn_stats(bn)
+
+        def forward(s, x):
+            y = s.grouped(s.dw5(s.dw(s.bn(s.expand(x)))))  # phases through BN and the widening 1x1
+            return torch.cat([s.down(y).flatten(1), s.sub(x).flatten(1)], 1)
+
+        return _example(
+            (3, 36, 36),
+            forward,
+            expand=nn.Conv2d(3, 16, 1),
+            bn=bn,
+            dw=nn.Conv2d(16, 16, 3, 2, 1, groups=16),
+            dw5=nn.Conv2d(16, 16, 5, 2, 1, groups=16),
+            grouped=nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=4),
+            down=nn.Conv2d(16, 16, 3, 2),
+            sub=nn.Conv2d(3, 4, 11, 4, 2),
+        )
+
+
+@register
+class BatchNorm2dRule(AdjointRule):
+    description = (
+        "BatchNorm2d (eval): the per-channel scale, or nothing where it is folded into the conv it alone follows"
+    )
+    modules = (nn.BatchNorm2d,)
+
+    def build(self, node, gm):
+        m, x = gm.get_submodule(node.target), node.args[0]
+        return _bn_rule(node, m, isinstance(x, fx.Node) and _folded_bn(x, gm) is m)
+
+    @staticmethod
+    def example():
+        b1, b2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        _conv_bn_stats(b1, b2)
+        return _example(
+            (3, 10, 10), lambda s, x: s.b2(torch.relu(s.b1(s.conv(x)))), conv=nn.Conv2d(3, 8, 3), b1=b1, b2=b2
+        )
+
+
+@register
+class HardtanhRule(AdjointRule):
+    description = (
+        "ReLU6/Hardtanh: the mask of the forward output as exact 0/1 steps, made in the forward "
+        "pass; ReLU6 on whole 16-channel blocks in two passes (one step, then a 1x1 depthwise "
+        "Conv + Add + step that onnxruntime fuses)"
+    )
+    modules = (nn.ReLU6,)
+    types = (nn.Hardtanh,)
+    functions = (F.relu6,)
+    fp32_only = {"HardSigmoid": (0,)}
+
+    def build(self, node, gm):
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            return _clamp_rule(node, node.args[0], float(m.min_val), float(m.max_val))
+        return _clamp_rule(node, node.args[0], 0.0, 6.0)
+
+    @staticmethod
+    def example():
+        def forward(s, x):
+            y = s.ht(s.c2(s.relu6(3 * s.c1(x))))
+            return F.relu6(4 * s.c3(y))
+
+        return _example(
+            (3, 8, 8),
+            forward,
+            c1=nn.Conv2d(3, 16, 1),
+            relu6=nn.ReLU6(),
+            c2=nn.Conv2d(16, 8, 1),
+            ht=nn.Hardtanh(-1.0, 1.0),
+            c3=nn.Conv2d(8, 8, 1),
+        )
+
+
+@register
+class MaxPool2dRule(AdjointRule):
+    description = (
+        "MaxPool2d: non-overlapping windows = the mask of each window's first maximum (ArgMax) "
+        "times the nearest-upsampled gradient (a Resize with constant scales); other = indices "
+        "from a second MaxPool node read only by the backward pass + ScatterElements(add) into "
+        "zeros made from the pool's input; after a ReLU it alone reads, the gradient first "
+        "masked by (pooled output > 0)"
+    )
+    modules = (nn.MaxPool2d,)
+    # onnxruntime's CPU provider has no float16 scatter-add, and float16 sums would lose gradients;
+    # the masks of a ReLU before it are HardSigmoid steps (see ReLURule)
+    fp32_only = {"ScatterElements": (0, 2), "HardSigmoid": (0,)}
+
+    def build(self, node, gm):
+        rule = _maxpool_rule(node, gm.get_submodule(node.target))
+        return _masked_by_output(rule) if _relu_into_maxpool(node.args[0], gm) else rule
+
+    @staticmethod
+    def example():
+        def forward(s, x):
+            y = s.overlap(torch.relu(s.c1(x)))  # overlapping windows, after a ReLU it alone reads
+            return torch.cat(
+                [s.tiled(s.c2(y)).flatten(1), s.ceil(s.c3(y)).flatten(1), s.tiled_odd(torch.relu(s.c4(x))).flatten(1)],
+                1,
+            )
+
+        return _example(
+            (3, 20, 20),
+            forward,
+            c1=nn.Conv2d(3, 8, 3, padding=1),
+            overlap=nn.MaxPool2d(3, 2, 1),
+            c2=nn.Conv2d(8, 8, 1),
+            tiled=nn.MaxPool2d(2),
+            c3=nn.Conv2d(8, 8, 1),
+            ceil=nn.MaxPool2d(3, 2, ceil_mode=True, padding=1),
+            c4=nn.Conv2d(3, 4, 3),
+            tiled_odd=nn.MaxPool2d(4),
+        )
+
+
+@register
+class AvgPool2dRule(AdjointRule):
+    description = "AvgPool2d: ConvTranspose with a constant 1/k kernel (identity where sizes match)"
+    modules = (nn.AvgPool2d,)
+
+    def build(self, node, gm):
+        m = gm.get_submodule(node.target)
+        if m.divisor_override:
+            raise _unsupported(f"AvgPool2d with divisor_override ({node.target})")
+        return _avgpool_rule(node, m.kernel_size, m.stride, m.padding, m.count_include_pad)
+
+    @staticmethod
+    def example():
+        def forward(s, x):
+            y = s.c(x)
+            return torch.cat([s.a2(y).flatten(1), s.a3(y).flatten(1), s.a1(y).flatten(1), s.whole(y).flatten(1)], 1)
+
+        return _example(
+            (3, 10, 10),
+            forward,
+            c=nn.Conv2d(3, 16, 3),
+            a2=nn.AvgPool2d(2),
+            a3=nn.AvgPool2d(3, 2, 1),
+            a1=nn.AvgPool2d(1),
+            whole=nn.AvgPool2d(8),
+        )
+
+
+@register
+class AdaptiveAvgPool2dRule(AdjointRule):
+    description = "AdaptiveAvgPool2d (even windows): ConvTranspose with a constant 1/k kernel"
+    modules = (nn.AdaptiveAvgPool2d,)
+    functions = (F.adaptive_avg_pool2d,)
+
+    def build(self, node, gm):
+        if node.op == "call_module":
+            return _adaptive_avg_rule(node, gm.get_submodule(node.target).output_size)
+        return _adaptive_avg_rule(node, node.args[1] if len(node.args) > 1 else node.kwargs["output_size"])
+
+    @staticmethod
+    def example():
+        def forward(s, x):
+            y = s.c(x)
+            return torch.cat([s.pool(y).flatten(1), F.adaptive_avg_pool2d(y, 1).flatten(1)], 1)
+
+        return _example((3, 12, 12), forward, c=nn.Conv2d(3, 16, 3, padding=1), pool=nn.AdaptiveAvgPool2d((6, 3)))
+
+
+class PointwiseRule(AdjointRule):
+    """An elementwise activation: its derivative from the forward input and output."""
+
+    @staticmethod
+    def f(x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def df(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def build(self, node, gm):
+        return _pointwise_rule(node.args[0], self.f, self.df)
+
+    @classmethod
+    def example(cls):
+        module, function = cls.types[0](), cls.functions[0]
+        return _example(
+            (3, 8, 8),
+            lambda s, x: function(s.c2(s.act(s.c1(x)))),
+            c1=nn.Conv2d(3, 8, 3, padding=1),
+            act=module,
+            c2=nn.Conv2d(8, 8, 1),
+        )
+
+
+@register
+class HardswishRule(PointwiseRule):
+    description = "Hardswish: its closed-form derivative times the gradient"
+    types = (nn.Hardswish,)
+    functions = (F.hardswish,)
+    f = staticmethod(F.hardswish)
+    df = staticmethod(_hardswish_grad)
+
+
+@register
+class HardsigmoidRule(PointwiseRule):
+    description = "Hardsigmoid: its closed-form derivative times the gradient"
+    types = (nn.Hardsigmoid,)
+    functions = (F.hardsigmoid,)
+    f = staticmethod(F.hardsigmoid)
+    df = staticmethod(_hardsigmoid_grad)
+
+
+@register
+class SiLURule(PointwiseRule):
+    description = "SiLU: its closed-form derivative times the gradient"
+    types = (nn.SiLU,)
+    functions = (F.silu,)
+    f = staticmethod(F.silu)
+    df = staticmethod(_silu_grad)
+
+
+@register
+class SigmoidRule(PointwiseRule):
+    description = "Sigmoid: y (1 - y) times the gradient"
+    types = (nn.Sigmoid,)
+    functions = (torch.sigmoid,)
+    f = staticmethod(torch.sigmoid)
+    df = staticmethod(lambda x, y: y * (1 - y))
+
+
+@register
+class IdentityRule(AdjointRule):
+    description = "Dropout (eval), Identity, contiguous: the identity"
+    modules = (nn.Dropout, nn.Identity)
+    functions = (F.dropout, "contiguous", F.dropout2d)
+
+    def build(self, node, gm):
+        return _identity_rule(node.args[0])
+
+    @staticmethod
+    def example():
+        def forward(s, x):
+            y = s.drop(s.idn(s.c(x))).contiguous()
+            return F.dropout2d(F.dropout(y, training=False), training=False)
+
+        return _example((3, 6, 6), forward, c=nn.Conv2d(3, 4, 3), idn=nn.Identity(), drop=nn.Dropout())
+
+
+@register
+class FlattenRule(AdjointRule):
+    description = "flatten: a Reshape that copies the batch axis (Reshape with 0), so it stays the symbolic N"
+    modules = (nn.Flatten,)
+    functions = (torch.flatten, "flatten")
+
+    def build(self, node, gm):
+        x = node.args[0]
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            return _reshape_rule(x, lambda v: v.flatten(m.start_dim, m.end_dim))
+        start, end = _flatten_args(node)
+        return _reshape_rule(x, lambda v: v.flatten(start, end))
+
+    @staticmethod
+    def example():
+        def forward(s, x):
+            y = s.c(x)
+            return torch.cat([s.flat(y), torch.flatten(y, 1), y.flatten(2).flatten(1)], 1)
+
+        return _example((3, 6, 6), forward, c=nn.Conv2d(3, 4, 3), flat=nn.Flatten())
+
+
+@register
+class LinearRule(AdjointRule):
+    description = "Linear: the gradient times the weight matrix"
+    modules = (nn.Linear,)
+
+    def build(self, node, gm):
+        return _linear_rule(node, gm.get_submodule(node.target))
+
+    @staticmethod
+    def example():
+        return _example(
+            (3, 6, 6),
+            lambda s, x: s.fc2(torch.relu(s.fc1(s.c(x).flatten(1)))),
+            c=nn.Conv2d(3, 4, 3),
+            fc1=nn.Linear(64, 16),
+            fc2=nn.Linear(16, 5),
+        )
+
+
+class _BinaryRule(AdjointRule):
+    """add/sub/mul of two operands, either of which may be a constant or a tensor (broadcasting)."""
+
+    op: ClassVar[str] = ""
+
+    def build(self, node, gm):
+        return _binary_rule(node, self.op)
+
+
+@register
+class AddRule(_BinaryRule):
+    description = "add (broadcasting): the gradient to each tensor operand, summed over broadcast axes"
+    functions = (operator.add, torch.add, "add", operator.iadd)
+    op = "add"
+
+    @staticmethod
+    def example():
+        def forward(s, x):
+            y = s.c1(x)
+            y = torch.add(y, s.c2(y)) + 0.5
+            y += s.bias  # a constant operand
+            return y.add(F.adaptive_avg_pool2d(y, 1))  # broadcast over space
+
+        return _example(
+            (3, 6, 6), forward, {"bias": torch.randn(4, 1, 1)}, c1=nn.Conv2d(3, 4, 1), c2=nn.Conv2d(4, 4, 1)
+        )
+
+
+@register
+class SubRule(_BinaryRule):
+    description = "sub (broadcasting): the gradient and its negative, summed over broadcast axes"
+    functions = (operator.sub, torch.sub, "sub")
+    op = "sub"
+
+    @staticmethod
+    def example():
+        def forward(s, x):
+            y = s.c1(x)
+            return torch.sub(1.0 - y, s.c2(y)).sub(s.bias) - F.adaptive_avg_pool2d(y, 1)
+
+        return _example(
+            (3, 6, 6), forward, {"bias": torch.randn(4, 1, 1)}, c1=nn.Conv2d(3, 4, 1), c2=nn.Conv2d(4, 4, 1)
+        )
+
+
+@register
+class MulRule(_BinaryRule):
+    description = (
+        "mul (broadcasting): the gradient times the other operand, a forward tensor shared by an image's K cotangents"
+    )
+    functions = (operator.mul, torch.mul, "mul", operator.imul)
+    op = "mul"
+
+    @staticmethod
+    def example():
+        def forward(s, x):
+            y = s.c1(x)
+            y = torch.mul(y, s.c2(y)) * 2.0
+            y *= s.scale  # a constant operand
+            return y.mul(torch.sigmoid(F.adaptive_avg_pool2d(y, 1)))  # squeeze-and-excitation
+
+        return _example(
+            (3, 6, 6), forward, {"scale": torch.randn(4, 1, 1)}, c1=nn.Conv2d(3, 4, 1), c2=nn.Conv2d(4, 4, 1)
+        )
+
+
+@register
+class CatRule(AdjointRule):
+    description = "cat (not along the batch axis): the gradient split into the parts"
+    functions = (torch.cat, torch.concat)
+
+    def build(self, node, gm):
+        return _cat_rule(node)
+
+    @staticmethod
+    def example():
+        return _example(
+            (3, 6, 6),
+            lambda s, x: torch.concat([s.c1(x), torch.cat((s.c2(x), x), dim=1)], 1),
+            c1=nn.Conv2d(3, 4, 1),
+            c2=nn.Conv2d(3, 2, 1),
+        )
+
+
+@register
+class ReshapeRule(AdjointRule):
+    description = "view/reshape: a Reshape that copies the batch axis (Reshape with 0), so it stays the symbolic N"
+    functions = ("view", "reshape", torch.reshape)
+
+    def build(self, node, gm):
+        y_shape = _shape(node)
+        return _reshape_rule(node.args[0], lambda v: v.reshape(-1, *y_shape[1:]))
+
+    @staticmethod
+    def example():
+        def forward(s, x):
+            y = s.c(x)
+            return torch.reshape(y.view(-1, 4, 16).reshape(-1, 64), (-1, 8, 8))
+
+        return _example((3, 6, 6), forward, c=nn.Conv2d(3, 4, 3))
 
 
 def _fetch(gm: nn.Module, target: str) -> torch.Tensor:
@@ -811,22 +1378,25 @@ class VJPModule(nn.Module):
         live = _depends_on_input(gm.graph, self._input)
         if self._output not in live:
             raise ModelError(None, "the network's output does not depend on its input")
-        self._plan: list[tuple[fx.Node, Rule]] = []
+        self._plan: list[tuple[fx.Node, Adjoint]] = []
         needed = {a for n in live for a in n.all_input_nodes}
         for node in nodes:
             if node.op == "get_attr" and node in needed:  # a constant read by the network
-                self._plan.append((node, Rule([], lambda t=node.target: (_fetch(gm, t), None),
-                                              lambda g, xs, y, s: [])))
+                self._plan.append(
+                    (node, Adjoint([], lambda t=node.target: (_fetch(gm, t), None), lambda g, xs, y, s, layout: []))
+                )
             elif node in needed and node not in live and node.op != "placeholder":
                 raise _unsupported(f"constant subexpression {node.name}")
             if node in live and node is not self._input and node.op != "output":
-                rule = rule_for(node, gm)
-                bad = [a for a in node.all_input_nodes if a in live and a not in rule.inputs]
+                step = adjoint_for(node, gm)
+                bad = [a for a in node.all_input_nodes if a in live and a not in step.inputs]
                 if bad:
                     raise _unsupported(f"{node.name} reading {bad[0].name} outside its tensor arguments")
-                rule.live = frozenset(a for a in rule.inputs if a in live)
-                self._plan.append((node, rule))
+                step.live = frozenset(a for a in step.inputs if a in live)
+                self._plan.append((node, step))
         self._live = live
+        used = {id(step.rule) for _, step in self._plan}
+        self.rules: list[AdjointRule] = [rule for rule in RULES if id(rule) in used]  # registry order
         self.eval()  # exporters restore this mode on the shared modules afterwards
 
     def forward(self, image: torch.Tensor, cotangent: torch.Tensor, cotangents: torch.Tensor | None = None):
@@ -838,34 +1408,30 @@ class VJPModule(nn.Module):
         for node, rule in self._plan:
             env[node], saved[node] = rule.fwd(*[env[a] for a in rule.inputs])
         features = env[self._output]
-        gx = self._backward(env, saved, cotangent, multi=False)
+        gx = self._backward(env, saved, cotangent, ONE_PER_IMAGE)
         if cotangents is None:
             return features, gx
-        return features, gx, self._backward(env, saved, cotangents, multi=True)
+        return features, gx, self._backward(env, saved, cotangents, K_PER_IMAGE)
 
-    def _backward(self, env: dict, saved: dict, cotangent: torch.Tensor, multi: bool) -> torch.Tensor:
+    def _backward(self, env: dict, saved: dict, cotangent: torch.Tensor, layout: Layout) -> torch.Tensor:
         """The reverse pass over the plan for one cotangent layout (see kmul)."""
-        _layout["multi"] = multi
-        cotangent = to_blocked(cotangent)  # the one-per-image pass only (to_blocked checks)
-        try:
-            grads: dict[fx.Node, torch.Tensor] = {self._output: cotangent}
-            for node, rule in reversed(self._plan):
-                g = grads.pop(node, None)
-                if g is None:
+        cotangent = to_blocked(cotangent, layout)  # the one-per-image pass only (to_blocked checks)
+        grads: dict[fx.Node, torch.Tensor] = {self._output: cotangent}
+        for node, step in reversed(self._plan):
+            g = grads.pop(node, None)
+            if g is None:
+                continue
+            if not step.phases:
+                g = whole(g)
+            xs = [env[a] for a in step.inputs]
+            for a, ga in zip(step.inputs, step.bwd(g, xs, env[node], saved[node], layout)):
+                if ga is None or a not in self._live:
                     continue
-                if not rule.phases:
-                    g = whole(g)
-                xs = [env[a] for a in rule.inputs]
-                for a, ga in zip(rule.inputs, rule.bwd(g, xs, env[node], saved[node])):
-                    if ga is None or a not in self._live:
-                        continue
-                    if a in grads:
-                        both = isinstance(ga, Phases) and isinstance(grads[a], Phases)
-                        grads[a] = grads[a] + ga if both else whole(grads[a]) + whole(ga)
-                    else:
-                        grads[a] = ga
-        finally:
-            _layout["multi"] = False
+                if a in grads:
+                    both = isinstance(ga, Phases) and isinstance(grads[a], Phases)
+                    grads[a] = grads[a] + ga if both else whole(grads[a]) + whole(ga)
+                else:
+                    grads[a] = ga
         gx = grads.get(self._input)
         if gx is None:  # the output does not depend on the image through any live path
             return torch.zeros((cotangent.shape[0], *env[self._input].shape[1:]), dtype=cotangent.dtype)

@@ -38,7 +38,7 @@ def _builder(arch: str):
     if arch not in available_archs():
         close = [a for a in available_archs() if a.startswith(arch[:3])][:8]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise UsageError(None, f"--arch {arch!r} is not a torchvision classification model{hint}")
+        raise UsageError(None, f"arch={arch!r} is not a torchvision classification model{hint}", param="arch")
     return torchvision.models.get_model_builder(arch)
 
 
@@ -46,8 +46,12 @@ def _weights_enum(arch: str, name: str):
     enum = torchvision.models.get_model_weights(arch)
     key = name.split(".")[-1]
     if key not in enum.__members__:
-        raise UsageError(None, f"--weights {name!r}: not a file, not 'none', and not one of the "
-                         f"torchvision weights of {arch} ({', '.join(enum.__members__)})")
+        raise UsageError(
+            None,
+            f"weights={name!r}: not a file, not 'none', and not one of the "
+            f"torchvision weights of {arch} ({', '.join(enum.__members__)})",
+            param="weights",
+        )
     return enum[key]
 
 
@@ -55,15 +59,16 @@ def _preprocessing_from_weights(w) -> Preprocessing:
     t = w.transforms()
     resize = t.resize_size[0] if len(t.resize_size) == 1 else tuple(t.resize_size)
     crop = tuple(t.crop_size) * (2 if len(t.crop_size) == 1 else 1)
-    return Preprocessing(resize=resize, crop=crop, mean=tuple(t.mean), std=tuple(t.std),
-                         interpolation=t.interpolation.value)
+    return Preprocessing(
+        resize=resize, crop=crop, mean=tuple(t.mean), std=tuple(t.std), interpolation=t.interpolation.value
+    )
 
 
 def _is_file_spec(weights: str) -> bool:
     return os.sep in weights or "/" in weights or weights.endswith((".pth", ".pt")) or Path(weights).exists()
 
 
-def load_backbone(arch: str, weights: str = "none", seed: int = 0) -> Backbone:
+def load_backbone(arch: str, weights: str, seed: int = 0) -> Backbone:
     """`weights`: a torchvision weights name, a state_dict file, or 'none' (seeded random init)."""
     build = _builder(arch)
     if weights.lower() == "none":
@@ -85,8 +90,11 @@ def load_backbone(arch: str, weights: str = "none", seed: int = 0) -> Backbone:
         keys, want = set(state), set(model.state_dict())
         if keys != want:
             missing, extra = sorted(want - keys), sorted(keys - want)
-            raise ModelError(path, f"state_dict does not match {arch}: "
-                             f"{len(missing)} missing keys {missing[:3]}, {len(extra)} unexpected {extra[:3]}")
+            raise ModelError(
+                path,
+                f"state_dict does not match {arch}: "
+                f"{len(missing)} missing keys {missing[:3]}, {len(extra)} unexpected {extra[:3]}",
+            )
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -98,12 +106,20 @@ def load_backbone(arch: str, weights: str = "none", seed: int = 0) -> Backbone:
         try:
             model = build(weights=w)
         except Exception as exc:
-            raise ModelError(None, f"cannot get torchvision weights {arch} {w.name} from {w.url} "
-                             f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                             "without network access pass a state_dict file with --weights PATH") from None
+            raise ModelError(
+                None,
+                f"cannot get torchvision weights {arch} {w.name} from {w.url} "
+                f"({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "without network access pass a state_dict file with weights=PATH",
+                param="weights",
+            ) from None
         cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
-        record = {"source": "torchvision", "name": f"{type(w).__name__}.{w.name}", "url": w.url,
-                  "sha256": file_sha256(cached) if cached.is_file() else None}
+        record = {
+            "source": "torchvision",
+            "name": f"{type(w).__name__}.{w.name}",
+            "url": w.url,
+            "sha256": file_sha256(cached) if cached.is_file() else None,
+        }
         spec = _preprocessing_from_weights(w)
     model.eval()
     for p in model.parameters():
@@ -150,18 +166,24 @@ def truncate(model: nn.Module, layer: str | None, pool: str = "none") -> fx.Grap
     `layer=None` keeps the whole model. `pool='avg'` appends global average pooling.
     """
     if pool not in ("none", "avg"):
-        raise UsageError(None, f"--pool must be none or avg, not {pool!r}")
+        raise UsageError(None, f"pool must be none or avg, not {pool!r}", param="pool")
     try:
         if layer:
             names = dict(model.named_modules())
             if layer not in names:
                 tops = ", ".join(n for n, _ in model.named_children())
-                raise UsageError(None, f"--layer {layer!r} is not a module of the model (top-level modules: {tops})")
+                raise UsageError(
+                    None, f"layer={layer!r} is not a module of the model (top-level modules: {tops})", param="layer"
+                )
             graph = _CutTracer(layer).trace(model)
             hits = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
             if len(hits) != 1:
-                raise UsageError(None, f"--layer {layer!r} is called {len(hits)} times in the model's forward; "
-                                 "pick a module that runs exactly once")
+                raise UsageError(
+                    None,
+                    f"layer={layer!r} is called {len(hits)} times in the model's forward; "
+                    "pick a module that runs exactly once",
+                    param="layer",
+                )
             out = next(n for n in graph.nodes if n.op == "output")
             graph.erase_node(out)
             graph.output(hits[0])
@@ -176,8 +198,11 @@ def truncate(model: nn.Module, layer: str | None, pool: str = "none") -> fx.Grap
     except (UsageError, ModelError):
         raise
     except Exception as exc:
-        raise ModelError(None, f"cannot trace the model with torch.fx ({exc.__class__.__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise ModelError(
+            None,
+            f"cannot trace the model with torch.fx ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})",
+        ) from None
 
 
 def parse_size(text: str | None, option: str) -> int | tuple[int, int] | None:
@@ -187,33 +212,44 @@ def parse_size(text: str | None, option: str) -> int | tuple[int, int] | None:
     try:
         parts = [int(p) for p in str(text).lower().split("x")]
     except ValueError:
-        raise UsageError(None, f"{option} must be N or HxW (e.g. 224 or 224x224), not {text!r}") from None
+        raise UsageError(None, f"{option} must be N or HxW (e.g. 224 or 224x224), not {text!r}", param=option) from None
     if len(parts) not in (1, 2) or min(parts) < 1:
-        raise UsageError(None, f"{option} must be N or HxW with positive sizes, not {text!r}")
+        raise UsageError(None, f"{option} must be N or HxW with positive sizes, not {text!r}", param=option)
     return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
-def build_preprocessing(from_weights: Preprocessing | None, resize: str | None = None,
-                        crop: str | None = None, mean=None, std=None) -> Preprocessing:
+def build_preprocessing(
+    from_weights: Preprocessing | None, resize: str | None = None, crop: str | None = None, mean=None, std=None
+) -> Preprocessing:
     """The spec from torchvision weights, or the defaults (224x224, ImageNet stats); options override."""
     base = from_weights or Preprocessing(resize=(224, 224), crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    r = parse_size(resize, "--resize")
-    c = parse_size(crop, "--crop")
+    r = parse_size(resize, "resize")
+    c = parse_size(crop, "crop")
     new_resize = base.resize if r is None else r
     new_crop = base.crop if c is None else (c, c) if isinstance(c, int) else c
     if r is not None and c is None and from_weights is not None:
         new_crop = None if not isinstance(r, int) else base.crop  # an exact size needs no crop
     if mean is not None and (len(mean) != 3):
-        raise UsageError(None, "--mean takes three values (R G B)")
+        raise UsageError(None, "mean takes three values (R G B)", param="mean")
     if std is not None and (len(std) != 3 or min(std) <= 0):
-        raise UsageError(None, "--std takes three positive values (R G B)")
-    spec = Preprocessing(resize=new_resize, crop=new_crop,
-                         mean=tuple(float(v) for v in (mean or base.mean)),
-                         std=tuple(float(v) for v in (std or base.std)),
-                         interpolation=base.interpolation)
+        raise UsageError(None, "std takes three positive values (R G B)", param="std")
+    spec = Preprocessing(
+        resize=new_resize,
+        crop=new_crop,
+        mean=tuple(float(v) for v in (mean or base.mean)),
+        std=tuple(float(v) for v in (std or base.std)),
+        interpolation=base.interpolation,
+    )
     if isinstance(spec.resize, int) and spec.crop is None:
-        raise UsageError(None, f"--resize {spec.resize} resizes the shorter side only; add --crop to fix the input size")
-    if spec.crop is not None and not isinstance(spec.resize, int) and (
-            spec.crop[0] > spec.resize[0] or spec.crop[1] > spec.resize[1]):
-        raise UsageError(None, f"--crop {spec.crop} is larger than --resize {spec.resize}")
+        raise UsageError(
+            None,
+            f"resize={spec.resize} resizes the shorter side only; add crop to fix the input size",
+            param=("resize", "crop"),
+        )
+    if (
+        spec.crop is not None
+        and not isinstance(spec.resize, int)
+        and (spec.crop[0] > spec.resize[0] or spec.crop[1] > spec.resize[1])
+    ):
+        raise UsageError(None, f"crop={spec.crop} is larger than resize={spec.resize}", param=("crop", "resize"))
     return spec

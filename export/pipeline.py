@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import sys
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,19 +19,28 @@ from torch import nn
 import pbv_onnx
 from pbv_onnx.base.atomic import atomic_file, check_writable
 from pbv_onnx.base.errors import ModelError, UsageError
-from pbv_onnx.runtime.images import Preprocessing
+from pbv_onnx.export import backbone, verify
+from pbv_onnx.export.adjoint import VJPModule, describe, fp32_table
 from pbv_onnx.runtime.engine import COTANGENT, COTANGENTS, FEATURES, IMAGE, INPUT_GRAD, INPUT_GRADS
-from pbv_onnx.runtime.modelfile import (DEFAULT_GRAD_TOLERANCE, DEFAULT_OPSET, DEFAULT_TOLERANCE, FLOOR_FACTOR,
-                                        FORMAT_VERSION, MULTI_COTANGENT, features_subgraph, multi_subgraph,
-                                        read_info, vjp_subgraph)
+from pbv_onnx.runtime.fp16 import FP32_ONLY_KEY
+from pbv_onnx.runtime.images import Preprocessing
+from pbv_onnx.runtime.modelfile import (
+    DEFAULT_GRAD_TOLERANCE,
+    DEFAULT_OPSET,
+    DEFAULT_TOLERANCE,
+    FLOOR_FACTOR,
+    FORMAT_VERSION,
+    MULTI_COTANGENT,
+    features_subgraph,
+    multi_subgraph,
+    read_info,
+    vjp_subgraph,
+)
 from pbv_onnx.runtime.sessions import session_options
 
-from pbv_onnx.export import backbone, verify
-from pbv_onnx.export.adjoint import ADJOINT_DESCRIPTION, VJPModule
 
-
-def _stderr(msg: str) -> None:
-    print(f"pbv-onnx: {msg}", file=sys.stderr, flush=True)
+def _log(msg: str) -> None:
+    logging.getLogger(__name__).info(msg)
 
 
 @dataclass
@@ -42,8 +51,7 @@ class ExportResult:
     seconds: float
 
 
-def to_onnx(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[int, ...],
-            opset: int) -> bytes:
+def to_onnx(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[int, ...], opset: int) -> bytes:
     """Serialise the VJP module with dynamic batch axes (legacy TorchScript exporter)."""
     image = torch.zeros((2, *input_shape))
     cot = torch.zeros((2, *feature_shape))
@@ -53,15 +61,26 @@ def to_onnx(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[i
         warnings.simplefilter("ignore")
         # No constant folding: the adjoint's weight transposes stay ops on the shared initializers
         # (onnxruntime folds them at session start), so the file holds each weight once.
-        torch.onnx.export(vjp, (image, cot, cots), buf, dynamo=False, opset_version=opset,
-                          input_names=[IMAGE, COTANGENT, COTANGENTS],
-                          output_names=[FEATURES, INPUT_GRAD, INPUT_GRADS],
-                          # cotangent shares the image's batch axis (one per image); cotangents
-                          # hold K rows per image (N*K), a batch axis of their own
-                          dynamic_axes={IMAGE: {0: "N"}, FEATURES: {0: "N"}, COTANGENT: {0: "N"},
-                                        INPUT_GRAD: {0: "N"}, COTANGENTS: {0: "NK"},
-                                        INPUT_GRADS: {0: "NK"}},
-                          do_constant_folding=False)
+        torch.onnx.export(
+            vjp,
+            (image, cot, cots),
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=[IMAGE, COTANGENT, COTANGENTS],
+            output_names=[FEATURES, INPUT_GRAD, INPUT_GRADS],
+            # cotangent shares the image's batch axis (one per image); cotangents
+            # hold K rows per image (N*K), a batch axis of their own
+            dynamic_axes={
+                IMAGE: {0: "N"},
+                FEATURES: {0: "N"},
+                COTANGENT: {0: "N"},
+                INPUT_GRAD: {0: "N"},
+                COTANGENTS: {0: "NK"},
+                INPUT_GRADS: {0: "NK"},
+            },
+            do_constant_folding=False,
+        )
     return buf.getvalue()
 
 
@@ -70,8 +89,7 @@ def default_empty_cotangents(proto, feature_shape: tuple[int, ...]) -> None:
     graph, as the export format's interface says, the multi-cotangent pass on no rows."""
     from onnx import numpy_helper
 
-    proto.graph.initializer.append(
-        numpy_helper.from_array(np.zeros((0, *feature_shape), np.float32), COTANGENTS))
+    proto.graph.initializer.append(numpy_helper.from_array(np.zeros((0, *feature_shape), np.float32), COTANGENTS))
 
 
 def undo_initializer_dedup(proto) -> None:
@@ -107,8 +125,13 @@ def keep_batch_axis(proto) -> int:
     from pbv_onnx.runtime.layout import inferred_types
 
     consts = {t.name: t for t in proto.graph.initializer}
-    consts.update({n.output[0]: n.attribute[0].t for n in proto.graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    consts.update(
+        {
+            n.output[0]: n.attribute[0].t
+            for n in proto.graph.node
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+        }
+    )
     resizes = []
     for node in proto.graph.node:
         if node.op_type == "Resize" and len(node.input) >= 3 and node.input[2] in consts:
@@ -141,16 +164,16 @@ def keep_batch_axis(proto) -> int:
             return len(done)
 
 
-def vjp_proto(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[int, ...],
-              opset: int = DEFAULT_OPSET):
+def vjp_proto(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[int, ...], opset: int = DEFAULT_OPSET):
     """The VJP module as an ONNX ModelProto (no metadata yet, not verified)."""
     import onnx
 
     try:
         model_bytes = to_onnx(vjp, input_shape, feature_shape, opset)
     except Exception as exc:
-        raise ModelError(None, f"torch.onnx.export failed ({exc.__class__.__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise ModelError(
+            None, f"torch.onnx.export failed ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
     proto = onnx.load_from_string(model_bytes)
     undo_initializer_dedup(proto)
     default_empty_cotangents(proto, feature_shape)
@@ -158,8 +181,9 @@ def vjp_proto(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple
     return proto
 
 
-def multi_cotangent_error(single, multi, x: np.ndarray, feature_shape: tuple[int, ...], seed: int = 0,
-                          k: int = 2) -> float:
+def multi_cotangent_error(
+    single, multi, x: np.ndarray, feature_shape: tuple[int, ...], seed: int = 0, k: int = 2
+) -> float:
     """Worst relative L2 between input_grads of K cotangents per image in one call ([N*K, ...],
     image-major, the `multi` session) and the same cotangents one call each (the `single`
     session): the multi-cotangent layout is exact."""
@@ -180,32 +204,51 @@ def _session(model_bytes: bytes):
     return ort.InferenceSession(model_bytes, session_options(), providers=["CPUExecutionProvider"])
 
 
-def export_model(out: str | Path, arch: str | None = None, layer: str | None = None,
-                 weights: str = "none", seed: int = 0, pool: str = "none",
-                 resize: str | None = None, crop: str | None = None,
-                 mean: tuple[float, float, float] | None = None,
-                 std: tuple[float, float, float] | None = None,
-                 opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE,
-                 grad_tolerance: float = DEFAULT_GRAD_TOLERANCE,
-                 force: bool = False, n_images: int = 4, module: nn.Module | None = None,
-                 preprocessing: Preprocessing | None = None, images: list[Path] | None = None,
-                 progress: Callable[[str], None] | None = _stderr) -> ExportResult:
+def export_model(
+    out: str | Path,
+    arch: str | None = None,
+    layer: str | None = None,
+    weights: str | None = None,
+    seed: int = 0,
+    pool: str = "none",
+    resize: str | None = None,
+    crop: str | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    opset: int = DEFAULT_OPSET,
+    tolerance: float = DEFAULT_TOLERANCE,
+    grad_tolerance: float = DEFAULT_GRAD_TOLERANCE,
+    force: bool = False,
+    n_images: int = 4,
+    module: nn.Module | None = None,
+    preprocessing: Preprocessing | None = None,
+    images: list[Path] | None = None,
+    progress: Callable[[str], None] | None = _log,
+) -> ExportResult:
     """Export `arch` cut at `layer` (or a given fx-traceable `module`) with its gradient graph.
 
-    Verifies the ONNX graph against torch autograd before writing; beyond `tolerance` (relative
-    L2, worst sample) raises ModelError and writes nothing.
+    `weights` (with `arch`): a torchvision weights name, a state_dict file, or "none" for seeded
+    random weights; there is no default. Verifies the ONNX graph against torch autograd before
+    writing; beyond `tolerance` (relative L2, worst sample) raises ModelError and writes nothing.
     """
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
     out = check_writable(out, force)
-    for name, value in (("--tolerance", tolerance), ("--grad-tolerance", grad_tolerance)):
+    for name, value in (("tolerance", tolerance), ("grad_tolerance", grad_tolerance)):
         if not 0 < value < 1:
-            raise UsageError(None, f"{name} must be in (0, 1), not {value}")
+            raise UsageError(None, f"{name} must be in (0, 1), not {value}", param=name)
     if opset < 16:
-        raise UsageError(None, f"--opset must be at least 16 (ScatterElements with add), not {opset}")
+        raise UsageError(None, f"opset must be at least 16 (ScatterElements with add), not {opset}", param="opset")
     if module is None:
         if not arch:
-            raise UsageError(None, "--arch is required")
+            raise UsageError(None, "arch is required", param="arch")
+        if not weights:
+            raise UsageError(
+                None,
+                "no weights chosen: pass weights=NAME (torchvision weights, e.g. IMAGENET1K_V1), "
+                "weights=PATH (a state_dict file) or weights=none (seeded random weights)",
+                param="weights",
+            )
         say(f"building {arch} (weights: {weights})")
         bb = backbone.load_backbone(arch, weights, seed)
         net_module, weights_record = bb.model, bb.weights
@@ -237,42 +280,75 @@ def export_model(out: str | Path, arch: str | None = None, layer: str | None = N
     zeros = np.zeros((len(x), *feature_shape), np.float32)
     fwd_only = _session(features_subgraph(proto).SerializeToString()).run([FEATURES], {IMAGE: x})[0]
     fwd_err = verify.rel_l2(fwd_only, session.run([FEATURES], {IMAGE: x, COTANGENT: zeros})[0])
-    multi_err = multi_cotangent_error(session, _session(multi_subgraph(proto).SerializeToString()),
-                                      x, feature_shape, seed)
+    multi_err = multi_cotangent_error(
+        session, _session(multi_subgraph(proto).SerializeToString()), x, feature_shape, seed
+    )
     # and the whole graph, fed (image, cotangent) only, as the format's interface promises
     cot0 = np.random.default_rng(seed + 2).standard_normal((len(x), *feature_shape)).astype(np.float32)
     whole = _session(model_bytes).run([INPUT_GRAD], {IMAGE: x, COTANGENT: cot0})[0]
     whole_err = verify.rel_l2(whole, session.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cot0})[0])
     what, err, limit = verify.worst(errors, tolerance, grad_tolerance)
-    verification = {"tolerance": tolerance, "grad_tolerance": grad_tolerance,
-                    "floor_factor": FLOOR_FACTOR,
-                    "rule": "ort_vs_torch32: features <= tolerance; input_grad <= "
-                            "max(grad_tolerance, floor_factor * torch32_vs_torch64)",
-                    "limits": verify.limits(errors, tolerance, grad_tolerance),
-                    "metric": "relative L2 ||a-b||/||b||, worst sample",
-                    "n_images": int(len(x)), "inputs": inputs_desc, "cotangents": cotangents,
-                    "errors": errors, "features_only_vs_vjp_graph": fwd_err,
-                    "multi_cotangent_vs_single": multi_err, "whole_graph_vs_parts": whole_err,
-                    "runtime": f"onnxruntime {_ort_version()} CPU"}
+    verification = {
+        "tolerance": tolerance,
+        "grad_tolerance": grad_tolerance,
+        "floor_factor": FLOOR_FACTOR,
+        "rule": "ort_vs_torch32: features <= tolerance; input_grad <= "
+        "max(grad_tolerance, floor_factor * torch32_vs_torch64)",
+        "limits": verify.limits(errors, tolerance, grad_tolerance),
+        "metric": "relative L2 ||a-b||/||b||, worst sample",
+        "n_images": int(len(x)),
+        "inputs": inputs_desc,
+        "cotangents": cotangents,
+        "errors": errors,
+        "features_only_vs_vjp_graph": fwd_err,
+        "multi_cotangent_vs_single": multi_err,
+        "whole_graph_vs_parts": whole_err,
+        "runtime": f"onnxruntime {_ort_version()} CPU",
+    }
     if not err <= limit:
-        raise ModelError(out, f"export refused: onnxruntime differs from torch autograd in {what} "
-                         f"by {err:.2e} relative L2 (limit {limit:.1e}); nothing written")
+        raise ModelError(
+            out,
+            f"export refused: onnxruntime differs from torch autograd in {what} "
+            f"by {err:.2e} relative L2 (limit {limit:.1e}); nothing written",
+        )
     if not multi_err <= tolerance:
-        raise ModelError(out, "export refused: K cotangents per image in one call disagree with one "
-                         f"call per cotangent ({multi_err:.1e}); nothing written")
+        raise ModelError(
+            out,
+            "export refused: K cotangents per image in one call disagree with one "
+            f"call per cotangent ({multi_err:.1e}); nothing written",
+        )
     if not whole_err <= tolerance:
-        raise ModelError(out, "export refused: the whole graph fed (image, cotangent) disagrees with "
-                         f"its (image, cotangent) -> input_grad part ({whole_err:.1e}); nothing written")
+        raise ModelError(
+            out,
+            "export refused: the whole graph fed (image, cotangent) disagrees with "
+            f"its (image, cotangent) -> input_grad part ({whole_err:.1e}); nothing written",
+        )
     if not fwd_err <= tolerance:
-        raise ModelError(out, "export refused: the features-only subgraph disagrees with the "
-                         f"VJP graph's features ({fwd_err:.1e}); nothing written")
+        raise ModelError(
+            out,
+            "export refused: the features-only subgraph disagrees with the "
+            f"VJP graph's features ({fwd_err:.1e}); nothing written",
+        )
 
     meta = {
-        "format_version": FORMAT_VERSION, "arch": arch, "layer": layer or "", "pool": pool,
-        "feature_shape": list(feature_shape), "preprocessing": spec.to_dict(), "weights": weights_record,
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                     "onnx_opset": opset, "onnx": onnx.__version__, "pbv_onnx": pbv_onnx.__version__},
-        "verification": verification, "adjoint": ADJOINT_DESCRIPTION, MULTI_COTANGENT: True,
+        "format_version": FORMAT_VERSION,
+        "arch": arch,
+        "layer": layer or "",
+        "pool": pool,
+        "feature_shape": list(feature_shape),
+        "preprocessing": spec.to_dict(),
+        "weights": weights_record,
+        "versions": {
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "onnx_opset": opset,
+            "onnx": onnx.__version__,
+            "pbv_onnx": pbv_onnx.__version__,
+        },
+        "verification": verification,
+        "adjoint": describe(vjp.rules),
+        MULTI_COTANGENT: True,
+        FP32_ONLY_KEY: fp32_table(vjp.rules),
     }
     del proto.metadata_props[:]
     for key, value in meta.items():
@@ -282,8 +358,10 @@ def export_model(out: str | Path, arch: str | None = None, layer: str | None = N
         onnx.save(proto, str(tmp))
         read_info(tmp)  # the file reads back as a pbv-onnx model
     seconds = time.perf_counter() - t0
-    say(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; worst error {err:.1e} in {what}, "
-        f"limit {limit:.1e}; {seconds:.0f} s)")
+    say(
+        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; worst error {err:.1e} in {what}, "
+        f"limit {limit:.1e}; {seconds:.0f} s)"
+    )
     return ExportResult(path=out, feature_shape=feature_shape, verification=verification, seconds=seconds)
 
 

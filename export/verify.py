@@ -9,12 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pbv_onnx.demo.sources import shared_photos
-from pbv_onnx.runtime.images import Preprocessing, load_batch
 from pbv_onnx.method.stats import rel_l2
 from pbv_onnx.runtime.engine import COTANGENT, FEATURES, IMAGE, INPUT_GRAD
+from pbv_onnx.runtime.images import Preprocessing, load_batch, real_photos
 from pbv_onnx.runtime.modelfile import FLOOR_FACTOR
-
 
 
 def smooth_images(n: int, size: tuple[int, int], spec: Preprocessing, seed: int = 0) -> np.ndarray:
@@ -30,16 +28,17 @@ def smooth_images(n: int, size: tuple[int, int], spec: Preprocessing, seed: int 
             img += rng.uniform(0, 0.3, (3, 1, 1)) * np.sin(2 * np.pi * (fy * yy + fx * xx) + ph)
         for _ in range(4):
             cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
-            img += rng.uniform(-0.5, 0.5, (3, 1, 1)) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r ** 2)
+            img += rng.uniform(-0.5, 0.5, (3, 1, 1)) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r**2)
         img = np.clip(0.5 + img, 0, 1)
         out[i] = (img - np.reshape(spec.mean, (3, 1, 1))) / np.reshape(spec.std, (3, 1, 1))
     return out
 
 
 def verification_images(spec: Preprocessing, n: int, images: list[Path] | None = None) -> tuple[np.ndarray, str]:
-    """Real photographs (given, or ../shared/images when present), else smooth synthetic images."""
+    """Real photographs (given, else ../shared/images when present, else scikit-image's sample
+    photos), else smooth synthetic images."""
     if images is None:
-        images = shared_photos()
+        images = real_photos()
     if images:
         chosen = [images[int(i)] for i in np.linspace(0, len(images) - 1, min(n, len(images)))]
         x = load_batch(chosen, spec)
@@ -52,13 +51,14 @@ def verification_images(spec: Preprocessing, n: int, images: list[Path] | None =
     return smooth_images(n, spec.input_size, spec), f"{n} smooth synthetic images"
 
 
-def torch_vjp(net: nn.Module, x: np.ndarray, cotangents: list[np.ndarray], dtype) -> tuple[np.ndarray, list[np.ndarray]]:
+def torch_vjp(
+    net: nn.Module, x: np.ndarray, cotangents: list[np.ndarray], dtype
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Features and J^T c for each cotangent batch c, by torch autograd in `dtype`."""
     xt = torch.from_numpy(x).to(dtype).requires_grad_(True)
     with torch.enable_grad():
         y = net(xt)
-        grads = [torch.autograd.grad(y, xt, torch.from_numpy(c).to(dtype), retain_graph=True)[0]
-                 for c in cotangents]
+        grads = [torch.autograd.grad(y, xt, torch.from_numpy(c).to(dtype), retain_graph=True)[0] for c in cotangents]
     return y.detach().double().numpy(), [g.double().numpy() for g in grads]
 
 
@@ -75,8 +75,7 @@ def measure(session, net: nn.Module, x: np.ndarray, seed: int = 0) -> dict:
     net32 = net.float().eval()
     feats32 = net32(torch.from_numpy(x)).detach().numpy()
     rng = np.random.default_rng(seed)
-    cots = {"gaussian": rng.standard_normal(feats32.shape).astype(np.float32),
-            "features": feats32.astype(np.float32)}
+    cots = {"gaussian": rng.standard_normal(feats32.shape).astype(np.float32), "features": feats32.astype(np.float32)}
     f32, g32 = torch_vjp(net32, x, list(cots.values()), torch.float32)
     net64 = copy.deepcopy(net32).double()
     f64, g64 = torch_vjp(net64, x, list(cots.values()), torch.float64)
@@ -90,14 +89,15 @@ def measure(session, net: nn.Module, x: np.ndarray, seed: int = 0) -> dict:
         "torch32_vs_torch64": {"features": _per_sample_max(f32, f64)},
         "ort_vs_torch64": {"features": _per_sample_max(ort_f, f64)},
     }
-    for name, a, b in (("ort_vs_torch32", ort_g, g32), ("torch32_vs_torch64", g32, g64),
-                       ("ort_vs_torch64", ort_g, g64)):
+    for name, a, b in (
+        ("ort_vs_torch32", ort_g, g32),
+        ("torch32_vs_torch64", g32, g64),
+        ("ort_vs_torch64", ort_g, g64),
+    ):
         for kind, ai, bi in zip(cots, a, b):
             result[name][f"input_grad[{kind}]"] = _per_sample_max(ai, bi)
     result["cotangents"] = list(cots)
     return result
-
-
 
 
 def limits(errors: dict, tolerance: float, grad_tolerance: float) -> dict[str, float]:
@@ -110,8 +110,10 @@ def limits(errors: dict, tolerance: float, grad_tolerance: float) -> dict[str, f
     fp32 gradients agree only to ~1e-2; a wrong adjoint is off by O(1).
     """
     floor = errors["torch32_vs_torch64"]
-    return {k: tolerance if k == "features" else max(grad_tolerance, FLOOR_FACTOR * floor[k])
-            for k in errors["ort_vs_torch32"]}
+    return {
+        k: tolerance if k == "features" else max(grad_tolerance, FLOOR_FACTOR * floor[k])
+        for k in errors["ort_vs_torch32"]
+    }
 
 
 def worst(errors: dict, tolerance: float, grad_tolerance: float) -> tuple[str, float, float]:

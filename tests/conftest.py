@@ -21,6 +21,7 @@ os.environ["PBV_ONNX_CACHE"] = _CACHE.name
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     from tinymodel import build_tiny_model
+
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pbv_onnx.runtime.images import load_batch
-from pbv_onnx.runtime.engine import Engine
 from pbv_onnx.data.responses import make_responses
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.runtime.images import load_batch
 
 
 def stimulus_images(rng: np.random.Generator, n: int, kind: str, size: int = 16) -> np.ndarray:
@@ -38,18 +38,27 @@ def write_images(folder: Path, arrays: np.ndarray, prefix: str) -> list[str]:
 
 @dataclass
 class Simulation:
-    ds: object              # responses Dataset (channel, stimulus, repetition)
-    path: Path              # where it would live: image files are relative to its folder
-    features: np.ndarray    # [S, D] model features of the stimuli
-    signal: np.ndarray      # [C, S] noise-free responses
-    weight: np.ndarray      # [C, D] true readouts
-    bias: np.ndarray        # [C]
-    noise_sd: np.ndarray    # [C] per-trial noise standard deviation
-    is_pref: np.ndarray     # [S] bool
+    ds: object  # responses Dataset (channel, stimulus, repetition)
+    path: Path  # where it would live: image files are relative to its folder
+    features: np.ndarray  # [S, D] model features of the stimuli
+    signal: np.ndarray  # [C, S] noise-free responses
+    weight: np.ndarray  # [C, D] true readouts
+    bias: np.ndarray  # [C]
+    noise_sd: np.ndarray  # [C] per-trial noise standard deviation
+    is_pref: np.ndarray  # [S] bool
 
 
-def simulate(folder: Path, model: Path, n_body: int, n_object: int, channels: int, reps: int,
-             noise: float = 1.0, seed: int = 0, phases: bool = False) -> Simulation:
+def simulate(
+    folder: Path,
+    model: Path,
+    n_body: int,
+    n_object: int,
+    channels: int,
+    reps: int,
+    noise: float = 1.0,
+    seed: int = 0,
+    phases: bool = False,
+) -> Simulation:
     """Write stimulus images under `folder/images` and simulate trial responses.
 
     Channel c's true response is w_c . phi(x) + b_c; each trial adds Gaussian noise whose sd is
@@ -57,11 +66,15 @@ def simulate(folder: Path, model: Path, n_body: int, n_object: int, channels: in
     """
     rng = np.random.default_rng(seed)
     imgs = np.concatenate([stimulus_images(rng, n_body, "body"), stimulus_images(rng, n_object, "object")])
-    names = write_images(folder / "images", imgs[:n_body], "body") + \
-        write_images(folder / "images", imgs[n_body:], "object")
+    names = write_images(folder / "images", imgs[:n_body], "body") + write_images(
+        folder / "images", imgs[n_body:], "object"
+    )
     engine = Engine(model, device="cpu", batch_size=64)
-    feats = engine.features(load_batch([folder / "images" / n for n in names],
-                                       engine.info.preprocessing)).reshape(len(names), -1).astype(np.float64)
+    feats = (
+        engine.features(load_batch([folder / "images" / n for n in names], engine.info.preprocessing))
+        .reshape(len(names), -1)
+        .astype(np.float64)
+    )
     weight = receptive_fields(rng, channels, engine.info.feature_shape)
     bias = rng.uniform(5, 10, channels)
     signal = weight @ feats.T + bias[:, None]
@@ -69,13 +82,28 @@ def simulate(folder: Path, model: Path, n_body: int, n_object: int, channels: in
     noise_sd = noise * signal[:, is_pref].std(1)
     trials = signal[:, :, None] + noise_sd[:, None, None] * rng.standard_normal((channels, len(names), reps))
     cats = ["body"] * n_body + ["object"] * n_object
-    ds = make_responses(trials, [f"ch{c}" for c in range(channels)], [f"s{i:04d}" for i in range(len(names))],
-                        cats, file=[f"images/{n}" for n in names], region=["aSTS"] * channels,
-                        repetition=np.arange(reps),
-                        phase=(["early", "late"] * reps)[:reps] if phases else None,
-                        preferred="body", units="spikes/s")
-    return Simulation(ds=ds, path=folder / "responses.nc", features=feats, signal=signal, weight=weight,
-                      bias=bias, noise_sd=noise_sd, is_pref=is_pref)
+    ds = make_responses(
+        trials,
+        [f"ch{c}" for c in range(channels)],
+        [f"s{i:04d}" for i in range(len(names))],
+        cats,
+        file=[f"images/{n}" for n in names],
+        region=["aSTS"] * channels,
+        repetition=np.arange(reps),
+        phase=(["early", "late"] * reps)[:reps] if phases else None,
+        preferred="body",
+        units="spikes/s",
+    )
+    return Simulation(
+        ds=ds,
+        path=folder / "responses.nc",
+        features=feats,
+        signal=signal,
+        weight=weight,
+        bias=bias,
+        noise_sd=noise_sd,
+        is_pref=is_pref,
+    )
 
 
 def receptive_fields(rng: np.random.Generator, channels: int, feature_shape) -> np.ndarray:
@@ -95,4 +123,4 @@ def noise_ceiling(signal: np.ndarray, noise_sd: np.ndarray, reps: int) -> np.nda
     """Expected r between the true signal and the recorded mean of `reps` trials, per channel:
     sqrt(var_s / (var_s + sigma^2 / reps)), var_s the signal variance over the given stimuli."""
     var_s = signal.var(1)
-    return np.sqrt(var_s / (var_s + noise_sd ** 2 / reps))
+    return np.sqrt(var_s / (var_s + noise_sd**2 / reps))

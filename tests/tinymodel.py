@@ -38,6 +38,7 @@ def tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
 
 def tiny_forward(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
     """Reference forward pass in numpy (float64), for finite differences."""
+
     def conv(x, W, b, stride):
         n, c, h, wd = x.shape
         xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
@@ -45,9 +46,10 @@ def tiny_forward(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
         out = np.zeros((n, W.shape[0], oh, ow))
         for i in range(3):
             for j in range(3):
-                patch = xp[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+                patch = xp[:, :, i : i + stride * oh : stride, j : j + stride * ow : stride]
                 out += np.einsum("nchw,oc->nohw", patch, W[:, :, i, j])
         return out + b[None, :, None, None]
+
     h1 = np.maximum(conv(x.astype(np.float64), w["W1"].astype(np.float64), w["b1"], 1), 0)
     return np.maximum(conv(h1, w["W2"].astype(np.float64), w["b2"], 2), 0)
 
@@ -64,8 +66,9 @@ def build_tiny_model(path: str | Path, seed: int = 0, arch: str = "tinycnn") -> 
         helper.make_node("Greater", ["features", "zero"], ["m2b"]),
         helper.make_node("Cast", ["m2b"], ["m2"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["cotangent", "m2"], ["g2"]),
-        helper.make_node("ConvTranspose", ["g2", "W2"], ["g1"], pads=[1, 1, 1, 1], strides=[2, 2],
-                         output_padding=[1, 1]),
+        helper.make_node(
+            "ConvTranspose", ["g2", "W2"], ["g1"], pads=[1, 1, 1, 1], strides=[2, 2], output_padding=[1, 1]
+        ),
         helper.make_node("Greater", ["h1", "zero"], ["m1b"]),
         helper.make_node("Cast", ["m1b"], ["m1"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["g1", "m1"], ["g1m"]),
@@ -74,18 +77,32 @@ def build_tiny_model(path: str | Path, seed: int = 0, arch: str = "tinycnn") -> 
     inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
     inits.append(numpy_helper.from_array(np.zeros((), np.float32), "zero"))
     graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE]),
-         helper.make_tensor_value_info("cotangent", TensorProto.FLOAT, ["N", *FEATURE_SHAPE])],
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", *FEATURE_SHAPE]),
-         helper.make_tensor_value_info("input_grad", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
-        inits)
+        nodes,
+        "tiny",
+        [
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE]),
+            helper.make_tensor_value_info("cotangent", TensorProto.FLOAT, ["N", *FEATURE_SHAPE]),
+        ],
+        [
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", *FEATURE_SHAPE]),
+            helper.make_tensor_value_info("input_grad", TensorProto.FLOAT, ["N", 3, SIZE, SIZE]),
+        ],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    meta = {"format_version": 1, "arch": arch, "layer": "conv2", "pool": "none",
-            "feature_shape": list(FEATURE_SHAPE), "preprocessing": PREPROCESSING.to_dict(),
-            "weights": {"source": "none", "seed": seed}, "versions": {"opset": 17},
-            "verification": {"note": "hand-built test model"}, "adjoint": "hand-written"}
+    meta = {
+        "format_version": 1,
+        "arch": arch,
+        "layer": "conv2",
+        "pool": "none",
+        "feature_shape": list(FEATURE_SHAPE),
+        "preprocessing": PREPROCESSING.to_dict(),
+        "weights": {"source": "none", "seed": seed},
+        "versions": {"opset": 17},
+        "verification": {"note": "hand-built test model"},
+        "adjoint": "hand-written",
+    }
     onnx.helper.set_model_props(model, {k: json.dumps(v) for k, v in meta.items()})
     onnx.checker.check_model(model)
     path = Path(path)

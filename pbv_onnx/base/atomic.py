@@ -26,7 +26,7 @@ try:
 except ImportError:  # not POSIX: fall back to pid files alone
     fcntl = None
 
-_claimed: set[str] = set()   # outputs this process holds the lock of for a whole command
+_claimed: set[str] = set()  # outputs this process holds the lock of for a whole command
 
 
 def _pid_alive(pid: int) -> bool:
@@ -53,8 +53,7 @@ def _holder(lock: Path) -> int:
 def _busy(dest: Path, lock: Path) -> OutputLockedError:
     pid = _holder(lock)
     who = f" (pid {pid})" if pid else ""
-    return OutputLockedError(dest, f"is being written by another pbv-onnx run{who}; wait for it to "
-                             "finish or stop it")
+    return OutputLockedError(dest, f"is being written by another pbv-onnx run{who}; wait for it to finish or stop it")
 
 
 def _acquire_flock(dest: Path, lock: Path) -> int:
@@ -143,7 +142,7 @@ def check_writable(dest: str | os.PathLike, force: bool) -> Path:
     """Refuse an existing output unless `force`; make sure its folder exists."""
     dest = Path(dest)
     if dest.exists() and not force:
-        raise OutputError(dest, "already exists (use --force to overwrite)")
+        raise OutputError(dest, "already exists (use force=True to overwrite)", param="force")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

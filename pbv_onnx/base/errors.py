@@ -6,15 +6,24 @@ from os import PathLike
 
 
 class PbvError(Exception):
-    """A user-facing failure: `<file>: <what is wrong>`, never a traceback."""
+    """A user-facing failure: `<file>: <what is wrong>`, never a traceback.
+
+    `param`: the Python parameter(s) the message names (e.g. "top_objects"), so that the command
+    line can show its own flag (`--top-objects`) in their place; the library never quotes a flag.
+    """
 
     exit_code = 1
-    label = "error"
 
-    def __init__(self, path: str | PathLike | None, message: str):
+    def __init__(self, path: str | PathLike | None, message: str, param: str | tuple[str, ...] | None = None):
         self.path = None if path is None else str(path)
         self.message = message
+        self.params: tuple[str, ...] = () if param is None else (param,) if isinstance(param, str) else tuple(param)
         super().__init__(str(self))
+
+    @property
+    def param(self) -> str | None:
+        """The (first) parameter the message names, or None."""
+        return self.params[0] if self.params else None
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
@@ -60,7 +69,4 @@ class DependencyError(PbvError):
     exit_code = 7
 
 
-EXIT_CODES = {cls.__name__: cls.exit_code for cls in
-              (PbvError, UsageError, InputDataError, ModelError, MismatchError, OutputError,
-               DependencyError)}
 EXIT_INTERRUPTED = 130

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +18,7 @@ from pbv_onnx.runtime.images import load_batch
 from pbv_onnx.runtime.modelfile import ModelInfo, file_sha256
 
 FEATURES = "features"
+_log = logging.getLogger(__name__)
 
 
 def content_hash(path: str | os.PathLike) -> str:
@@ -40,29 +41,41 @@ def compute_features(engine, paths: Sequence[str | os.PathLike], progress: bool 
     step = engine.batch_size
     with tqdm(total=len(paths), desc="features", unit="img", disable=None if progress else True) as bar:
         for i in range(0, len(paths), step):
-            batch = load_batch(paths[i:i + step], info.preprocessing)
-            out[i:i + len(batch)] = engine.features(batch).reshape(len(batch), -1)
+            batch = load_batch(paths[i : i + step], info.preprocessing)
+            out[i : i + len(batch)] = engine.features(batch).reshape(len(batch), -1)
             bar.update(len(batch))
     return out
 
 
-def make_features(values: np.ndarray, stimulus_ids: Sequence, info: ModelInfo,
-                  hashes: Sequence[str], files: Sequence[str]) -> xr.DataArray:
+def make_features(
+    values: np.ndarray, stimulus_ids: Sequence, info: ModelInfo, hashes: Sequence[str], files: Sequence[str]
+) -> xr.DataArray:
     """A features DataArray (stimulus, feature) in the cache format (docs/formats.md)."""
     values = np.asarray(values, np.float32).reshape(len(stimulus_ids), -1)
     if values.shape[1] != info.n_features:
         raise ValueError(f"{values.shape[1]} features per stimulus, model has {info.n_features}")
     return xr.DataArray(
-        values, dims=("stimulus", "feature"), name=FEATURES,
-        coords={"stimulus": np.asarray(stimulus_ids), "content_sha256": ("stimulus", np.asarray(hashes, str)),
-                "file": ("stimulus", np.asarray([str(f) for f in files], str))},
-        attrs=model_attrs(info))
+        values,
+        dims=("stimulus", "feature"),
+        name=FEATURES,
+        coords={
+            "stimulus": np.asarray(stimulus_ids),
+            "content_sha256": ("stimulus", np.asarray(hashes, str)),
+            "file": ("stimulus", np.asarray([str(f) for f in files], str)),
+        },
+        attrs=model_attrs(info),
+    )
 
 
 def model_attrs(info: ModelInfo) -> dict:
     """The attributes that tie a features or readouts file to one model."""
-    return {"model_sha256": info.sha256, "arch": info.arch, "layer": info.layer,
-            "feature_shape": list(info.feature_shape), "pbv_onnx_version": __version__}
+    return {
+        "model_sha256": info.sha256,
+        "arch": info.arch,
+        "layer": info.layer,
+        "feature_shape": list(info.feature_shape),
+        "pbv_onnx_version": __version__,
+    }
 
 
 def check_model(attrs: dict, n_features: int, info: ModelInfo | None, path: str | os.PathLike, what: str) -> None:
@@ -70,21 +83,28 @@ def check_model(attrs: dict, n_features: int, info: ModelInfo | None, path: str 
     if info is None:
         return
     if n_features != info.n_features:
-        raise MismatchError(path, f"{what} has {n_features} features per stimulus, but model "
-                            f"{info.path.name} has {info.n_features} ({'x'.join(map(str, info.feature_shape))})")
+        raise MismatchError(
+            path,
+            f"{what} has {n_features} features per stimulus, but model "
+            f"{info.path.name} has {info.n_features} ({'x'.join(map(str, info.feature_shape))})",
+        )
     shape = tuple(int(v) for v in np.atleast_1d(attrs.get("feature_shape", ())))
     if shape and shape != tuple(info.feature_shape):
-        raise MismatchError(path, f"{what} has feature shape {'x'.join(map(str, shape))}, but model "
-                            f"{info.path.name} has {'x'.join(map(str, info.feature_shape))}")
+        raise MismatchError(
+            path,
+            f"{what} has feature shape {'x'.join(map(str, shape))}, but model "
+            f"{info.path.name} has {'x'.join(map(str, info.feature_shape))}",
+        )
     if attrs.get("model_sha256") != info.sha256:
-        raise MismatchError(path, f"{what} was made with another model (sha256 {str(attrs.get('model_sha256'))[:12]}..., "
-                            f"{info.path.name} is {info.sha256[:12]}...)")
+        raise MismatchError(
+            path,
+            f"{what} was made with another model (sha256 {str(attrs.get('model_sha256'))[:12]}..., "
+            f"{info.path.name} is {info.sha256[:12]}...)",
+        )
 
 
-def load_features(path: str | os.PathLike, info: ModelInfo | None = None) -> xr.DataArray:
-    """Read a features file; with `info`, refuse one made by another model."""
-    path = Path(path)
-    ds = read_netcdf(path, "features")
+def _check_structure(ds: xr.Dataset, path: Path) -> None:
+    # names and attributes only: a lazily opened file is checked before its features are read
     if FEATURES not in ds.data_vars or ds[FEATURES].dims != ("stimulus", "feature"):
         raise InputDataError(path, "not a features file (no 'features' variable with dims (stimulus, feature))")
     for key in ("model_sha256", "feature_shape"):
@@ -92,6 +112,12 @@ def load_features(path: str | os.PathLike, info: ModelInfo | None = None) -> xr.
             raise InputDataError(path, f"features file lacks the {key!r} attribute")
     if "content_sha256" not in ds.coords:
         raise InputDataError(path, "features file lacks the 'content_sha256' coordinate")
+
+
+def load_features(path: str | os.PathLike, info: ModelInfo | None = None) -> xr.DataArray:
+    """Read a features file; with `info`, refuse one made by another model."""
+    path = Path(path)
+    ds = read_netcdf(path, "features", lambda ds: _check_structure(ds, path))
     da = ds[FEATURES]
     da.attrs = dict(ds.attrs)
     if int(np.prod(np.atleast_1d(da.attrs["feature_shape"]))) != da.sizes["feature"]:
@@ -109,8 +135,9 @@ def write_features(da: xr.DataArray, path: str | os.PathLike, force: bool = Fals
     return write_netcdf(ds, path, force)
 
 
-def load_or_compute_features(engine, paths: list[Path], stimulus_ids, cache: Path | None = None,
-                             force: bool = False, progress: bool = True) -> xr.DataArray:
+def load_or_compute_features(
+    engine, paths: list[Path], stimulus_ids, cache: Path | None = None, force: bool = False, progress: bool = True
+) -> xr.DataArray:
     """Features (stimulus, feature) float32 of `paths`, labelled by `stimulus_ids`.
 
     With a `cache` file, images whose content hash is already in it (for this model) are not
@@ -141,8 +168,10 @@ def load_or_compute_features(engine, paths: list[Path], stimulus_ids, cache: Pat
     if cache is not None and (todo or cached is None):
         merged = out
         if cached is not None:
-            keep = ~(np.isin(cached["content_sha256"].values.astype(str), hashes)
-                     | np.isin(cached["stimulus"].values.astype(str), [str(i) for i in ids]))
+            keep = ~(
+                np.isin(cached["content_sha256"].values.astype(str), hashes)
+                | np.isin(cached["stimulus"].values.astype(str), [str(i) for i in ids])
+            )
             if keep.any():
                 old = cached.isel(stimulus=np.flatnonzero(keep))
                 if old["stimulus"].dtype == out["stimulus"].dtype:
@@ -151,23 +180,30 @@ def load_or_compute_features(engine, paths: list[Path], stimulus_ids, cache: Pat
         try:
             write_features(merged, cache, force=True)
         except OutputLockedError:  # another run is updating the shared cache: ours is not needed
-            print(f"pbv-onnx: note: {cache} is being updated by another run; not adding to it",
-                  file=sys.stderr)
+            _log.info(f"note: {cache} is being updated by another run; not adding to it")
     return out
 
 
-def features_for_responses(model: str | os.PathLike, responses: str | os.PathLike, out: str | os.PathLike,
-                           images: str | os.PathLike | None = None, device: str = "auto",
-                           batch_size: int = 16, force: bool = False, progress: bool = True) -> xr.DataArray:
+def features_for_responses(
+    model: str | os.PathLike,
+    responses: str | os.PathLike,
+    out: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    force: bool = False,
+    progress: bool = True,
+) -> xr.DataArray:
     """`pbv-onnx features`: features of every stimulus of a responses file, cached in `out`."""
     from pbv_onnx.base.atomic import claim_output
-    from pbv_onnx.runtime.engine import Engine
     from pbv_onnx.data.responses import image_paths, load_responses
+    from pbv_onnx.runtime.engine import Engine
 
     # The cache is this command's output: held for the whole run (an existing one is updated).
     with claim_output(out, force=True):
         ds = load_responses(responses)
         paths = image_paths(ds, responses, images)
         engine = Engine(model, device=device, batch_size=batch_size)
-        return load_or_compute_features(engine, paths, ds["stimulus"].values, cache=Path(out), force=force,
-                                        progress=progress)
+        return load_or_compute_features(
+            engine, paths, ds["stimulus"].values, cache=Path(out), force=force, progress=progress
+        )

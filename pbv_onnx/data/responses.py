@@ -1,12 +1,14 @@
-"""Recorded responses: the NetCDF format, its validation, split halves and importers (CSV, .npy)."""
+"""Recorded responses: the NetCDF format, its validation, split halves and importers (CSV, .npy here;
+NWB and BrainIO in data/nwb.py and data/brainio.py, all behind `import_responses`)."""
 
 from __future__ import annotations
 
 import csv
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import xarray as xr
@@ -30,16 +32,18 @@ def _duplicates(values: np.ndarray) -> list:
     return list(uniq[counts > 1])
 
 
-def validate_responses(ds: xr.Dataset, path: str | os.PathLike) -> xr.Dataset:
-    """Check a responses Dataset; return it with `response` in canonical dim order, as float64."""
-    path = Path(path)
+def check_responses_structure(ds: xr.Dataset, path: str | os.PathLike | None = None) -> tuple[str, ...]:
+    """Check a responses Dataset's variables, coordinates and ids without reading `response` (so a
+    lazily opened file is checked before its data is read); return the canonical dim order."""
     if RESPONSE not in ds.data_vars:
         raise InputDataError(path, f"no {RESPONSE!r} variable (found: {_fmt(ds.data_vars) or 'none'})")
     da = ds[RESPONSE]
     dims = set(da.dims)
     if dims not in (set(CORE_DIMS), set(CORE_DIMS) | {REPETITION}):
-        raise InputDataError(path, f"{RESPONSE!r} must have dims (channel, stimulus) or "
-                             f"(channel, stimulus, repetition), not {tuple(da.dims)}")
+        raise InputDataError(
+            path,
+            f"{RESPONSE!r} must have dims (channel, stimulus) or (channel, stimulus, repetition), not {tuple(da.dims)}",
+        )
     order = CORE_DIMS + ((REPETITION,) if REPETITION in dims else ())
     for dim in CORE_DIMS:
         if dim not in ds.coords:
@@ -54,11 +58,21 @@ def validate_responses(ds: xr.Dataset, path: str | os.PathLike) -> xr.Dataset:
     cats = ds["category"].values.astype(str)
     if np.any(np.char.strip(cats) == ""):
         raise InputDataError(path, "empty 'category' for some stimuli")
-    for name, dim in (("file", "stimulus"), ("region", "channel"), ("phase", REPETITION)):
+    for name, dim in (("file", "stimulus"), ("region", "channel"), ("phase", REPETITION), ("group", "stimulus")):
         if name in ds.coords and ds[name].dims != (dim,):
             raise InputDataError(path, f"coordinate {name!r} must lie on the {dim} dimension, not {ds[name].dims}")
+    if "group" in ds.coords and np.any(np.char.strip(ds["group"].values.astype(str)) == ""):
+        raise InputDataError(path, "empty 'group' for some stimuli (give every stimulus a group, or none)")
     if not np.issubdtype(da.dtype, np.number) or np.issubdtype(da.dtype, np.complexfloating):
         raise InputDataError(path, f"{RESPONSE!r} must be real numbers, not {da.dtype}")
+    return order
+
+
+def validate_responses(ds: xr.Dataset, path: str | os.PathLike | None = None) -> xr.Dataset:
+    """Check a responses Dataset; return it with `response` in canonical dim order, as float64
+    (`path` names it in errors)."""
+    order = check_responses_structure(ds, path)
+    da = ds[RESPONSE]
     values = da.transpose(*order).values.astype(np.float64)
     if np.isinf(values).any():
         raise InputDataError(path, f"{RESPONSE!r} holds infinite values")
@@ -78,7 +92,7 @@ def validate_responses(ds: xr.Dataset, path: str | os.PathLike) -> xr.Dataset:
 def load_responses(path: str | os.PathLike) -> xr.Dataset:
     """Read and validate a responses NetCDF file, fully loaded into memory."""
     path = Path(path)
-    return validate_responses(read_netcdf(path, "responses"), path)
+    return validate_responses(read_netcdf(path, "responses", lambda ds: check_responses_structure(ds, path)), path)
 
 
 def mean_response(ds: xr.Dataset) -> xr.DataArray:
@@ -101,8 +115,12 @@ def preferred_category(ds: xr.Dataset, override: str | None = None, path: str | 
     known = categories(ds)
     cat = override if override is not None else ds.attrs.get("preferred_category")
     if cat is None or str(cat) == "":
-        raise UsageError(path, "no preferred category: the file has no 'preferred_category' "
-                         f"attribute; pass --preferred (one of: {_fmt(known, 8)})")
+        raise UsageError(
+            path,
+            "no preferred category: the file has no 'preferred_category' "
+            f"attribute; pass preferred (one of: {_fmt(known, 8)})",
+            param="preferred",
+        )
     cat = str(cat)
     if cat not in known:
         # a bad --preferred is a usage error; a bad attribute, a data error
@@ -111,13 +129,20 @@ def preferred_category(ds: xr.Dataset, override: str | None = None, path: str | 
     return cat
 
 
-def image_paths(ds: xr.Dataset, path: str | os.PathLike, images_root: str | os.PathLike | None = None) -> list[Path]:
+def image_paths(
+    ds: xr.Dataset, path: str | os.PathLike | None, images_root: str | os.PathLike | None = None
+) -> list[Path]:
     """Image file of each stimulus, in stimulus order: absolute paths kept, relative ones resolved
-    against `images_root` if given, else against the responses file's folder."""
-    path = Path(path)
+    against `images_root` if given, else against the responses file's folder (`path`)."""
     if "file" not in ds.coords:
         raise InputDataError(path, "no 'file' coordinate on the stimulus dimension (image paths)")
-    root = Path(images_root) if images_root is not None else path.parent
+    if images_root is None and path is None and not all(Path(f).is_absolute() for f in ds["file"].values.astype(str)):
+        raise UsageError(
+            None,
+            "the responses name image files relative to a folder they do not know: pass images_root",
+            param="images_root",
+        )
+    root = Path(images_root) if images_root is not None else Path(path).parent
     out = []
     for f in ds["file"].values.astype(str):
         if f.strip() == "":
@@ -137,8 +162,10 @@ def split_halves(ds: xr.Dataset, path: str | os.PathLike | None = None) -> tuple
     if "phase" in ds.coords:
         phases = categories_of(ds["phase"].values)
         if len(phases) != 2:
-            raise InputDataError(path, f"'phase' must have exactly two values for split-half "
-                                 f"reliability, found {len(phases)}: {_fmt(phases)}")
+            raise InputDataError(
+                path,
+                f"'phase' must have exactly two values for split-half reliability, found {len(phases)}: {_fmt(phases)}",
+            )
         labels = ds["phase"].values.astype(str)
         masks = [labels == p for p in phases]
     else:
@@ -146,8 +173,10 @@ def split_halves(ds: xr.Dataset, path: str | os.PathLike | None = None) -> tuple
         masks = [idx % 2 == 0, idx % 2 == 1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        halves = tuple(resp.isel({REPETITION: np.flatnonzero(m)}).mean(REPETITION, skipna=True)
-                       .transpose(*CORE_DIMS) for m in masks)
+        halves = tuple(
+            resp.isel({REPETITION: np.flatnonzero(m)}).mean(REPETITION, skipna=True).transpose(*CORE_DIMS)
+            for m in masks
+        )
     return halves
 
 
@@ -161,22 +190,39 @@ def categories_of(values: np.ndarray) -> list[str]:
 
 # -- building a responses Dataset ------------------------------------------------------------
 
-def make_responses(response: np.ndarray, channel: Sequence, stimulus: Sequence, category: Sequence[str],
-                   file: Sequence[str] | None = None, region: Sequence[str] | None = None,
-                   repetition: Sequence | None = None, phase: Sequence | None = None,
-                   preferred: str | None = None, units: str = "") -> xr.Dataset:
+
+def make_responses(
+    response: np.ndarray,
+    channel: Sequence,
+    stimulus: Sequence,
+    category: Sequence[str],
+    file: Sequence[str] | None = None,
+    region: Sequence[str] | None = None,
+    repetition: Sequence | None = None,
+    phase: Sequence | None = None,
+    preferred: str | None = None,
+    units: str = "",
+    group: Sequence | None = None,
+) -> xr.Dataset:
     """Assemble a responses Dataset in the on-disk format (see docs/formats.md)."""
     response = np.asarray(response, np.float64)
     dims = CORE_DIMS + ((REPETITION,) if response.ndim == 3 else ())
-    coords: dict = {"channel": ("channel", _id_array(channel)), "stimulus": ("stimulus", _id_array(stimulus)),
-                    "category": ("stimulus", np.asarray(category, dtype=str))}
+    coords: dict = {
+        "channel": ("channel", _id_array(channel)),
+        "stimulus": ("stimulus", _id_array(stimulus)),
+        "category": ("stimulus", np.asarray(category, dtype=str)),
+    }
     if file is not None:
         coords["file"] = ("stimulus", np.asarray(file, dtype=str))
+    if group is not None:  # related stimuli (e.g. crops of one photo): never split by cross-validation
+        coords["group"] = ("stimulus", _id_array(group))
     if region is not None:
         coords["region"] = ("channel", np.asarray(region, dtype=str))
     if response.ndim == 3:
-        coords[REPETITION] = (REPETITION, _id_array(repetition if repetition is not None
-                                                    else np.arange(response.shape[2])))
+        coords[REPETITION] = (
+            REPETITION,
+            _id_array(repetition if repetition is not None else np.arange(response.shape[2])),
+        )
         if phase is not None:
             coords["phase"] = (REPETITION, np.asarray(phase, dtype=str))
     attrs = {"units": units}
@@ -259,26 +305,41 @@ def from_long_csv(path: str | os.PathLike, preferred: str | None = None, units: 
     for i, row in enumerate(rows, start=2):
         key = (ci[row["channel"]], si[row["stimulus"]], ri[row["repetition"] if has_rep else ""])
         if seen[key]:
-            raise InputDataError(path, f"line {i}: a second row for channel {row['channel']!r}, "
-                                 f"stimulus {row['stimulus']!r}" + (f", repetition {row['repetition']!r}" if has_rep else ""))
+            raise InputDataError(
+                path,
+                f"line {i}: a second row for channel {row['channel']!r}, "
+                f"stimulus {row['stimulus']!r}" + (f", repetition {row['repetition']!r}" if has_rep else ""),
+            )
         seen[key] = True
         values[key] = _number(row["response"], path, i)
     cat = _one_per_key(rows, "stimulus", "category", path)
     fil = _one_per_key(rows, "stimulus", "file", path)
+    grp = _one_per_key(rows, "stimulus", "group", path) if "group" in rows[0] else None
     region = _one_per_key(rows, "channel", "region", path) if "region" in rows[0] else None
     phase = _one_per_key(rows, "repetition", "phase", path) if has_rep and "phase" in rows[0] else None
-    ds = make_responses(values if has_rep else values[..., 0], chans, stims, [cat[s] for s in stims],
-                        file=[fil[s] for s in stims],
-                        region=None if region is None else [region[c] for c in chans],
-                        repetition=reps if has_rep else None,
-                        phase=None if phase is None else [phase[r] for r in reps],
-                        preferred=preferred, units=units)
+    ds = make_responses(
+        values if has_rep else values[..., 0],
+        chans,
+        stims,
+        [cat[s] for s in stims],
+        file=[fil[s] for s in stims],
+        group=None if grp is None else [grp[s] for s in stims],
+        region=None if region is None else [region[c] for c in chans],
+        repetition=reps if has_rep else None,
+        phase=None if phase is None else [phase[r] for r in reps],
+        preferred=preferred,
+        units=units,
+    )
     return _checked(ds, path, preferred)
 
 
-def from_npy(array_path: str | os.PathLike, stimuli_csv: str | os.PathLike,
-             channels_csv: str | os.PathLike | None = None, preferred: str | None = None,
-             units: str = "") -> xr.Dataset:
+def from_npy(
+    array_path: str | os.PathLike,
+    stimuli_csv: str | os.PathLike,
+    channels_csv: str | os.PathLike | None = None,
+    preferred: str | None = None,
+    units: str = "",
+) -> xr.Dataset:
     """A .npy array (channel, stimulus[, repetition]) plus a stimulus table (stimulus, category,
     file) and an optional channel table (channel[, region]) -> responses Dataset."""
     array_path = Path(array_path)
@@ -295,18 +356,31 @@ def from_npy(array_path: str | os.PathLike, stimuli_csv: str | os.PathLike,
     stimuli_csv = Path(stimuli_csv)
     srows = _read_csv(stimuli_csv, ("stimulus", "category", "file"), "stimulus table")
     if len(srows) != values.shape[1]:
-        raise InputDataError(stimuli_csv, f"{len(srows)} stimuli, but the array has {values.shape[1]} along its stimulus axis")
+        raise InputDataError(
+            stimuli_csv, f"{len(srows)} stimuli, but the array has {values.shape[1]} along its stimulus axis"
+        )
     if channels_csv is not None:
         channels_csv = Path(channels_csv)
         crows = _read_csv(channels_csv, ("channel",), "channel table")
         if len(crows) != values.shape[0]:
-            raise InputDataError(channels_csv, f"{len(crows)} channels, but the array has {values.shape[0]} along its channel axis")
+            raise InputDataError(
+                channels_csv, f"{len(crows)} channels, but the array has {values.shape[0]} along its channel axis"
+            )
         chans = [r["channel"] for r in crows]
         region = [r["region"] for r in crows] if "region" in crows[0] else None
     else:
         chans, region = list(range(values.shape[0])), None
-    ds = make_responses(values, chans, [r["stimulus"] for r in srows], [r["category"] for r in srows],
-                        file=[r["file"] for r in srows], region=region, preferred=preferred, units=units)
+    ds = make_responses(
+        values,
+        chans,
+        [r["stimulus"] for r in srows],
+        [r["category"] for r in srows],
+        file=[r["file"] for r in srows],
+        region=region,
+        preferred=preferred,
+        units=units,
+        group=[r["group"] for r in srows] if "group" in srows[0] else None,
+    )
     return _checked(ds, array_path, preferred)
 
 
@@ -317,23 +391,157 @@ def _checked(ds: xr.Dataset, path: Path, preferred: str | None) -> xr.Dataset:
     return ds
 
 
-def import_responses(out: str | os.PathLike, csv_path: str | os.PathLike | None = None,
-                     npy_path: str | os.PathLike | None = None, stimuli: str | os.PathLike | None = None,
-                     channels: str | os.PathLike | None = None, preferred: str | None = None,
-                     units: str = "", force: bool = False) -> xr.Dataset:
-    """`pbv-onnx import-responses`: build a responses file from a long CSV or a .npy array."""
+# -- import-responses: one reader per kind of source -------------------------------------------
+
+Pixels = dict  # image file (relative to the responses file's folder) -> uint8 pixels to write there
+
+
+def _images_folder(out: Path) -> str:
+    return f"{out.stem}_images"
+
+
+def _import_csv(source: Path, out: Path, o: dict) -> tuple[xr.Dataset, Pixels]:
+    return from_long_csv(source, o["preferred"], o["units"]), {}
+
+
+def _import_npy(source: Path, out: Path, o: dict) -> tuple[xr.Dataset, Pixels]:
+    return from_npy(source, o["stimuli"], o["channels"], o["preferred"], o["units"]), {}
+
+
+def _import_nwb(source: Path, out: Path, o: dict) -> tuple[xr.Dataset, Pixels]:
+    from pbv_onnx.data.nwb import from_nwb
+
+    return from_nwb(
+        source,
+        o["window"],
+        o["intervals"],
+        o["stimulus_column"],
+        o["category_column"] or "category",
+        o["categories"],
+        o["unit_ids"],
+        o["preferred"],
+        o["units"],
+        image_folder=_images_folder(out),
+    )
+
+
+def _import_brainio(source: Path, out: Path, o: dict) -> tuple[xr.Dataset, Pixels]:
+    from pbv_onnx.data.brainio import from_brainio
+
+    return from_brainio(
+        source,
+        o["stimuli"],
+        o["images"],
+        o["time_bins"],
+        o["category_column"] or "category",
+        o["preferred"],
+        o["units"],
+        out_dir=out.parent,
+    ), {}
+
+
+@dataclass(frozen=True)
+class Source:
+    """How `import_responses` reads one kind of source, and which of its options go with it."""
+
+    read: Callable[[Path, Path, dict], tuple[xr.Dataset, Pixels]]
+    options: tuple[str, ...] = ()
+    needs: tuple[tuple[str, str], ...] = ()  # (option, what it is) that must be given
+
+
+# the source parameter of import_responses -> its reader; exactly one source is given
+SOURCES: dict[str, Source] = {
+    "csv_path": Source(_import_csv),
+    "npy_path": Source(
+        _import_npy, ("stimuli", "channels"), (("stimuli", "a CSV with columns stimulus, category, file"),)
+    ),
+    "nwb": Source(
+        _import_nwb,
+        ("window", "intervals", "stimulus_column", "category_column", "categories", "unit_ids"),
+        (("window", "T0 T1, seconds after each onset to count spikes in"),),
+    ),
+    "brainio": Source(
+        _import_brainio,
+        ("stimuli", "images", "time_bins", "category_column"),
+        (("stimuli", "the stimulus set CSV: stimulus_id, category, filename"),),
+    ),
+}
+
+
+def import_responses(
+    out: str | os.PathLike,
+    csv_path: str | os.PathLike | None = None,
+    npy_path: str | os.PathLike | None = None,
+    stimuli: str | os.PathLike | None = None,
+    channels: str | os.PathLike | None = None,
+    preferred: str | None = None,
+    units: str = "",
+    force: bool = False,
+    nwb: str | os.PathLike | None = None,
+    brainio: str | os.PathLike | None = None,
+    window: tuple[float, float] | None = None,
+    intervals: str | None = None,
+    stimulus_column: str | None = None,
+    category_column: str | None = None,
+    categories: str | os.PathLike | None = None,
+    unit_ids: Sequence | None = None,
+    time_bins: tuple[float, float] | None = None,
+    images: str | os.PathLike | None = None,
+) -> xr.Dataset:
+    """`pbv-onnx import-responses`: build a responses file from one source (a long CSV, a .npy array,
+    an NWB session or a BrainIO assembly; see SOURCES for the options each takes). An NWB session's
+    presented images are written beside the output, in the folder `<out stem>_images`."""
     from pbv_onnx.base.atomic import claim_output, write_netcdf
 
-    if (csv_path is None) == (npy_path is None):
-        raise UsageError(None, "give either --csv or --npy (with --stimuli)")
-    if npy_path is not None and stimuli is None:
-        raise UsageError(None, "--npy needs --stimuli (a CSV with columns stimulus, category, file)")
-    if csv_path is not None and (stimuli is not None or channels is not None):
-        raise UsageError(None, "--stimuli and --channels go with --npy, not --csv")
+    given = {
+        k: v
+        for k, v in (("csv_path", csv_path), ("npy_path", npy_path), ("nwb", nwb), ("brainio", brainio))
+        if v is not None
+    }
+    if len(given) != 1:
+        raise UsageError(
+            None,
+            "give one of csv_path, npy_path (with stimuli), nwb (with window) or brainio (with stimuli)",
+            param=(*SOURCES, "stimuli", "window"),
+        )
+    ((kind, source_path),) = given.items()
+    source = SOURCES[kind]
+    options = {
+        "stimuli": stimuli,
+        "channels": channels,
+        "window": window,
+        "intervals": intervals,
+        "stimulus_column": stimulus_column,
+        "category_column": category_column,
+        "categories": categories,
+        "unit_ids": unit_ids,
+        "time_bins": time_bins,
+        "images": images,
+    }
+    for name, value in options.items():
+        if value is not None and name not in source.options:
+            owners = [k for k, s in SOURCES.items() if name in s.options]
+            raise UsageError(None, f"{name} goes with {' or '.join(owners)}, not {kind}", param=(name, *owners, kind))
+    for name, what in source.needs:
+        if options[name] is None:
+            raise UsageError(None, f"{kind} needs {name} ({what})", param=(kind, name))
+    out = Path(out)
     with claim_output(out, force):
-        if csv_path is not None:
-            ds = from_long_csv(csv_path, preferred, units)
+        ds, pixels = source.read(Path(source_path), out, {**options, "preferred": preferred, "units": units})
+        if pixels:
+            _write_with_images(ds, pixels, out, force)
         else:
-            ds = from_npy(npy_path, stimuli, channels, preferred, units)
-        write_netcdf(ds, out, force)
+            write_netcdf(ds, out, force)
     return ds
+
+
+def _write_with_images(ds: xr.Dataset, pixels: Pixels, out: Path, force: bool) -> None:
+    """The responses file and, beside it, the images it names: both written, or neither."""
+    from PIL import Image
+
+    from pbv_onnx.base.atomic import atomic_dir, write_netcdf
+
+    with atomic_dir(out.parent / _images_folder(out), force) as tmp:
+        for file, values in pixels.items():
+            Image.fromarray(values).save(tmp / Path(file).name)
+        write_netcdf(ds, out, force)  # inside: a failed write leaves no image folder behind

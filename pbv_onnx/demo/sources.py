@@ -10,6 +10,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from pbv_onnx.runtime.images import default_shared, shared_photos  # noqa: F401  (one implementation)
+
 
 @dataclass(frozen=True)
 class Source:
@@ -20,9 +22,9 @@ class Source:
     """
 
     name: str
-    category: str          # "body" or "object"
-    kind: str              # "human", "animal" or "object"
-    origin: str            # "skimage", "matplotlib", "sklearn" or "shared"
+    category: str  # "body" or "object"
+    kind: str  # "human", "animal" or "object"
+    origin: str  # "skimage", "matplotlib", "sklearn" or "shared"
     part: tuple[float, float, float, float] | None = None
 
 
@@ -67,25 +69,31 @@ SHARED = [
 def _skimage_loader(name: str) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
         import skimage.data
+
         path = Path(os.path.dirname(skimage.data.__file__)) / name
         with Image.open(path) as im:  # the file ships inside the package; no download
             return im.convert("RGB")
+
     return load
 
 
 def _matplotlib_loader(name: str) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
         import matplotlib.cbook
+
         with matplotlib.cbook.get_sample_data(name, asfileobj=True) as f:
             with Image.open(f) as im:
                 return im.convert("RGB")
+
     return load
 
 
 def _sklearn_loader(name: str) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
         from sklearn.datasets import load_sample_image
+
         return Image.fromarray(np.asarray(load_sample_image(name), np.uint8)).convert("RGB")
+
     return load
 
 
@@ -93,38 +101,21 @@ def _file_loader(path: Path) -> Callable[[], Image.Image]:
     def load() -> Image.Image:
         with Image.open(path) as im:
             return im.convert("RGB")
+
     return load
 
 
-def default_shared() -> Path:
-    """`../shared/images` beside the repository root (present on the project's machines only)."""
-    return Path(__file__).resolve().parents[2].parent / "shared" / "images"
-
-
-def shared_photos(folder: Path | None = None) -> list[Path]:
-    """The photographs in `folder` (default `default_shared()`), sorted; [] where there are none."""
-    from pbv_onnx.base.errors import InputDataError
-    from pbv_onnx.data.readouts import image_files
-
-    folder = default_shared() if folder is None else folder
-    if not folder.is_dir():
-        return []
-    try:
-        return image_files([folder])
-    except InputDataError:  # a folder without images
-        return []
-
-
-def available_sources(shared: Path | None = None, use_shared: bool = True
-                      ) -> list[tuple[Source, Image.Image]]:
+def available_sources(shared: Path | None = None, use_shared: bool = True) -> list[tuple[Source, Image.Image]]:
     """Load every catalogued photo that is available here, in catalogue order.
 
     A photo whose package is not installed, needs a download, or whose file is absent is skipped.
     """
     entries: list[tuple[Source, Callable[[], Image.Image]]] = []
-    for table, origin, loader in ((SKIMAGE, "skimage", _skimage_loader),
-                                  (MATPLOTLIB, "matplotlib", _matplotlib_loader),
-                                  (SKLEARN, "sklearn", _sklearn_loader)):
+    for table, origin, loader in (
+        (SKIMAGE, "skimage", _skimage_loader),
+        (MATPLOTLIB, "matplotlib", _matplotlib_loader),
+        (SKLEARN, "sklearn", _sklearn_loader),
+    ):
         for name, cat, kind, part in table:
             entries.append((Source(name, cat, kind, origin, part), loader(name)))
     if use_shared:

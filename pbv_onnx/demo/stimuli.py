@@ -29,26 +29,26 @@ class Stimulus:
     """One row of the stimulus table; pixel boxes are (x0, y0, x1, y1), x1/y1 exclusive."""
 
     stimulus: str
-    category: str            # "body" or "object" (planted objects are objects)
-    kind: str                # "human", "animal", "object" or "planted"
-    source: str              # the photograph the stimulus is cut from
-    file: str                # image path relative to the experiment folder
-    crop_x0: int             # crop square in the source photo's pixels
+    category: str  # "body" or "object" (planted objects are objects)
+    kind: str  # "human", "animal", "object" or "planted"
+    source: str  # the photograph the stimulus is cut from
+    file: str  # image path relative to the experiment folder
+    crop_x0: int  # crop square in the source photo's pixels
     crop_y0: int
     crop_size: int
-    flip: int                # 1: mirrored left-right after cropping
-    part_source: str = ""    # planted: the body photo the part comes from
-    part_x0: int = -1        # planted: the part box in that photo's pixels
+    flip: int  # 1: mirrored left-right after cropping
+    part_source: str = ""  # planted: the body photo the part comes from
+    part_x0: int = -1  # planted: the part box in that photo's pixels
     part_y0: int = -1
     part_x1: int = -1
     part_y1: int = -1
     part_flip: int = 0
-    paste_x0: int = -1       # planted: where the part sits in the stimulus (its mask)
+    paste_x0: int = -1  # planted: where the part sits in the stimulus (its mask)
     paste_y0: int = -1
     paste_x1: int = -1
     paste_y1: int = -1
-    mask: str = ""           # planted: mask PNG relative to the experiment folder (255 inside)
-    body_x0: int = -1        # body: the photo's body-part box in stimulus pixels (clipped)
+    mask: str = ""  # planted: mask PNG relative to the experiment folder (255 inside)
+    body_x0: int = -1  # body: the photo's body-part box in stimulus pixels (clipped)
     body_y0: int = -1
     body_x1: int = -1
     body_y1: int = -1
@@ -82,8 +82,9 @@ def _part_box(src: Source, w: int, h: int) -> tuple[int, int, int, int]:
     return int(round(x0 * w)), int(round(y0 * h)), int(round(x1 * w)), int(round(y1 * h))
 
 
-def _crop(rng: np.random.Generator, w: int, h: int, variant: int,
-          must_contain: tuple[float, float] | None) -> tuple[int, int, int, int]:
+def _crop(
+    rng: np.random.Generator, w: int, h: int, variant: int, must_contain: tuple[float, float] | None
+) -> tuple[int, int, int, int]:
     """(x0, y0, side, flip) of a square crop; variant 0 is the centred largest square."""
     short = min(w, h)
     if variant == 0:
@@ -104,8 +105,9 @@ def _crop(rng: np.random.Generator, w: int, h: int, variant: int,
     return x0, y0, side, int(rng.integers(0, 2))
 
 
-def _in_crop(box: tuple[int, int, int, int], x0: int, y0: int, side: int, flip: int,
-             size: int) -> tuple[int, int, int, int]:
+def _in_crop(
+    box: tuple[int, int, int, int], x0: int, y0: int, side: int, flip: int, size: int
+) -> tuple[int, int, int, int]:
     """A box in photo pixels -> stimulus pixels after crop, resize and mirror, clipped."""
     s = size / side
     bx0, bx1 = (box[0] - x0) * s, (box[2] - x0) * s
@@ -116,15 +118,19 @@ def _in_crop(box: tuple[int, int, int, int], x0: int, y0: int, side: int, flip: 
     return clip(bx0), clip(by0), clip(bx1), clip(by1)
 
 
-def plan_stimuli(sources: list[tuple[Source, tuple[int, int]]], counts: Counts = Counts(),
-                 seed: int = 0) -> list[Stimulus]:
+def plan_stimuli(
+    sources: list[tuple[Source, tuple[int, int]]], counts: Counts = Counts(), seed: int = 0
+) -> list[Stimulus]:
     """The stimulus table for photos given as (source, (width, height)); pure and deterministic."""
     rng = np.random.default_rng(seed)
     bodies = [(s, wh) for s, wh in sources if s.category == "body"]
     objects = [(s, wh) for s, wh in sources if s.category == "object"]
     if not bodies or not objects:
-        raise InputDataError(None, "the demo needs at least one body photo and one object photo "
-                             "(install the demo extra: pip install 'pbv-onnx[demo]')")
+        raise InputDataError(
+            None,
+            "the demo needs at least one body photo and one object photo "
+            "(install the demo extra: pip install 'pbv-onnx[demo]')",
+        )
     out: list[Stimulus] = []
 
     def crop_rows(pool, n, prefix):
@@ -139,9 +145,23 @@ def plan_stimuli(sources: list[tuple[Source, tuple[int, int]]], counts: Counts =
             body = (-1, -1, -1, -1)
             if src.part is not None:
                 body = _in_crop((px0, py0, px1, py1), x0, y0, side, flip, counts.size)
-            out.append(Stimulus(sid, src.category, src.kind, src.name, f"stimuli/{sid}.png",
-                                x0, y0, side, flip, body_x0=body[0], body_y0=body[1],
-                                body_x1=body[2], body_y1=body[3]))
+            out.append(
+                Stimulus(
+                    sid,
+                    src.category,
+                    src.kind,
+                    src.name,
+                    f"stimuli/{sid}.png",
+                    x0,
+                    y0,
+                    side,
+                    flip,
+                    body_x0=body[0],
+                    body_y0=body[1],
+                    body_x1=body[2],
+                    body_y1=body[3],
+                )
+            )
 
     crop_rows(bodies, counts.body, "body")
     crop_rows(objects, counts.object, "object")
@@ -157,14 +177,34 @@ def plan_stimuli(sources: list[tuple[Source, tuple[int, int]]], counts: Counts =
         px = int(rng.integers(0, counts.size - pw_px + 1))
         py = int(rng.integers(0, counts.size - ph_px + 1))
         sid = f"planted{i:03d}"
-        out.append(Stimulus(sid, "object", "planted", src.name, f"stimuli/{sid}.png", x0, y0, side,
-                            flip, part_src.name, bx0, by0, bx1, by1, int(rng.integers(0, 2)),
-                            px, py, px + pw_px, py + ph_px, f"masks/{sid}.png"))
+        out.append(
+            Stimulus(
+                sid,
+                "object",
+                "planted",
+                src.name,
+                f"stimuli/{sid}.png",
+                x0,
+                y0,
+                side,
+                flip,
+                part_src.name,
+                bx0,
+                by0,
+                bx1,
+                by1,
+                int(rng.integers(0, 2)),
+                px,
+                py,
+                px + pw_px,
+                py + ph_px,
+                f"masks/{sid}.png",
+            )
+        )
     return out
 
 
-def render(stim: Stimulus, photos: dict[str, Image.Image], size: int
-           ) -> tuple[Image.Image, np.ndarray | None]:
+def render(stim: Stimulus, photos: dict[str, Image.Image], size: int) -> tuple[Image.Image, np.ndarray | None]:
     """The stimulus image (size x size RGB) and, for planted objects, its boolean mask."""
     photo = photos[stim.source]
     box = (stim.crop_x0, stim.crop_y0, stim.crop_x0 + stim.crop_size, stim.crop_y0 + stim.crop_size)
@@ -185,8 +225,7 @@ def render(stim: Stimulus, photos: dict[str, Image.Image], size: int
     return img, mask
 
 
-def write_stimuli(folder: str | os.PathLike, table: list[Stimulus],
-                  photos: dict[str, Image.Image], size: int) -> Path:
+def write_stimuli(folder: str | os.PathLike, table: list[Stimulus], photos: dict[str, Image.Image], size: int) -> Path:
     """Render every stimulus (and mask) into `folder` and write the table; returns the table path."""
     folder = Path(folder)
     (folder / "stimuli").mkdir(parents=True, exist_ok=True)

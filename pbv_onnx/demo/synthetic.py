@@ -32,8 +32,7 @@ from pbv_onnx.demo.stimuli import Stimulus
 REGIONS = ("MSB", "ASB")
 # Per region: features per channel, size of the feature pool they are drawn from, pooling
 # exponent p, trial-noise scale. Two regions, two kinds of neuron.
-REGION_PARAMS = {"MSB": dict(k=6, pool=12, power=4.0, noise=1.5),
-                 "ASB": dict(k=4, pool=16, power=2.0, noise=2.0)}
+REGION_PARAMS = {"MSB": dict(k=6, pool=12, power=4.0, noise=1.5), "ASB": dict(k=4, pool=16, power=2.0, noise=2.0)}
 N_REPETITIONS = 6  # three per recording phase
 THRESHOLD_QUANTILE = 40  # theta: this percentile of the drive over plain object photos
 
@@ -42,46 +41,61 @@ THRESHOLD_QUANTILE = 40  # theta: this percentile of the drive over plain object
 class GroundTruth:
     """The generative model of every channel (arrays over channel, and channel x term)."""
 
-    channel: np.ndarray      # ids
+    channel: np.ndarray  # ids
     region: np.ndarray
-    feature: np.ndarray      # [C, K] indices into the ground-truth layer's channels (-1: unused)
-    coef: np.ndarray         # [C, K]
-    power: np.ndarray        # [C]
+    feature: np.ndarray  # [C, K] indices into the ground-truth layer's channels (-1: unused)
+    coef: np.ndarray  # [C, K]
+    power: np.ndarray  # [C]
     theta: np.ndarray
     tau: np.ndarray
     gain: np.ndarray
     base: np.ndarray
     noise: np.ndarray
-    phase_gain: np.ndarray   # second phase: rate * phase_gain + phase_offset
+    phase_gain: np.ndarray  # second phase: rate * phase_gain + phase_offset
     phase_offset: np.ndarray
-    scores: np.ndarray       # [F] body-part selectivity of every ground-truth feature
+    scores: np.ndarray  # [F] body-part selectivity of every ground-truth feature
 
     def to_dataset(self, attrs: dict | None = None) -> xr.Dataset:
         c = ("channel",)
         return xr.Dataset(
-            {"feature": (("channel", "term"), self.feature), "coef": (("channel", "term"), self.coef),
-             "power": (c, self.power), "theta": (c, self.theta), "tau": (c, self.tau),
-             "gain": (c, self.gain), "base": (c, self.base), "noise": (c, self.noise),
-             "phase_gain": (c, self.phase_gain), "phase_offset": (c, self.phase_offset),
-             "part_score": (("gt_feature",), self.scores)},
-            coords={"channel": self.channel, "region": (c, self.region)}, attrs=attrs or {})
+            {
+                "feature": (("channel", "term"), self.feature),
+                "coef": (("channel", "term"), self.coef),
+                "power": (c, self.power),
+                "theta": (c, self.theta),
+                "tau": (c, self.tau),
+                "gain": (c, self.gain),
+                "base": (c, self.base),
+                "noise": (c, self.noise),
+                "phase_gain": (c, self.phase_gain),
+                "phase_offset": (c, self.phase_offset),
+                "part_score": (("gt_feature",), self.scores),
+            },
+            coords={"channel": self.channel, "region": (c, self.region)},
+            attrs=attrs or {},
+        )
 
     @classmethod
     def from_dataset(cls, ds: xr.Dataset) -> "GroundTruth":
-        v = {k: ds[k].values for k in ("feature", "coef", "power", "theta", "tau", "gain", "base",
-                                       "noise", "phase_gain", "phase_offset")}
-        return cls(channel=ds["channel"].values, region=ds["region"].values.astype(str),
-                   scores=ds["part_score"].values, **v)
+        v = {
+            k: ds[k].values
+            for k in ("feature", "coef", "power", "theta", "tau", "gain", "base", "noise", "phase_gain", "phase_offset")
+        }
+        return cls(
+            channel=ds["channel"].values, region=ds["region"].values.astype(str), scores=ds["part_score"].values, **v
+        )
 
 
 def box_cells(box: tuple[int, int, int, int], size: int, grid: tuple[int, int]) -> np.ndarray:
     """Boolean [h, w] of the feature-map cells whose area lies at least half inside `box`."""
     h, w = grid
     x0, y0, x1, y1 = box
-    ys = np.clip((np.minimum((np.arange(h) + 1) * size / h, y1) - np.maximum(np.arange(h) * size / h, y0))
-                 / (size / h), 0, 1)
-    xs = np.clip((np.minimum((np.arange(w) + 1) * size / w, x1) - np.maximum(np.arange(w) * size / w, x0))
-                 / (size / w), 0, 1)
+    ys = np.clip(
+        (np.minimum((np.arange(h) + 1) * size / h, y1) - np.maximum(np.arange(h) * size / h, y0)) / (size / h), 0, 1
+    )
+    xs = np.clip(
+        (np.minimum((np.arange(w) + 1) * size / w, x1) - np.maximum(np.arange(w) * size / w, x0)) / (size / w), 0, 1
+    )
     return np.outer(ys, xs) >= 0.5
 
 
@@ -122,7 +136,7 @@ def drive(gt: GroundTruth, feats: np.ndarray) -> np.ndarray:
     """g_n(x): [C, N], the soft-max pooled local map."""
     m = local_maps(gt, feats)
     p = gt.power[:, None, None, None]
-    return np.mean(m ** p, axis=(2, 3)) ** (1.0 / gt.power[:, None])
+    return np.mean(m**p, axis=(2, 3)) ** (1.0 / gt.power[:, None])
 
 
 def softplus(z: np.ndarray) -> np.ndarray:
@@ -136,15 +150,23 @@ def mean_rate(gt: GroundTruth, feats: np.ndarray) -> np.ndarray:
     return gt.base[:, None] + gt.gain[:, None] * tau * softplus((g - gt.theta[:, None]) / tau)
 
 
-def design_channels(feats: np.ndarray, table: Sequence[Stimulus], size: int, n_channels: int = 16,
-                    seed: int = 0, target_rate: tuple[float, float] = (25.0, 50.0)) -> GroundTruth:
+def design_channels(
+    feats: np.ndarray,
+    table: Sequence[Stimulus],
+    size: int,
+    n_channels: int = 16,
+    seed: int = 0,
+    target_rate: tuple[float, float] = (25.0, 50.0),
+) -> GroundTruth:
     """Draw `n_channels` channels, half per region, from the body-part-selective features, and
     calibrate threshold and gain on this stimulus set (objects mostly below threshold, a mean
     body response of `target_rate` spikes/s)."""
     if feats.ndim != 4:
-        raise UsageError(None, "the ground-truth model must keep its spatial map (export it with --pool none)")
+        raise UsageError(
+            None, "the ground-truth model must keep its spatial map (export it with pool=none)", param="pool"
+        )
     if n_channels < 2:
-        raise UsageError(None, f"--channels must be at least 2, not {n_channels}")
+        raise UsageError(None, f"n_channels must be at least 2, not {n_channels}", param="n_channels")
     rng = np.random.default_rng(seed)
     scores = part_scores(feats, table, size)
     order = np.argsort(-scores, kind="stable")
@@ -157,7 +179,7 @@ def design_channels(feats: np.ndarray, table: Sequence[Stimulus], size: int, n_c
     noise = np.empty(C)
     for n in range(C):
         prm = REGION_PARAMS[region[n]]
-        pool = order[:min(prm["pool"], len(order))]
+        pool = order[: min(prm["pool"], len(order))]
         k = min(prm["k"], len(pool))
         feature[n, :k] = rng.choice(pool, k, replace=False)
         coef[n, :k] = rng.uniform(0.5, 1.5, k)
@@ -165,8 +187,9 @@ def design_channels(feats: np.ndarray, table: Sequence[Stimulus], size: int, n_c
         noise[n] = prm["noise"]
     ids = np.array([f"{region[n]}{(n if n < (C + 1) // 2 else n - (C + 1) // 2) + 1:02d}" for n in range(C)])
     zeros = np.zeros(C)
-    gt = GroundTruth(ids, region, feature, coef, power, zeros, np.ones(C), np.ones(C), zeros, noise,
-                     np.ones(C), zeros, scores)
+    gt = GroundTruth(
+        ids, region, feature, coef, power, zeros, np.ones(C), np.ones(C), zeros, noise, np.ones(C), zeros, scores
+    )
     g = drive(gt, feats)
     body = np.array([s.category == "body" for s in table])
     obj = np.array([s.kind == "object" for s in table])
@@ -175,12 +198,26 @@ def design_channels(feats: np.ndarray, table: Sequence[Stimulus], size: int, n_c
     base = rng.uniform(3.0, 8.0, C)
     lifted = tau[:, None] * softplus((g - theta[:, None]) / tau[:, None])
     gain = rng.uniform(*target_rate, C) / np.maximum(lifted[:, body].mean(1), 1e-9)
-    return GroundTruth(ids, region, feature, coef, power, theta, tau, gain, base, noise,
-                       rng.uniform(0.8, 1.0, C), rng.uniform(0.0, 3.0, C), scores)
+    return GroundTruth(
+        ids,
+        region,
+        feature,
+        coef,
+        power,
+        theta,
+        tau,
+        gain,
+        base,
+        noise,
+        rng.uniform(0.8, 1.0, C),
+        rng.uniform(0.0, 3.0, C),
+        scores,
+    )
 
 
-def simulate(gt: GroundTruth, feats: np.ndarray, n_repetitions: int = N_REPETITIONS,
-             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def simulate(
+    gt: GroundTruth, feats: np.ndarray, n_repetitions: int = N_REPETITIONS, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Trial responses [C, N, R] (non-negative) and the phase label of each repetition."""
     if n_repetitions < 2:
         raise UsageError(None, "at least two repetitions (one per recording phase)")

@@ -1,12 +1,8 @@
 """Display maps and their colour scales: what figures show of an input gradient."""
 
-
 from __future__ import annotations
 
-
 import numpy as np
-
-
 
 
 def display_map(grad: np.ndarray) -> np.ndarray:

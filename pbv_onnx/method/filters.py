@@ -1,12 +1,8 @@
 """Gaussian smoothing over the last two axes (images and maps)."""
 
-
 from __future__ import annotations
 
-
 import numpy as np
-
-
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
@@ -32,5 +28,3 @@ def gaussian_smooth(a: np.ndarray, sigma: float) -> np.ndarray:
         win = np.lib.stride_tricks.sliding_window_view(padded, len(k), axis=-1)
         out = np.moveaxis(win @ k, -1, axis)
     return out.astype(a.dtype if np.issubdtype(a.dtype, np.floating) else np.float64)
-
-

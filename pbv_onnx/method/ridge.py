@@ -21,6 +21,7 @@ CHUNK = 8192  # feature columns per Gram-matrix block: bounds float64 temporarie
 
 # -- the numerical core (numpy only) -----------------------------------------------------------
 
+
 def gram(X: np.ndarray, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """(K, mu): Gram matrix in float64 of the rows of X [n, D] after subtracting their mean mu.
 
@@ -30,10 +31,10 @@ def gram(X: np.ndarray, chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     n, d = X.shape
     mu = np.zeros(d)
     for j in range(0, d, chunk):
-        mu[j:j + chunk] = X[:, j:j + chunk].mean(0, dtype=np.float64)
+        mu[j : j + chunk] = X[:, j : j + chunk].mean(0, dtype=np.float64)
     K = np.zeros((n, n))
     for j in range(0, d, chunk):
-        B = X[:, j:j + chunk] - mu[j:j + chunk]
+        B = X[:, j : j + chunk] - mu[j : j + chunk]
         K += B @ B.T
     return K, mu
 
@@ -43,9 +44,9 @@ class _Solver:
     """One training set: eigendecomposition of its centred Gram matrix, shared by all channels
     and penalties."""
 
-    K: np.ndarray        # full Gram matrix (any common centring)
-    train: np.ndarray    # indices into K
-    Y: np.ndarray        # [n_train, C] targets
+    K: np.ndarray  # full Gram matrix (any common centring)
+    train: np.ndarray  # indices into K
+    Y: np.ndarray  # [n_train, C] targets
 
     def __post_init__(self):
         Ktt = self.K[np.ix_(self.train, self.train)]
@@ -72,7 +73,7 @@ class _Solver:
         Kte_c = Kte - Kte.mean(1)[:, None] - self.a[None, :] + self.c
         P = Kte_c @ self.V
         lam = self.penalties(alphas)
-        return np.stack([P @ (self.Q / (self.s + l)[:, None]) for l in lam]) + self.ybar
+        return np.stack([P @ (self.Q / (self.s + one)[:, None]) for one in lam]) + self.ybar
 
 
 def make_folds(n: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -80,11 +81,58 @@ def make_folds(n: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
     return [np.sort(f) for f in np.array_split(rng.permutation(n), k)]
 
 
-def select_alphas(K: np.ndarray, Y: np.ndarray, idx: np.ndarray, alphas: np.ndarray, folds: int,
-                  rng: np.random.Generator) -> np.ndarray:
-    """Per-channel index of the penalty with the smallest k-fold CV squared error on `idx`."""
+def group_ids(groups: Sequence) -> np.ndarray:
+    """Integer ids 0..G-1 of the labels in `groups`, numbered in order of first appearance."""
+    _, first, inverse = np.unique(np.asarray(groups).astype(str), return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.ravel()]
+
+
+def make_group_folds(groups: Sequence, k: int, rng: np.random.Generator, min_train: int = 1) -> list[np.ndarray]:
+    """k disjoint folds of range(len(groups)) that never split a group, each training set (the
+    other folds) holding at least `min_train` groups.
+
+    The groups, in a random order, are cut into k contiguous runs whose stimulus counts come
+    closest to the ungrouped fold sizes. With one stimulus per group this is exactly
+    make_folds(n, k, rng) (the same draws, the same folds).
+    """
+    g = group_ids(groups)
+    n_groups = int(g.max()) + 1 if len(g) else 0
+    most = n_groups - min_train  # groups one test fold may hold
+    if n_groups < k or most < 1 or k * most < n_groups:
+        raise ValueError(f"{n_groups} groups cannot fill {k} folds leaving {min_train} group(s) to train on")
+    order = rng.permutation(n_groups)
+    cum = np.cumsum(np.bincount(g, minlength=n_groups)[order])
+    ends = np.cumsum([len(f) for f in np.array_split(np.arange(len(g)), k)])  # ungrouped fold ends
+    cuts = [0]
+    for i in range(1, k):
+        # every fold holds 1..most groups, so the remaining k - i folds must still fit
+        lo = max(cuts[-1] + 1, n_groups - (k - i) * most)
+        hi = min(cuts[-1] + most, n_groups - (k - i))
+        cand = np.arange(lo, hi + 1)
+        cuts.append(int(cand[np.argmin(np.abs(cum[cand - 1] - ends[i - 1]))]))
+    cuts.append(n_groups)
+    return [np.flatnonzero(np.isin(g, order[a:b])) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _folds(n: int, k: int, rng: np.random.Generator, groups: np.ndarray | None, min_train: int = 1):
+    return make_folds(n, k, rng) if groups is None else make_group_folds(groups, k, rng, min_train)
+
+
+def select_alphas(
+    K: np.ndarray,
+    Y: np.ndarray,
+    idx: np.ndarray,
+    alphas: np.ndarray,
+    folds: int,
+    rng: np.random.Generator,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-channel index of the penalty with the smallest k-fold CV squared error on `idx`
+    (folds keep each of `groups`, labels of all rows of K, whole)."""
     preds = np.empty((len(alphas), len(idx), Y.shape[1]))
-    for test in make_folds(len(idx), folds, rng):
+    for test in _folds(len(idx), folds, rng, None if groups is None else groups[idx]):
         train = np.setdiff1d(np.arange(len(idx)), test)
         preds[:, test] = _Solver(K, idx[train], Y[idx[train]]).predict_all(idx[test], alphas)
     mse = ((preds - Y[idx][None]) ** 2).mean(1)  # [A, C]
@@ -93,26 +141,35 @@ def select_alphas(K: np.ndarray, Y: np.ndarray, idx: np.ndarray, alphas: np.ndar
 
 @dataclass
 class RidgeFit:
-    weight: np.ndarray      # [C, D] in the raw feature space
-    bias: np.ndarray        # [C]
-    alpha: np.ndarray       # [C] chosen relative penalty
-    penalty: np.ndarray     # [C] the absolute lambda it meant on all preferred images
-    heldout: np.ndarray     # [n, C] nested-CV predictions, each from a fit that never saw it
+    weight: np.ndarray  # [C, D] in the raw feature space
+    bias: np.ndarray  # [C]
+    alpha: np.ndarray  # [C] chosen relative penalty
+    penalty: np.ndarray  # [C] the absolute lambda it meant on all preferred images
+    heldout: np.ndarray  # [n, C] nested-CV predictions, each from a fit that never saw it
+    at_edge: np.ndarray  # [C] bool: the chosen penalty is the smallest or largest of a grid of several
 
 
 def min_images(folds: int) -> int:
-    """Fewest images nested k-fold CV can work with: two per outer test fold."""
+    """Fewest images (or groups of images) nested k-fold CV can work with: two per outer test fold."""
     return 2 * folds
 
 
-def ridge_cv(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float], folds: int = 5, seed: int = 0,
-             progress: bool = False) -> RidgeFit:
+def ridge_cv(
+    X: np.ndarray,
+    Y: np.ndarray,
+    alphas: Sequence[float],
+    folds: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+    groups: Sequence | None = None,
+) -> RidgeFit:
     """Ridge of every column of Y [n, C] on X [n, D], the penalty chosen per channel by k-fold CV.
 
     Held-out predictions are nested: for each outer fold the penalty is chosen by an inner k-fold
     CV on the outer training images only, then the model is refit on them and predicts the
     outer test fold. The returned weights come from all images with the penalty chosen by a
-    plain k-fold CV over all of them.
+    plain k-fold CV over all of them. With `groups` (a label per image), every split, outer and
+    inner, keeps the images of a group on one side.
     """
     from tqdm import tqdm
 
@@ -122,28 +179,36 @@ def ridge_cv(X: np.ndarray, Y: np.ndarray, alphas: Sequence[float], folds: int =
     n = X.shape[0]
     if n < min_images(folds):
         raise ValueError(f"{n} images; {folds}-fold nested CV needs at least {min_images(folds)}")
+    if groups is not None:
+        groups = group_ids(groups)
+        if len(groups) != n:
+            raise ValueError(f"{len(groups)} group labels for {n} images")
+        n_groups = int(groups.max()) + 1
+        if n_groups < min_images(folds):
+            raise ValueError(f"{n_groups} groups; grouped {folds}-fold nested CV needs at least {min_images(folds)}")
     K, mu = gram(X)
     rng = np.random.default_rng(seed)
     heldout = np.empty_like(Y)
     everything = np.arange(n)
-    outer = make_folds(n, folds, rng)
+    # each outer training set keeps >= `folds` groups so that its inner CV can be grouped too
+    outer = _folds(n, folds, rng, groups, min_train=folds)
     # many small n x n eigendecompositions: multithreaded LAPACK is slower on them, and
     # pathologically so on a busy machine
     with one_blas_thread():
         for test in tqdm(outer, desc="nested CV", unit="fold", disable=None if progress else True):
             train = np.setdiff1d(everything, test)
-            best = select_alphas(K, Y, train, alphas, folds, rng)
+            best = select_alphas(K, Y, train, alphas, folds, rng, groups)
             preds = _Solver(K, train, Y[train]).predict_all(test, alphas)
             heldout[test] = preds[best, :, np.arange(Y.shape[1])].T
-        best = select_alphas(K, Y, everything, alphas, folds, rng)
+        best = select_alphas(K, Y, everything, alphas, folds, rng, groups)
         full = _Solver(K, everything, Y)
     lam = full.penalties(alphas[best])
-    coef = full.coef(lam)                        # [n, C]
+    coef = full.coef(lam)  # [n, C]
     # w = Xc^T coef with Xc centred by the training mean; computed blockwise in float64.
     weight = np.empty((Y.shape[1], X.shape[1]))
     for j in range(0, X.shape[1], CHUNK):
-        weight[:, j:j + CHUNK] = ((X[:, j:j + CHUNK] - mu[j:j + CHUNK]).T @ coef).T
+        weight[:, j : j + CHUNK] = ((X[:, j : j + CHUNK] - mu[j : j + CHUNK]).T @ coef).T
     bias = full.ybar - weight @ mu
-    return RidgeFit(weight=weight, bias=bias, alpha=alphas[best], penalty=lam, heldout=heldout)
-
-
+    # a single penalty was not chosen, so it cannot sit at the edge of a choice
+    at_edge = ((best == 0) | (best == len(alphas) - 1)) & (len(alphas) > 1)
+    return RidgeFit(weight=weight, bias=bias, alpha=alphas[best], penalty=lam, heldout=heldout, at_edge=at_edge)

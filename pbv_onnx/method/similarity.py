@@ -1,4 +1,4 @@
-"""Neuron-specific weighted cosine similarity, candidate sets and ranking (METHOD.md section 2)."""
+"""Neuron-specific weighted cosine similarity, candidate sets and ranking (docs/method.md section 2)."""
 
 from __future__ import annotations
 
@@ -45,18 +45,26 @@ def rank_order(scores: np.ndarray, ids: Sequence) -> np.ndarray:
     return np.lexsort((keys, -np.asarray(scores, np.float64)))
 
 
-def candidate_ids(mean_response: xr.DataArray, categories: xr.DataArray, preferred: str,
-                  channel, mode: str = "top-k", k: int = DEFAULT_TOP_K,
-                  source: str | None = None) -> list:
+def candidate_ids(
+    mean_response: xr.DataArray,
+    categories: xr.DataArray,
+    preferred: str,
+    channel,
+    mode: str = "top-k",
+    k: int = DEFAULT_TOP_K,
+    source: str | None = None,
+) -> list:
     """The reference candidates for `channel`: its top-k preferred-category stimuli by recorded
     mean response (ties by stimulus id), or all preferred-category stimuli.
 
     `mean_response` is (channel, stimulus); `categories` is (stimulus,).
     """
     if mode not in CANDIDATE_MODES:
-        raise UsageError(None, f"--candidates must be one of {', '.join(CANDIDATE_MODES)}, not {mode!r}")
+        raise UsageError(
+            None, f"candidates must be one of {', '.join(CANDIDATE_MODES)}, not {mode!r}", param="candidates"
+        )
     if mode == "top-k" and k < 1:
-        raise UsageError(None, f"--top-k must be at least 1, not {k}")
+        raise UsageError(None, f"top_k must be at least 1, not {k}", param="top_k")
     pref = np.asarray(categories.values).astype(str) == str(preferred)
     stimuli = np.asarray(categories["stimulus"].values)[pref]
     if len(stimuli) == 0:
@@ -65,16 +73,23 @@ def candidate_ids(mean_response: xr.DataArray, categories: xr.DataArray, preferr
     keep = np.isfinite(resp)
     stimuli, resp = stimuli[keep], resp[keep]
     if len(stimuli) == 0:
-        raise InputDataError(source, f"empty candidate set: channel {channel} has no recorded response "
-                                     f"to any {preferred!r} stimulus")
+        raise InputDataError(
+            source, f"empty candidate set: channel {channel} has no recorded response to any {preferred!r} stimulus"
+        )
     if mode == "all":
         return sorted(stimuli.tolist(), key=str)
     order = rank_order(resp, stimuli)[:k]
     return stimuli[order].tolist()
 
 
-def ranked_scores(weight: np.ndarray, obj: np.ndarray, features: np.ndarray, ids: Sequence,
-                  source: str | None = None, label: str = "the object") -> tuple[np.ndarray, np.ndarray]:
+def ranked_scores(
+    weight: np.ndarray,
+    obj: np.ndarray,
+    features: np.ndarray,
+    ids: Sequence,
+    source: str | None = None,
+    label: str = "the object",
+) -> tuple[np.ndarray, np.ndarray]:
     """(order, similarities) of one object [D] against candidate features [M, D] with stimulus
     ids: `order` ranks them high to low (ties by stimulus id).
 
@@ -83,19 +98,22 @@ def ranked_scores(weight: np.ndarray, obj: np.ndarray, features: np.ndarray, ids
     if len(ids) == 0:
         raise InputDataError(source, "empty candidate set")
     if weighted_norms(weight, obj) == 0:
-        raise InputDataError(source, f"{label} has no active feature weighted by this channel's readout "
-                                     "(all zero after the ReLU); its similarity to any reference is undefined")
+        raise InputDataError(
+            source,
+            f"{label} has no active feature weighted by this channel's readout "
+            "(all zero after the ReLU); its similarity to any reference is undefined",
+        )
     s = similarities(weight, obj, features)
     return rank_order(s, ids), s
 
 
-def rank_candidates(weight: np.ndarray, obj: np.ndarray, candidates: xr.DataArray,
-                    source: str | None = None, label: str = "the object") -> xr.DataArray:
+def rank_candidates(
+    weight: np.ndarray, obj: np.ndarray, candidates: xr.DataArray, source: str | None = None, label: str = "the object"
+) -> xr.DataArray:
     """Similarity of one object to labelled candidate features (stimulus, feature), ranked.
 
     Returns a DataArray (stimulus) of similarities sorted high to low (ties by stimulus id).
     """
     ids = candidates["stimulus"].values
     order, s = ranked_scores(weight, obj, candidates.transpose("stimulus", "feature").values, ids, source, label)
-    return xr.DataArray(s[order], dims=("stimulus",), coords={"stimulus": ids[order]},
-                        name="similarity")
+    return xr.DataArray(s[order], dims=("stimulus",), coords={"stimulus": ids[order]}, name="similarity")

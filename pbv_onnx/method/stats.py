@@ -1,5 +1,5 @@
-"""Per-channel statistics: NaN-aware Pearson r, critical r under rho = 0, split-half reliability;
-relative L2 distance (parity checks)."""
+"""Per-channel statistics: NaN-aware Pearson r, critical r under rho = 0 (with an effective n of
+groups), split-half reliability per category and the noise ceiling; relative L2 distance (parity checks)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,19 @@ import warnings
 
 import numpy as np
 import xarray as xr
+
+# Per-channel results beyond Fig. 3a's (see docs/formats.md); present where their inputs are.
+STATS = (
+    "reliability_preferred",
+    "reliability_ooc",
+    "ceiling_preferred",
+    "r_cv_preferred_ceiled",
+    "n_groups_preferred",
+    "n_groups_ooc",
+    "r_by_category",
+    "n_by_category",
+    "r_critical_by_category",
+)
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -123,35 +136,110 @@ def critical_r(n: np.ndarray | int, alpha: float = 0.05) -> np.ndarray:
     return out if out.ndim else float(out)
 
 
-def channel_metrics(prediction: xr.DataArray, heldout: np.ndarray, mean: xr.DataArray,
-                    halves: tuple[xr.DataArray, xr.DataArray] | None, alpha: float = 0.05) -> xr.Dataset:
+def split_half_reliability(halves: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Spearman-Brown corrected correlation of the two half means [C, S] per row, and its n."""
+    r_half, n_half = pearson_rows(halves[0], halves[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return spearman_brown(r_half), n_half
+
+
+def noise_ceiling(reliability: np.ndarray) -> np.ndarray:
+    """sqrt(reliability): the r a perfect model reaches against noisy means; NaN where reliability <= 0."""
+    rel = np.asarray(reliability, np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.where(rel > 0, np.sqrt(np.where(rel > 0, rel, 1.0)), np.nan)
+
+
+def count_groups(ok: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per row of the mask `ok` [C, S]: the number of distinct `groups` [S] among its True columns."""
+    g = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1].ravel()
+    onehot = np.zeros((len(g), int(g.max()) + 1 if len(g) else 0), bool)
+    onehot[np.arange(len(g)), g] = True
+    return ((ok.astype(np.int64) @ onehot) > 0).sum(1)
+
+
+def channel_metrics(
+    prediction: xr.DataArray,
+    heldout: np.ndarray,
+    mean: xr.DataArray,
+    halves: tuple[xr.DataArray, xr.DataArray] | None,
+    alpha: float = 0.05,
+    category: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+) -> xr.Dataset:
     """Per-channel Fig. 3a metrics.
 
     `prediction` (channel, stimulus): held-out predictions for preferred stimuli (`heldout` True)
     and full-fit predictions for out-of-category stimuli (`heldout` False). `mean` (channel,
     stimulus): recorded mean responses on the same stimuli. `halves`: mean responses of the two
-    halves over the same stimuli (reliability is computed over all of them), or None.
+    halves over the same stimuli, or None. `category` [S]: stimulus categories, for the r of each
+    non-preferred category. `groups` [S]: labels of related stimuli; when given, critical r uses
+    the number of groups, not of stimuli, as the effective n.
     """
     heldout = np.asarray(heldout, bool)
     p = prediction.transpose("channel", "stimulus").values
     y = mean.transpose("channel", "stimulus").values
+    n_ch = p.shape[0]
     r_pref, n_pref = pearson_rows(p[:, heldout], y[:, heldout])
     r_ooc, n_ooc = pearson_rows(p[:, ~heldout], y[:, ~heldout])
+    nan = np.full(n_ch, np.nan)
     if halves is not None:
-        r_half, n_half = pearson_rows(halves[0].transpose("channel", "stimulus").values,
-                                      halves[1].transpose("channel", "stimulus").values)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            reliability = spearman_brown(r_half)
+        h = [x.transpose("channel", "stimulus").values for x in halves]
+        reliability, n_half = split_half_reliability(h)
+        # within one category: the body/object difference in mean response no longer counts as signal
+        rel_pref, n_half_pref = split_half_reliability([x[:, heldout] for x in h])
+        rel_ooc, n_half_ooc = split_half_reliability([x[:, ~heldout] for x in h])
     else:
-        reliability = np.full(len(r_pref), np.nan)
-        n_half = np.zeros(len(r_pref), int)
+        reliability, rel_pref, rel_ooc = nan, nan, nan
+        n_half = n_half_pref = n_half_ooc = np.zeros(n_ch, int)
+    ceiling = noise_ceiling(rel_pref)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ceiled = r_pref / ceiling
+    ok_pair = np.isfinite(p) & np.isfinite(y)
+    if groups is not None:
+        eff_pref = count_groups(ok_pair[:, heldout], np.asarray(groups)[heldout])
+        eff_ooc = count_groups(ok_pair[:, ~heldout], np.asarray(groups)[~heldout])
+    else:
+        eff_pref, eff_ooc = n_pref, n_ooc
     ch = prediction["channel"].values
-    return xr.Dataset(
-        {"r_cv_preferred": ("channel", r_pref), "r_ooc": ("channel", r_ooc),
-         "reliability": ("channel", reliability),
-         "r_critical": ("channel", critical_r(n_pref, alpha)),
-         "r_critical_ooc": ("channel", critical_r(n_ooc, alpha)),
-         "n_preferred": ("channel", n_pref.astype(np.int64)), "n_ooc": ("channel", n_ooc.astype(np.int64)),
-         "n_reliability": ("channel", np.asarray(n_half, np.int64))},
-        coords={"channel": ch})
+    ds = xr.Dataset(
+        {
+            "r_cv_preferred": ("channel", r_pref),
+            "r_ooc": ("channel", r_ooc),
+            "reliability": ("channel", reliability),
+            "reliability_preferred": ("channel", rel_pref),
+            "reliability_ooc": ("channel", rel_ooc),
+            "ceiling_preferred": ("channel", ceiling),
+            "r_cv_preferred_ceiled": ("channel", ceiled),
+            "r_critical": ("channel", critical_r(eff_pref, alpha)),
+            "r_critical_ooc": ("channel", critical_r(eff_ooc, alpha)),
+            "n_preferred": ("channel", n_pref.astype(np.int64)),
+            "n_ooc": ("channel", n_ooc.astype(np.int64)),
+            "n_reliability": ("channel", np.asarray(n_half, np.int64)),
+            "n_reliability_preferred": ("channel", np.asarray(n_half_pref, np.int64)),
+            "n_reliability_ooc": ("channel", np.asarray(n_half_ooc, np.int64)),
+        },
+        coords={"channel": ch},
+        attrs={"r_critical_n": "groups" if groups is not None else "stimuli"},
+    )
+    if groups is not None:
+        ds["n_groups_preferred"] = ("channel", np.asarray(eff_pref, np.int64))
+        ds["n_groups_ooc"] = ("channel", np.asarray(eff_ooc, np.int64))
+    if category is not None:
+        cats = np.asarray(category).astype(str)
+        others = list(dict.fromkeys(cats[~heldout]))  # in order of first appearance
+        r_cat = np.full((n_ch, len(others)), np.nan)
+        n_cat = np.zeros((n_ch, len(others)), np.int64)
+        crit_cat = np.full((n_ch, len(others)), np.nan)
+        for j, c in enumerate(others):
+            m = cats == c
+            r_cat[:, j], n_cat[:, j] = pearson_rows(p[:, m], y[:, m])
+            eff = count_groups(ok_pair[:, m], np.asarray(groups)[m]) if groups is not None else n_cat[:, j]
+            crit_cat[:, j] = critical_r(eff, alpha)
+        dims = ("channel", "ooc_category")
+        ds = ds.assign_coords(ooc_category=("ooc_category", np.asarray(others, dtype=str)))
+        ds["r_by_category"] = (dims, r_cat)
+        ds["n_by_category"] = (dims, n_cat)
+        ds["r_critical_by_category"] = (dims, crit_cat)
+    return ds

@@ -18,6 +18,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pbv_onnx.method.methods import panel_label
+
 CMAP = "inferno"
 DPI = 150
 # Pair figure geometry in inches: four square panels, a colour bar, room for a two-line title.
@@ -25,24 +27,26 @@ PANEL_IN, GAP_IN, MARGIN_IN, TITLE_IN, LABEL_IN, CBAR_IN = 2.2, 0.12, 0.25, 0.62
 
 # matplotlib's 256-entry inferno table sampled at round(linspace(0, 255, 33)); linear
 # interpolation between these anchors reproduces it within 1.6/255 per channel.
-_INFERNO_ANCHORS = ("000004 040312 0b0724 150b37 210c4a 2f0a5b 3d0965 4a0c6b 57106e 64156e 71196e "
-                    "7d1e6d 8a226a 972766 a32c61 b0315b bc3754 c63d4d d04545 da4e3c e35933 eb6429 "
-                    "f1711f f67e14 f98c0a fb9b06 fcaa0f fbba1f f9c932 f5d949 f2e865 f3f586 fcffa4")
+_INFERNO_ANCHORS = (
+    "000004 040312 0b0724 150b37 210c4a 2f0a5b 3d0965 4a0c6b 57106e 64156e 71196e "
+    "7d1e6d 8a226a 972766 a32c61 b0315b bc3754 c63d4d d04545 da4e3c e35933 eb6429 "
+    "f1711f f67e14 f98c0a fb9b06 fcaa0f fbba1f f9c932 f5d949 f2e865 f3f586 fcffa4"
+)
 
 # zlib level for the PNGs: with the "Up" filter on every row and run-length matches, a pair figure
-# encodes in less than half the time of Pillow's encoder at level 3 (which tries all five filters on
-# each row) for files about 5 % larger; the figures, not the gradients, were most of a large
-# explain run's time.
+# encodes much faster than with Pillow's encoder (which tries all five filters on each row), for
+# slightly larger files; the figures, not the gradients, were most of a large explain run's time
+# (docs/performance.md).
 PNG_COMPRESSION = 1
 
 BLACK, WHITE = (0, 0, 0), (255, 255, 255)
-SUBTITLE_GREY = (64, 64, 64)      # matplotlib "0.25"
+SUBTITLE_GREY = (64, 64, 64)  # matplotlib "0.25"
 MEAN_OBJECT_GREY = (102, 102, 102)  # matplotlib "0.4"
 OBJECT_ORANGE, PREFERRED_BLUE = (224, 123, 26), (31, 95, 168)
 
 
 def _lut(anchors: str, n: int = 256) -> np.ndarray:
-    rgb = np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in anchors.split()], np.float64) / 255.0
+    rgb = np.array([[int(h[i : i + 2], 16) for i in (0, 2, 4)] for h in anchors.split()], np.float64) / 255.0
     at = np.round(np.linspace(0, n - 1, len(rgb)))
     return np.stack([np.interp(np.arange(n), at, rgb[:, c]) for c in range(3)], axis=1)
 
@@ -67,13 +71,13 @@ def overlay(image: np.ndarray, saliency_map: np.ndarray, vmax: float, cmap: str 
     Colour and opacity both grow with S / vmax, so zero saliency leaves the grey image and the same
     saliency value looks the same in every map drawn with the same vmax.
     """
-    # float32 throughout (half the time of float64; the same 8-bit pixels to within rounding)
+    # float32 throughout: faster than float64, the same 8-bit pixels to within rounding
     rgb = np.asarray(image, np.float32) / np.float32(255.0)
     grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
     base = (0.25 + 0.6 * grey)[..., None]  # lightened so dark colours stay visible
     t = np.clip(np.nan_to_num(np.asarray(saliency_map, np.float64) / vmax), 0.0, 1.0).astype(np.float32)
     heat = colormap(t, cmap)
-    alpha = (t ** 0.75)[..., None]  # faint values still show, yet zero stays transparent
+    alpha = (t**0.75)[..., None]  # faint values still show, yet zero stays transparent
     return (1 - alpha) * base + alpha * heat
 
 
@@ -119,8 +123,9 @@ def _run_width(runs: Sequence[Run], scale: int = 1) -> float:
     return sum(_font(pt, b, i, scale).getlength(t) for t, pt, b, i, _ in runs)
 
 
-def _draw_runs(draw: ImageDraw.ImageDraw, x: float, baseline: float, runs: Sequence[Run],
-               fill=BLACK, scale: int = 1) -> float:
+def _draw_runs(
+    draw: ImageDraw.ImageDraw, x: float, baseline: float, runs: Sequence[Run], fill=BLACK, scale: int = 1
+) -> float:
     """Draw runs left to right on one baseline; returns the x after the last."""
     for text, pt, bold, italic, shift in runs:
         font = _font(pt, bold, italic, scale)
@@ -167,7 +172,7 @@ def tick_labels(ticks: np.ndarray, sci: tuple[int, int] = (-2, 3)) -> tuple[list
         e = math.floor(math.log10(top))
         if e <= sci[0] or e >= sci[1]:
             exp = e
-    vals = np.asarray(ticks, np.float64) / 10.0 ** exp
+    vals = np.asarray(ticks, np.float64) / 10.0**exp
     step = float(np.min(np.diff(vals))) if len(vals) > 1 else 1.0
     decimals = 0
     while decimals < 6 and np.any(np.abs(vals - np.round(vals, decimals)) > 1e-6 * max(step, 1e-300)):
@@ -237,8 +242,8 @@ def png_bytes(rgb: np.ndarray, level: int = PNG_COMPRESSION) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits, truecolour, no interlace
-    # run-length matches only: on filtered figure rows 18% faster than zlib's default search, and
-    # the files 2% smaller
+    # run-length matches only: on filtered figure rows faster than zlib's default search, and the
+    # files smaller (docs/performance.md)
     z = zlib.compressobj(level, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
     data = z.compress(raw) + z.flush()
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
@@ -256,8 +261,9 @@ def _to_uint8(rgb: np.ndarray) -> np.ndarray:
     return np.clip(np.round(rgb * rgb.dtype.type(255.0)), 0, 255).astype(np.uint8)
 
 
-def _panel(canvas: Image.Image, draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int],
-           rgb: np.ndarray, label: str) -> None:
+def _panel(
+    canvas: Image.Image, draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], rgb: np.ndarray, label: str
+) -> None:
     """One image resampled (Lanczos) into its box, a hairline frame, its label below."""
     l, t, r, b = box
     img = Image.fromarray(np.ascontiguousarray(rgb))
@@ -266,8 +272,14 @@ def _panel(canvas: Image.Image, draw: ImageDraw.ImageDraw, box: tuple[int, int, 
     draw.text(((l + r) / 2, b + round(6 * DPI / 72)), label, font=_font(8), fill=BLACK, anchor="ma")
 
 
-def _colorbar(canvas: Image.Image, draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int],
-              vmax: float, label: Sequence[Run], cmap: str = CMAP) -> None:
+def _colorbar(
+    canvas: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    vmax: float,
+    label: Sequence[Run],
+    cmap: str = CMAP,
+) -> None:
     """A vertical colour bar for 0..vmax with ticks, an offset text where needed, and its label."""
     l, t, r, b = box
     h = b - t
@@ -291,32 +303,54 @@ def _colorbar(canvas: Image.Image, draw: ImageDraw.ImageDraw, box: tuple[int, in
     _paste_text(canvas, strip, (x, round((t + b) / 2 - strip.height / 2)))
 
 
-def save_pair_figure(dest: str | os.PathLike, ooc_image: np.ndarray, ref_image: np.ndarray,
-                     ooc_map: np.ndarray, ref_map: np.ndarray, vmax: float, *, channel: str,
-                     region: str = "", ooc: str = "", reference: str = "", similarity: float = float("nan"),
-                     recorded: tuple[float, float] = (float("nan"), float("nan")),
-                     predicted: tuple[float, float] = (float("nan"), float("nan")),
-                     method: str = "parallel", scale_note: str = "") -> Path:
+def save_pair_figure(
+    dest: str | os.PathLike,
+    ooc_image: np.ndarray,
+    ref_image: np.ndarray,
+    ooc_map: np.ndarray,
+    ref_map: np.ndarray,
+    vmax: float,
+    *,
+    channel: str,
+    region: str = "",
+    ooc: str = "",
+    reference: str = "",
+    similarity: float = float("nan"),
+    recorded: tuple[float, float] = (float("nan"), float("nan")),
+    predicted: tuple[float, float] = (float("nan"), float("nan")),
+    method: str = "parallel",
+    scale_note: str = "",
+) -> Path:
     """Write one pair figure; both overlays use the one colour scale `vmax` given."""
     vmax = float(vmax) if np.isfinite(vmax) and vmax > 0 else 1.0
     canvas = Image.new("RGB", pair_size(), WHITE)
     draw = ImageDraw.Draw(canvas)
     boxes = panel_boxes()
-    shared = "shared features" if method in ("parallel", "integrated") else method
-    for role, img, smap, label in (("ooc", ooc_image, ooc_map, f"object: {_short(ooc)}"),
-                                   ("reference", ref_image, ref_map, f"reference: {_short(reference)}")):
+    shared = panel_label(method)
+    for role, img, smap, label in (
+        ("ooc", ooc_image, ooc_map, f"object: {_short(ooc)}"),
+        ("reference", ref_image, ref_map, f"reference: {_short(reference)}"),
+    ):
         img = np.asarray(img, np.uint8)
         _panel(canvas, draw, boxes[role], img, label)
         _panel(canvas, draw, boxes[f"{role}_overlay"], _to_uint8(overlay(img, smap, vmax)), shared)
     sigma = "\u03a3" if _has_sigma(_font(7)) else "sum "
-    label: list[Run] = [(f"saliency {sigma}", 7, False, False, 0.0), ("c", 5, False, False, 0.25),
-                        ("|G|" + (f" ({scale_note})" if scale_note else ""), 7, False, False, 0.0)]
+    label: list[Run] = [
+        (f"saliency {sigma}", 7, False, False, 0.0),
+        ("c", 5, False, False, 0.25),
+        ("|G|" + (f" ({scale_note})" if scale_note else ""), 7, False, False, 0.0),
+    ]
     _colorbar(canvas, draw, boxes["colorbar"], vmax, label)
-    head: list[Run] = [("channel " + str(channel) + (f" ({region})" if region else "") + "    similarity ",
-                        10, True, False, 0.0), ("s", 10, True, True, 0.0), ("n", 7, True, True, 0.3),
-                       (f" = {format_number(similarity, 3)}", 10, True, False, 0.0)]
-    sub = (f"object: recorded {format_number(recorded[0])}, predicted {format_number(predicted[0])}    "
-           f"reference: recorded {format_number(recorded[1])}, predicted {format_number(predicted[1])}")
+    head: list[Run] = [
+        ("channel " + str(channel) + (f" ({region})" if region else "") + "    similarity ", 10, True, False, 0.0),
+        ("s", 10, True, True, 0.0),
+        ("n", 7, True, True, 0.3),
+        (f" = {format_number(similarity, 3)}", 10, True, False, 0.0),
+    ]
+    sub = (
+        f"object: recorded {format_number(recorded[0])}, predicted {format_number(predicted[0])}    "
+        f"reference: recorded {format_number(recorded[1])}, predicted {format_number(predicted[1])}"
+    )
     x0 = round(MARGIN_IN * DPI)
     _draw_runs(draw, x0, round(0.2 * DPI) + _font(10, True).getmetrics()[0], head)
     draw.text((x0, round(0.43 * DPI)), sub, font=_font(8), fill=SUBTITLE_GREY, anchor="la")
@@ -324,17 +358,24 @@ def save_pair_figure(dest: str | os.PathLike, ooc_image: np.ndarray, ref_image: 
 
 
 # -- the response panel -------------------------------------------------------------------
-def _dashed_hline(draw: ImageDraw.ImageDraw, x0: float, x1: float, y: float, width: int, fill,
-                  on: float, off: float) -> None:
+def _dashed_hline(
+    draw: ImageDraw.ImageDraw, x0: float, x1: float, y: float, width: int, fill, on: float, off: float
+) -> None:
     x = x0
     while x < x1:
         draw.line((x, y, min(x + on, x1), y), fill=fill, width=width)
         x += on + off
 
 
-def save_response_panel(dest: str | os.PathLike, channels: Sequence[str], regions: Sequence[str],
-                        objects: Sequence[Sequence[float]], mean_object: Sequence[float],
-                        mean_preferred: Sequence[float], preferred: str = "body") -> Path:
+def save_response_panel(
+    dest: str | os.PathLike,
+    channels: Sequence[str],
+    regions: Sequence[str],
+    objects: Sequence[Sequence[float]],
+    mean_object: Sequence[float],
+    mean_preferred: Sequence[float],
+    preferred: str = "body",
+) -> Path:
     """Fig. 3b: each channel's recorded responses to its explained objects (dots) against its mean
     response to all objects and to all preferred-category images (ticks)."""
     S = 2  # drawn at twice the size, then halved: smooth dots and lines without an antialiasing rasteriser
@@ -392,18 +433,31 @@ def save_response_panel(dest: str | os.PathLike, channels: Sequence[str], region
     lw = round(px(1.8))
     for i in range(n):
         if np.isfinite(mean_object[i]):
-            _dashed_hline(draw, X(i - 0.3), X(i + 0.3), Y(mean_object[i]), lw, MEAN_OBJECT_GREY,
-                          on=px(3.7 * 1.8), off=px(1.6 * 1.8))
+            _dashed_hline(
+                draw,
+                X(i - 0.3),
+                X(i + 0.3),
+                Y(mean_object[i]),
+                lw,
+                MEAN_OBJECT_GREY,
+                on=px(3.7 * 1.8),
+                off=px(1.6 * 1.8),
+            )
         if np.isfinite(mean_preferred[i]):
-            draw.line((X(i - 0.3), Y(mean_preferred[i]), X(i + 0.3), Y(mean_preferred[i])),
-                      fill=PREFERRED_BLUE, width=lw)
+            draw.line(
+                (X(i - 0.3), Y(mean_preferred[i]), X(i + 0.3), Y(mean_preferred[i])), fill=PREFERRED_BLUE, width=lw
+            )
     r_dot = px(math.sqrt(18)) / 2
     for i, vals in enumerate(objects):
         jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(len(vals))
         for dx, v in zip(jitter, vals):
             cx, cy = X(i + dx), Y(v)
-            draw.ellipse((cx - r_dot, cy - r_dot, cx + r_dot, cy + r_dot), fill=OBJECT_ORANGE,
-                         outline=WHITE, width=max(1, round(px(0.4))))
+            draw.ellipse(
+                (cx - r_dot, cy - r_dot, cx + r_dot, cy + r_dot),
+                fill=OBJECT_ORANGE,
+                outline=WHITE,
+                width=max(1, round(px(0.4))),
+            )
 
     spine = max(1, round(px(0.8)))
     x_axis, y_axis = top + plot_h, left
@@ -422,10 +476,18 @@ def save_response_panel(dest: str | os.PathLike, channels: Sequence[str], region
             strip = _rotated_runs([(text.replace("\n", " "), 7, False, False, 0.0)], scale=S)
             _paste_text(canvas, strip, (round(x - strip.width / 2), round(x_axis + tick_len + pad)))
         else:
-            draw.multiline_text((x, x_axis + tick_len + pad), text, font=tick_font, fill=BLACK, anchor="ma",
-                                align="center", spacing=px(1))
-    draw.text((left + plot_w / 2, x_axis + tick_len + pad + xl_h + px(4)), "channel", font=label_font,
-              fill=BLACK, anchor="ma")
+            draw.multiline_text(
+                (x, x_axis + tick_len + pad),
+                text,
+                font=tick_font,
+                fill=BLACK,
+                anchor="ma",
+                align="center",
+                spacing=px(1),
+            )
+    draw.text(
+        (left + plot_w / 2, x_axis + tick_len + pad + xl_h + px(4)), "channel", font=label_font, fill=BLACK, anchor="ma"
+    )
     strip = _rotated_runs([("recorded response", 8, False, False, 0.0)], scale=S)
     _paste_text(canvas, strip, (round(px(6)), round(top + plot_h / 2 - strip.height / 2)))
 
@@ -435,8 +497,12 @@ def save_response_panel(dest: str | os.PathLike, channels: Sequence[str], region
     for (kind, text), w in zip(items, widths):
         if kind == "dot":
             cx = x + key_w / 2
-            draw.ellipse((cx - r_dot, y - r_dot, cx + r_dot, y + r_dot), fill=OBJECT_ORANGE, outline=WHITE,
-                         width=max(1, round(px(0.4))))
+            draw.ellipse(
+                (cx - r_dot, y - r_dot, cx + r_dot, y + r_dot),
+                fill=OBJECT_ORANGE,
+                outline=WHITE,
+                width=max(1, round(px(0.4))),
+            )
         elif kind == "dash":
             _dashed_hline(draw, x, x + key_w, y, lw, MEAN_OBJECT_GREY, on=px(3.7 * 1.8), off=px(1.6 * 1.8))
         else:

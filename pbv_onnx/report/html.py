@@ -13,14 +13,24 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from pbv_onnx.report import figures
 from pbv_onnx.base.atomic import atomic_dir
-from pbv_onnx.runtime.images import Preprocessing, display_image, load_image
-from pbv_onnx.method.filters import gaussian_smooth
+from pbv_onnx.base.errors import UsageError
 from pbv_onnx.method.display import shared_vmax
+from pbv_onnx.method.filters import gaussian_smooth
+from pbv_onnx.method.methods import describe
+from pbv_onnx.report import figures
+from pbv_onnx.runtime.images import Preprocessing, display_image, load_image
 
 SCALES = ("run", "channel", "pair")
 NETCDF = "explanations.nc"
+
+
+def check_display(smooth: float = 0.0, scale: str = "run") -> None:
+    """UsageError for a display option a report cannot draw (checked before any computation)."""
+    if scale not in SCALES:
+        raise UsageError(None, f"scale must be one of {', '.join(SCALES)}, not {scale!r}", param="scale")
+    if not smooth >= 0:
+        raise UsageError(None, f"smooth must be non-negative, not {smooth}", param="smooth")
 
 
 def display_maps(ds: xr.Dataset, smooth: float = 0.0) -> np.ndarray:
@@ -56,18 +66,25 @@ def _slug(text: str, n: int = 40) -> str:
 
 
 def pair_filename(ds: xr.Dataset, i: int) -> str:
-    return (f"pairs/{i:04d}_ch-{_slug(str(ds['channel'].values[i]))}"
-            f"_{_slug(str(ds['ooc'].values[i]))}.png")
+    return f"pairs/{i:04d}_ch-{_slug(str(ds['channel'].values[i]))}_{_slug(str(ds['ooc'].values[i]))}.png"
 
 
-def write_output(ds: xr.Dataset, out: str | os.PathLike, summary: xr.Dataset | None = None,
-                 smooth: float = 0.0, scale: str = "run", force: bool = False, progress: bool = False) -> Path:
+def write_output(
+    ds: xr.Dataset,
+    out: str | os.PathLike,
+    summary: xr.Dataset | None = None,
+    smooth: float = 0.0,
+    scale: str = "run",
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
     """Write the whole output folder atomically: nothing appears unless everything was written.
 
-    `progress`: a bar over the pair figures on a terminal (about 30 ms each on two cores, the
-    largest part of a big run after the gradients)."""
+    `progress`: a bar over the pair figures on a terminal (the largest part of a big run after the
+    gradients)."""
     from tqdm.auto import tqdm
 
+    check_display(smooth, scale)
     spec = Preprocessing.from_dict(json.loads(ds.attrs["preprocessing"]))
     maps = display_maps(ds, smooth)
     vmax = colour_scales(ds, maps, scale)
@@ -83,13 +100,22 @@ def write_output(ds: xr.Dataset, out: str | os.PathLike, summary: xr.Dataset | N
         imgs = [shown[str(ds[f"{r}_file"].values[i])] for r in ("ooc", "reference")]
         name = pair_filename(ds, i)
         figures.save_pair_figure(
-            tmp / name, imgs[0], imgs[1], maps[i, 0], maps[i, 1], float(vmax[i]),
-            channel=str(ds["channel"].values[i]), region=str(ds["region"].values[i]),
-            ooc=str(ds["ooc"].values[i]), reference=str(ds["reference"].values[i]),
+            tmp / name,
+            imgs[0],
+            imgs[1],
+            maps[i, 0],
+            maps[i, 1],
+            float(vmax[i]),
+            channel=str(ds["channel"].values[i]),
+            region=str(ds["region"].values[i]),
+            ooc=str(ds["ooc"].values[i]),
+            reference=str(ds["reference"].values[i]),
             similarity=float(ds["similarity"].values[i]),
             recorded=(float(ds["recorded_ooc"].values[i]), float(ds["recorded_reference"].values[i])),
             predicted=(float(ds["predicted_ooc"].values[i]), float(ds["predicted_reference"].values[i])),
-            method=str(ds["method"].values[i]), scale_note=f"{scale} scale")
+            method=str(ds["method"].values[i]),
+            scale_note=f"{scale} scale",
+        )
         return name
 
     with atomic_dir(out, force) as tmp:
@@ -101,8 +127,14 @@ def write_output(ds: xr.Dataset, out: str | os.PathLike, summary: xr.Dataset | N
             drawn = [pool.submit(draw, tmp, i) for i in range(ds.sizes["pair"])]
             ds.to_netcdf(tmp / NETCDF, engine="h5netcdf")
             files = []
-            with tqdm(total=len(drawn), desc="figures", unit="pair", file=sys.stderr, dynamic_ncols=True,
-                      disable=None if progress else True) as bar:
+            with tqdm(
+                total=len(drawn),
+                desc="figures",
+                unit="pair",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                disable=None if progress else True,
+            ) as bar:
                 for f in drawn:
                     files.append(f.result())
                     bar.update(1)
@@ -127,15 +159,21 @@ def _response_panel(ds: xr.Dataset, summary: xr.Dataset | None, folder: Path) ->
         seen = dict(zip(ds["ooc"].values[sel], ds["recorded_ooc"].values[sel]))
         objects.append(list(seen.values()))
     name = "responses.png"
-    figures.save_response_panel(folder / name, chans,
-                                [str(summary["region"].values[i]) for i in idx], objects,
-                                summary["mean_object"].values[idx], summary["mean_preferred"].values[idx],
-                                preferred=str(summary.attrs.get("preferred_category", "preferred")))
+    figures.save_response_panel(
+        folder / name,
+        chans,
+        [str(summary["region"].values[i]) for i in idx],
+        objects,
+        summary["mean_object"].values[idx],
+        summary["mean_preferred"].values[idx],
+        preferred=str(summary.attrs.get("preferred_category", "preferred")),
+    )
     return name
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+ color:#222;padding:0 1em}
 h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
 h3{font-size:1em;margin:1.4em 0 .4em}table{border-collapse:collapse;font-size:.85em}
 td,th{padding:.15em .8em .15em 0;text-align:left;vertical-align:top}
@@ -155,25 +193,36 @@ def render_index(ds: xr.Dataset, files: list[str], panel: str | None) -> str:
         r = regions[ds["channel"].values.astype(str) == c][0] or "(no region)"
         by_region.setdefault(r, []).append(c)
     opts = json.loads(a.get("options", "{}"))
-    rows = [("model", f"{a['arch']} cut at {a['layer']} (sha256 {a['model_sha256'][:12]}\u2026)"),
-            ("method", a["method"]), ("readouts", a["readouts"]), ("responses", a["responses"]),
-            ("preferred category", a["preferred_category"]),
-            ("colour scale", f"{a['display_scale']} (shared by both maps of a pair; never per image)"),
-            ("display smoothing", f"Gaussian sigma {a['display_smooth_sigma']} px (display only)"),
-            ("pairs", str(ds.sizes["pair"]))] + [(k, str(v)) for k, v in opts.items()]
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           "<title>pbv-onnx explanations</title>", f"<style>{_CSS}</style></head><body>",
-           "<h1>Shared-feature explanations</h1>",
-           '<p class="meta">Each figure: the object, its saliency map, the most similar preferred-category '
-           "reference and its map. Maps are the summed absolute input gradients of the channel's "
-           "similarity-weighted features; both maps of a pair share one colour scale.</p>",
-           "<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows) + "</table>",
-           f'<p><a href="{NETCDF}">{NETCDF}</a> (raw input gradients and maps)</p>']
+    rows = [
+        ("model", f"{a['arch']} cut at {a['layer']} (sha256 {a['model_sha256'][:12]}\u2026)"),
+        ("weights", a.get("weights", "not recorded")),
+        ("method", describe(a)),
+        ("readouts", a["readouts"]),
+        ("responses", a["responses"]),
+        ("preferred category", a["preferred_category"]),
+        ("colour scale", f"{a['display_scale']} (shared by both maps of a pair; never per image)"),
+        ("display smoothing", f"Gaussian sigma {a['display_smooth_sigma']} px (display only)"),
+        ("pairs", str(ds.sizes["pair"])),
+    ] + [(k, "-" if v is None else str(v)) for k, v in opts.items()]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        "<title>pbv-onnx explanations</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Shared-feature explanations</h1>",
+        '<p class="meta">Each figure: the object, its saliency map, the most similar preferred-category '
+        "reference and its map. Maps are the summed absolute input gradients of the channel's "
+        "similarity-weighted features; both maps of a pair share one colour scale.</p>",
+        "<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows) + "</table>",
+        f'<p><a href="{NETCDF}">{NETCDF}</a> (raw input gradients and maps)</p>',
+    ]
     if panel:
-        out += ["<h2>Recorded responses</h2>",
-                f'<figure><a href="{e(panel)}"><img src="{e(panel)}" alt="recorded responses"></a>'
-                "<figcaption>Recorded responses to the explained objects (dots) against each channel's "
-                "mean response to all objects and to all preferred-category images.</figcaption></figure>"]
+        out += [
+            "<h2>Recorded responses</h2>",
+            f'<figure><a href="{e(panel)}"><img src="{e(panel)}" alt="recorded responses"></a>'
+            "<figcaption>Recorded responses to the explained objects (dots) against each channel's "
+            "mean response to all objects and to all preferred-category images.</figcaption></figure>",
+        ]
     out.append("<nav>" + " ".join(f'<a href="#region-{e(_slug(r))}">{e(r)}</a>' for r in by_region) + "</nav>")
     for r, cs in by_region.items():
         out.append(f'<h2 id="region-{e(_slug(r))}">Region {e(r)}</h2>')
@@ -181,12 +230,17 @@ def render_index(ds: xr.Dataset, files: list[str], panel: str | None) -> str:
             out.append(f'<h3 id="channel-{e(_slug(c))}">Channel {e(c)}</h3>')
             for i in np.flatnonzero(ds["channel"].values.astype(str) == c):
                 f = files[i]
-                cap = (f"object {e(str(ds['ooc'].values[i]))} \u2192 reference {e(str(ds['reference'].values[i]))}; "
-                       f"similarity {figures.format_number(float(ds['similarity'].values[i]), 3)}; recorded "
-                       f"{figures.format_number(float(ds['recorded_ooc'].values[i]))} / {figures.format_number(float(ds['recorded_reference'].values[i]))}, "
-                       f"predicted {figures.format_number(float(ds['predicted_ooc'].values[i]))} / "
-                       f"{figures.format_number(float(ds['predicted_reference'].values[i]))} (object / reference)")
-                out.append(f'<figure><a href="{e(f)}"><img src="{e(f)}" alt="pair {i}" loading="lazy"></a>'
-                           f"<figcaption>{cap}</figcaption></figure>")
+                cap = (
+                    f"object {e(str(ds['ooc'].values[i]))} \u2192 reference {e(str(ds['reference'].values[i]))}; "
+                    f"similarity {figures.format_number(float(ds['similarity'].values[i]), 3)}; recorded "
+                    f"{figures.format_number(float(ds['recorded_ooc'].values[i]))} / "
+                    f"{figures.format_number(float(ds['recorded_reference'].values[i]))}, "
+                    f"predicted {figures.format_number(float(ds['predicted_ooc'].values[i]))} / "
+                    f"{figures.format_number(float(ds['predicted_reference'].values[i]))} (object / reference)"
+                )
+                out.append(
+                    f'<figure><a href="{e(f)}"><img src="{e(f)}" alt="pair {i}" loading="lazy"></a>'
+                    f"<figcaption>{cap}</figcaption></figure>"
+                )
     out.append("</body></html>")
     return "\n".join(out)

@@ -11,12 +11,33 @@ import numpy as np
 
 from pbv_onnx.base.errors import DependencyError, ModelError, UsageError
 from pbv_onnx.runtime.fp16 import PRECISIONS, to_fp16
-from pbv_onnx.runtime.modelfile import (COTANGENT, COTANGENTS, FEATURES, IMAGE, INPUT_GRAD, INPUT_GRADS, MULTI_COTANGENT,
-                                        features_subgraph, has_split_passes, multi_subgraph, read_info, read_model,
-                                        vjp_subgraph)
 from pbv_onnx.runtime.layout import blocked_products, sample_shapes
-from pbv_onnx.runtime.sessions import (Rewrite, choose_providers, create_session, preload_cuda_libraries,
-                                       provider_name, quiet_cuda_log, session_options, with_cuda_options)
+from pbv_onnx.runtime.modelfile import (
+    COTANGENT,
+    COTANGENTS,
+    FEATURES,
+    IMAGE,
+    INPUT_GRAD,
+    INPUT_GRADS,
+    MULTI_COTANGENT,
+    features_subgraph,
+    has_split_passes,
+    multi_subgraph,
+    read_info,
+    read_model,
+    vjp_subgraph,
+)
+from pbv_onnx.runtime.sessions import (
+    Rewrite,
+    choose_providers,
+    create_session,
+    preload_cuda_libraries,
+    provider_name,
+    quiet_cuda_log,
+    session_options,
+    with_cuda_options,
+)
+
 # The rewrite of the K-per-image graph's optimised form (layout.py), versioned: its cache key.
 BLOCKED_PRODUCTS = "blocked-products-1"
 
@@ -28,20 +49,26 @@ class Engine:
     `precision="fp16"` (CUDA only) runs a float16 copy of the graph; compare it with fp32 before
     trusting it (bench/gpu_check.py does). `cuda_options` override the CUDA provider's options
     (sessions.CUDA_OPTIONS). `io_binding` feeds and fetches through an IO binding instead of a
-    plain run; by default (None) where the session runs on CUDA (H200 runs found it 1-9% faster,
-    later ones 3-32% slower, partly an artefact of engine order: bench/gpu_check.py times both),
-    not on the CPU provider. `fixed_shapes` pads every call to a few fixed input shapes, one
-    session per shape (`pads`); by default where the session runs on CUDA, whose provider plans its
-    convolutions again whenever a session's input shape changes. Each session has its own GPU
-    memory arena.
+    plain run; by default (None) where the session runs on CUDA, not on the CPU provider (its
+    speed on CUDA is measured both ways by bench/gpu_check.py; results: docs/performance.md).
+    `fixed_shapes` pads every call to a few fixed input shapes, one session per shape (`pads`); by
+    default where the session runs on CUDA, whose provider plans its convolutions again whenever a
+    session's input shape changes. Each session has its own GPU memory arena.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 16,
-                 threads: int | None = None, precision: str = "fp32",
-                 cuda_options: dict[str, str] | None = None, io_binding: bool | None = None,
-                 fixed_shapes: bool | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        device: str = "auto",
+        batch_size: int = 16,
+        threads: int | None = None,
+        precision: str = "fp32",
+        cuda_options: dict[str, str] | None = None,
+        io_binding: bool | None = None,
+        fixed_shapes: bool | None = None,
+    ):
         if batch_size < 1:
-            raise UsageError(None, f"--batch-size must be at least 1, not {batch_size}")
+            raise UsageError(None, f"batch_size must be at least 1, not {batch_size}", param="batch_size")
         if precision not in PRECISIONS:
             raise UsageError(None, f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         self.path = Path(path)
@@ -56,7 +83,7 @@ class Engine:
         self.multi = self._split or bool(self.info.metadata.get(MULTI_COTANGENT, False))
         self._providers = with_cuda_options(choose_providers(device), cuda_options)
         if precision == "fp16" and provider_name(self._providers[0]) != "CUDAExecutionProvider":
-            raise UsageError(None, "precision fp16 needs the CUDA provider (--device cuda)")
+            raise UsageError(None, "precision fp16 needs the CUDA provider (device=cuda)", param="device")
         self.precision = precision
         self._options = session_options(threads)
         if precision == "fp16":
@@ -79,7 +106,7 @@ class Engine:
         if self._split and INPUT_GRADS not in names:
             raise ModelError(self.path, f"graph has a {COTANGENTS!r} input but no {INPUT_GRADS!r} output")
         # Sessions are made on first use: `features`, `fit` and `predict` never build the gradient
-        # graph's session (2.6 s for resnet50 before the session cache holds it).
+        # graph's session, the slowest to make (docs/performance.md).
         self._device = device
         self._vjp_source = (lambda: vjp_subgraph(self._proto).SerializeToString()) if self._split else source
         self._vjp_sess = None
@@ -107,9 +134,14 @@ class Engine:
         self._on_cuda = sess.get_providers()[0] == "CUDAExecutionProvider"
         if self._device == "cuda" and not self._on_cuda:
             # onnxruntime falls back to the CPU when the CUDA provider cannot load
-            raise DependencyError(self.path, "--device cuda: onnxruntime's CUDA provider did not load ("
-                                  + (self._cuda_missing or "no usable NVIDIA GPU and driver?") + "); CUDA and "
-                                  "cuDNN come with pip install 'onnxruntime-gpu[cuda,cudnn]'; or use --device cpu")
+            raise DependencyError(
+                self.path,
+                "device=cuda: onnxruntime's CUDA provider did not load ("
+                + (self._cuda_missing or "no usable NVIDIA GPU and driver?")
+                + "); CUDA and "
+                "cuDNN come with pip install 'onnxruntime-gpu[cuda,cudnn]'; or use device=cpu",
+                param="device",
+            )
         return sess, status
 
     @property
@@ -144,15 +176,18 @@ class Engine:
             written["graph"] = multi_subgraph(self._proto)
             return written["graph"].SerializeToString()
 
-        rewrite = Rewrite(BLOCKED_PRODUCTS, self._multi_probe,
-                          lambda optimised: blocked_products(optimised, sample_shapes(written["graph"])))
+        rewrite = Rewrite(
+            BLOCKED_PRODUCTS,
+            self._multi_probe,
+            lambda optimised: blocked_products(optimised, sample_shapes(written["graph"])),
+        )
         return self._session(source, "multi", rewrite)[0]
 
     def _multi_for(self, images: int, per_image: int):
         """The K-per-image session for calls of `images` x `per_image` cotangents: where calls are
         padded, one session per such shape, so that no session ever sees a second input shape (on
-        CUDA a session fed alternating shapes planned its convolutions again at each change: 1.4 s
-        per mobilenet_v2 call on an H200, against 14 ms with one shape per session). Models exported
+        CUDA a session fed alternating shapes plans its convolutions again at each change, which costs
+        far more than the call; docs/performance.md). Models exported
         before the passes were split run both layouts in their one session."""
         sess = self._multi
         if not (self.pads and self._split):
@@ -167,8 +202,10 @@ class Engine:
         a product that paired a gradient with another image's mask shows), one cotangent each (the
         rewrite leaves the [N, K] views as they are; the probe is most of the rewrite's cost)."""
         rng = np.random.default_rng(0)
-        return {IMAGE: rng.standard_normal((2, *self.info.input_shape)).astype(np.float32),
-                COTANGENTS: rng.standard_normal((2, *self.info.feature_shape)).astype(np.float32)}
+        return {
+            IMAGE: rng.standard_normal((2, *self.info.input_shape)).astype(np.float32),
+            COTANGENTS: rng.standard_normal((2, *self.info.feature_shape)).astype(np.float32),
+        }
 
     @property
     def cache(self) -> str:
@@ -198,10 +235,10 @@ class Engine:
     def _padded(self, rows: np.ndarray, *lead: int) -> np.ndarray:
         """`rows` zero-padded to `lead` along its leading axes where calls are padded (`pads`), else
         as is."""
-        if not self.pads or rows.shape[:len(lead)] == lead:
+        if not self.pads or rows.shape[: len(lead)] == lead:
             return rows
-        out = np.zeros((*lead, *rows.shape[len(lead):]), rows.dtype)
-        out[tuple(slice(0, n) for n in rows.shape[:len(lead)])] = rows
+        out = np.zeros((*lead, *rows.shape[len(lead) :]), rows.dtype)
+        out[tuple(slice(0, n) for n in rows.shape[: len(lead)])] = rows
         return out
 
     @property
@@ -219,7 +256,9 @@ class Engine:
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.float32)
         if images.ndim != 4 or images.shape[1:] != self.info.input_shape:
-            raise UsageError(None, f"images must be [N, {', '.join(map(str, self.info.input_shape))}], got {list(images.shape)}")
+            raise UsageError(
+                None, f"images must be [N, {', '.join(map(str, self.info.input_shape))}], got {list(images.shape)}"
+            )
         return images
 
     def _check_cotangents(self, cotangents: np.ndarray, n: int) -> np.ndarray:
@@ -232,14 +271,25 @@ class Engine:
         return cotangents
 
     # -- compute --------------------------------------------------------------------------
+    def preprocess(self, images) -> np.ndarray:
+        """Image files, PIL images or HxWx3 uint8 arrays (one or many) -> float32 [N, 3, H, W], as
+        the model's recorded preprocessing makes them."""
+        from pbv_onnx.runtime.images import preprocess_images
+
+        return preprocess_images(images, self.info.preprocessing)
+
     def features(self, images: np.ndarray) -> np.ndarray:
-        """Latent features [N, *feature_shape] of preprocessed images [N, 3, H, W]."""
+        """Flattened latent features [N, D], D = prod(feature_shape), of preprocessed images [N, 3, H, W]."""
+        return self.feature_maps(images).reshape(len(images), -1)
+
+    def feature_maps(self, images: np.ndarray) -> np.ndarray:
+        """Latent features in the layer's own shape [N, *feature_shape] of preprocessed images [N, 3, H, W]."""
         images = self._check_images(images)
         sess, bs = self._forward_session(), self.batch_size
         out = []
         for i in range(0, len(images), bs):
-            chunk = images[i:i + bs]
-            out.append(self._run(sess, [FEATURES], {IMAGE: self._padded(chunk, bs)})[0][:len(chunk)])
+            chunk = images[i : i + bs]
+            out.append(self._run(sess, [FEATURES], {IMAGE: self._padded(chunk, bs)})[0][: len(chunk)])
         if not out:
             return np.empty((0, *self.info.feature_shape), np.float32)
         return out[0] if len(out) == 1 else np.concatenate(out)  # one call: no copy
@@ -262,23 +312,27 @@ class Engine:
         feats, grads = [], []
         sess, bs = self._vjp, self.batch_size
         for i in range(0, len(images), bs):
-            chunk, cot = images[i:i + bs], cotangents[i:i + bs]
-            f, g = self._run(sess, [FEATURES, INPUT_GRAD], {IMAGE: self._padded(chunk, bs),
-                                                            COTANGENT: self._padded(cot, bs)})
-            feats.append(f[:len(chunk)])
-            grads.append(g[:len(chunk)])
+            chunk, cot = images[i : i + bs], cotangents[i : i + bs]
+            f, g = self._run(
+                sess, [FEATURES, INPUT_GRAD], {IMAGE: self._padded(chunk, bs), COTANGENT: self._padded(cot, bs)}
+            )
+            feats.append(f[: len(chunk)])
+            grads.append(g[: len(chunk)])
         if not feats:
-            return (np.empty((0, *self.info.feature_shape), np.float32),
-                    np.empty((0, *self.info.input_shape), np.float32))
+            return (
+                np.empty((0, *self.info.feature_shape), np.float32),
+                np.empty((0, *self.info.input_shape), np.float32),
+            )
         if len(feats) == 1:  # one call: onnxruntime's own arrays, no copy
             return feats[0], grads[0]
         return np.concatenate(feats), np.concatenate(grads)
 
-    def _vjp_grouped(self, images: np.ndarray, cotangents: np.ndarray,
-                     groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def _vjp_grouped(
+        self, images: np.ndarray, cotangents: np.ndarray, groups: list[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """vjp() for rows grouped by identical image: one vjp_multi call per group size, and the
-        images seen once through the one-per-image pass (in the K-per-image pass at K = 1, 8 images
-        of mobilenet_v2 took 8% longer)."""
+        images seen once through the one-per-image pass, which is faster for them than the
+        K-per-image pass at K = 1 (docs/performance.md)."""
         feats = np.empty((len(images), *self.info.feature_shape), np.float32)
         grads = np.empty((len(images), *self.info.input_shape), np.float32)
         for k in sorted({len(g) for g in groups}):
@@ -311,35 +365,38 @@ class Engine:
         K = cot.shape[1]
         grads = np.empty((n, K, *self.info.input_shape), np.float32)
         if K == 0 or n == 0:
-            return self.features(images), grads
+            return self.feature_maps(images), grads
         if not self.multi:
             f, g = self._vjp_rows(np.repeat(images, K, axis=0), cot.reshape(n * K, *fs))
             return f[::K], g.reshape(grads.shape)
         feats = np.empty((n, *fs), np.float32)
         self._multi  # noqa: B018  (the first session decides where calls are padded)
-        kc = min(K, self.batch_size)             # cotangents per image per call
-        if self.pads:                            # a power of two: at most log2(batch_size) + 1 shapes
+        kc = min(K, self.batch_size)  # cotangents per image per call
+        if self.pads:  # a power of two: at most log2(batch_size) + 1 shapes
             kc = min(1 << (kc - 1).bit_length(), self.batch_size)
-        ni = max(1, self.batch_size // kc)       # images per call
+        ni = max(1, self.batch_size // kc)  # images per call
         sess = self._multi_for(ni, kc)
         cot_in, grad_out = (COTANGENTS, INPUT_GRADS) if self._split else (COTANGENT, INPUT_GRAD)
         for i in range(0, n, ni):
             for j in range(0, K, kc):
-                c = cot[i:i + ni, j:j + kc]
+                c = cot[i : i + ni, j : j + kc]
                 m, k = c.shape[:2]
                 fed = self._padded(c, ni, kc)
-                f, g = self._run(sess, [FEATURES, grad_out],
-                                 {IMAGE: self._padded(images[i:i + ni], ni), cot_in: fed.reshape(-1, *fs)})
-                feats[i:i + m] = f[:m]
-                grads[i:i + m, j:j + k] = g.reshape(*fed.shape[:2], *self.info.input_shape)[:m, :k]
+                f, g = self._run(
+                    sess,
+                    [FEATURES, grad_out],
+                    {IMAGE: self._padded(images[i : i + ni], ni), cot_in: fed.reshape(-1, *fs)},
+                )
+                feats[i : i + m] = f[:m]
+                grads[i : i + m, j : j + k] = g.reshape(*fed.shape[:2], *self.info.input_shape)[:m, :k]
         return feats, grads
 
 
 def duplicate_groups(images: np.ndarray) -> list[np.ndarray]:
     """Row indices grouped by identical image (bitwise), in order of first appearance.
 
-    Rows are bucketed by a hash of every 61st value (hashing whole 224x224 images cost 10 ms per 8,
-    several per cent of a small model's VJP); rows in one bucket are compared in full, so equal
+    Rows are bucketed by a hash of every 61st value (hashing whole images costs several per cent of
+    a small model's VJP; docs/performance.md); rows in one bucket are compared in full, so equal
     samples of different images only cost a comparison, never a wrong group."""
     buckets: dict[bytes, list[list[int]]] = {}
     out: list[list[int]] = []

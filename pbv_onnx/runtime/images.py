@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pbv_onnx.base.errors import InputDataError
+from pbv_onnx.base.errors import InputDataError, UsageError
 
 # Stimulus photographs are at most a few megapixels; anything far larger is refused as a
 # possible decompression bomb before Pillow allocates it.
@@ -42,18 +42,24 @@ class Preprocessing:
         return tuple(self.resize)
 
     def to_dict(self) -> dict:
-        return {"resize": self.resize if isinstance(self.resize, int) else list(self.resize),
-                "crop": None if self.crop is None else list(self.crop),
-                "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
+        return {
+            "resize": self.resize if isinstance(self.resize, int) else list(self.resize),
+            "crop": None if self.crop is None else list(self.crop),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
         resize = d["resize"]
-        return cls(resize=resize if isinstance(resize, int) else tuple(resize),
-                   crop=None if d.get("crop") is None else tuple(d["crop"]),
-                   mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
-                   interpolation=d.get("interpolation", "bilinear"))
+        return cls(
+            resize=resize if isinstance(resize, int) else tuple(resize),
+            crop=None if d.get("crop") is None else tuple(d["crop"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            interpolation=d.get("interpolation", "bilinear"),
+        )
 
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
@@ -77,8 +83,9 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.I
     except InputDataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputDataError(path, f"image claims more pixels than the limit of {max_pixels} "
-                             "(refused as a possible decompression bomb)") from None
+        raise InputDataError(
+            path, f"image claims more pixels than the limit of {max_pixels} (refused as a possible decompression bomb)"
+        ) from None
     except UnidentifiedImageError as exc:
         raise InputDataError(path, f"not a readable image ({exc.__class__.__name__})") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -126,6 +133,65 @@ def load_batch(paths: Sequence[str | os.PathLike], spec: Preprocessing) -> np.nd
     return out
 
 
+def as_rgb(image: str | os.PathLike | Image.Image | np.ndarray) -> Image.Image:
+    """An image file, a PIL image or an HxWx3 uint8 array as an RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise UsageError(
+                None, f"an image array must be HxWx3 uint8, got {list(image.shape)} {image.dtype}", param="images"
+            )
+        return Image.fromarray(image, "RGB")
+    return load_image(image)
+
+
+def preprocess_images(images, spec: Preprocessing) -> np.ndarray:
+    """Image files, PIL images or HxWx3 uint8 arrays (one, a list, or an [N, H, W, 3] uint8 array)
+    -> float32 [N, 3, H, W]."""
+    one = isinstance(images, (str, os.PathLike, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim == 3)
+    items = [images] if one else list(images)
+    H, W = spec.input_size
+    out = np.empty((len(items), 3, H, W), np.float32)
+    for i, item in enumerate(items):
+        out[i] = preprocess(as_rgb(item), spec)
+    return out
+
+
 def display_image(image: Image.Image, spec: Preprocessing) -> np.ndarray:
     """The uint8 [H, W, 3] crop the network sees, for overlays."""
     return np.asarray(_geometry(image, spec), dtype=np.uint8)
+
+
+# -- real photographs for checks (the export's verification, benchmarks) and the demo --------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# scikit-image's colour photographs that ship inside its package (no download)
+SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+
+
+def default_shared() -> Path:
+    """`../shared/images` beside the repository root (present on the project's machines only)."""
+    return Path(__file__).resolve().parents[2].parent / "shared" / "images"
+
+
+def shared_photos(folder: Path | None = None) -> list[Path]:
+    """The photographs in `folder` (default `default_shared()`), sorted; [] where there are none."""
+    folder = default_shared() if folder is None else Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def sample_photos() -> list[Path]:
+    """SAMPLE_PHOTOS from the installed scikit-image package; [] without it."""
+    try:
+        import skimage.data
+    except ImportError:
+        return []
+    folder = Path(skimage.data.__file__).parent
+    return [folder / name for name in SAMPLE_PHOTOS if (folder / name).is_file()]
+
+
+def real_photos(folder: Path | None = None) -> list[Path]:
+    """Real photographs to check a model on: `shared_photos(folder)`, else `sample_photos()`."""
+    return shared_photos(folder) or sample_photos()

@@ -5,8 +5,8 @@ onnxruntime's CPU provider runs convolutions in a blocked layout (NCHWc: channel
 The K-per-image backward pass multiplies each gradient [N*K, C, H, W] by a mask [N, C, H, W]
 through [N, K, C, H, W] and [N, 1, C, H, W] views, so onnxruntime converts the gradient out of the
 blocked layout before every mask product, and back after it; a residual sum that reads such a
-product is then computed in the plain layout too, and so is the next product. On mobilenet_v2, 16
-cotangents for one image, those conversions were a third of the call.
+product is then computed in the plain layout too, and so is the next product. Those conversions
+were a large share of the call (docs/performance.md).
 
 They are not needed. When C is a whole number of blocks, the blocked layout of a [C, H, W] sample
 is a fixed permutation of its values, the same for every tensor of that shape, and an elementwise
@@ -93,13 +93,13 @@ def blocked_products(model, shapes: dict[str, tuple[int, ...]]) -> int:
         shape = shapes.get(name)
         return shape[0] if shape and len(shape) == 3 and shape[0] % BLOCK == 0 else None
 
-    blocked: dict[str, str] = {}   # plain tensor -> the same values in the blocked layout
-    converted: set[str] = set()    # tensors now computed blocked under their plain name
+    blocked: dict[str, str] = {}  # plain tensor -> the same values in the blocked layout
+    converted: set[str] = set()  # tensors now computed blocked under their plain name
     dropped: set[int] = set()
     after: dict[int, list] = defaultdict(list)  # id(node) -> ReorderOutputs placed after it
     before: dict[int, list] = defaultdict(list)  # id(node) -> ReorderInputs placed before it
     plain_copy: dict[str, str] = {}
-    alias: dict[str, str] = {}     # output of a dropped ReorderInput -> the blocked tensor it copied
+    alias: dict[str, str] = {}  # output of a dropped ReorderInput -> the blocked tensor it copied
 
     def pairable(a: str, b: str, node) -> bool:
         """Whether a and b can be combined blocked; a plain one (a graph input, a ConvTranspose
@@ -109,18 +109,27 @@ def blocked_products(model, shapes: dict[str, tuple[int, ...]]) -> int:
         for name in (a, b):
             if name not in blocked:
                 blocked[name] = name + "_nchwc"
-                before[id(node)].append(helper.make_node(
-                    "ReorderInput", [name], [blocked[name]], name=blocked[name] + "_reorder",
-                    domain=NCHWC_DOMAIN))
+                before[id(node)].append(
+                    helper.make_node(
+                        "ReorderInput", [name], [blocked[name]], name=blocked[name] + "_reorder", domain=NCHWC_DOMAIN
+                    )
+                )
         return True
 
     def plain(name: str) -> str:
         """The plain form of a converted tensor, converted once, right after its producer."""
         if name not in plain_copy:
             plain_copy[name] = name + "_nchw"
-            after[id(producer[name])].append(helper.make_node(
-                "ReorderOutput", [name], [plain_copy[name]], name=plain_copy[name] + "_reorder",
-                domain=NCHWC_DOMAIN, channels=channels_of(name)))
+            after[id(producer[name])].append(
+                helper.make_node(
+                    "ReorderOutput",
+                    [name],
+                    [plain_copy[name]],
+                    name=plain_copy[name] + "_reorder",
+                    domain=NCHWC_DOMAIN,
+                    channels=channels_of(name),
+                )
+            )
         return plain_copy[name]
 
     def product_of(mul) -> tuple[list, object] | None:
@@ -181,8 +190,12 @@ def blocked_products(model, shapes: dict[str, tuple[int, ...]]) -> int:
                 converted.add(node.output[0])
                 rewritten += 1
                 continue
-        if _is(node, "ReorderInput", NCHWC_DOMAIN) and not _attr(node, "channels_last") \
-                and node.input[0] in blocked and node.output[0] not in outputs:
+        if (
+            _is(node, "ReorderInput", NCHWC_DOMAIN)
+            and not _attr(node, "channels_last")
+            and node.input[0] in blocked
+            and node.output[0] not in outputs
+        ):
             alias[node.output[0]] = blocked[node.input[0]]  # its readers read the blocked tensor
             dropped.add(id(node))
             continue

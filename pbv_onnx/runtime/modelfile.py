@@ -1,6 +1,5 @@
 """The model file contract: graph I/O names, metadata, reading, hashing and the parts of the graph."""
 
-
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +19,7 @@ FORMAT_VERSION = 1
 # through the `cotangents` input where the graph has one, else through `cotangent` itself
 # (models exported before the two layouts were split).
 MULTI_COTANGENT = "multi_cotangent"
-# Graph I/O names fixed by the export format (METHOD.md section 5) ...
+# Graph I/O names fixed by the export format (docs/method.md section 5) ...
 IMAGE, COTANGENT, FEATURES, INPUT_GRAD = "image", "cotangent", "features", "input_grad"
 # ... and the multi-cotangent pair beside them: cotangents [N*K, ...] image-major -> input_grads.
 # Its default is an empty batch, so (image, cotangent) alone still runs the whole graph.
@@ -67,7 +66,9 @@ def file_sha256(path: str | os.PathLike) -> str:
 def parse_metadata(props: dict[str, str], path: Path) -> dict[str, Any]:
     """Decode the JSON-valued metadata_props written by the export stage."""
     if "format_version" not in props:
-        raise ModelError(path, "not a pbv-onnx model (no format_version in its metadata; export it with `pbv-onnx export`)")
+        raise ModelError(
+            path, "not a pbv-onnx model (no format_version in its metadata; export it with `pbv-onnx export`)"
+        )
     out: dict[str, Any] = {}
     for key, value in props.items():
         try:
@@ -75,7 +76,10 @@ def parse_metadata(props: dict[str, str], path: Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     if int(out["format_version"]) != FORMAT_VERSION:
-        raise ModelError(path, f"model format version {out['format_version']} is not supported (this pbv-onnx reads {FORMAT_VERSION})")
+        raise ModelError(
+            path,
+            f"model format version {out['format_version']} is not supported (this pbv-onnx reads {FORMAT_VERSION})",
+        )
     for key in ("arch", "layer", "feature_shape", "preprocessing"):
         if key not in out:
             raise ModelError(path, f"model metadata lacks {key!r}")
@@ -115,6 +119,7 @@ def read_model(path: str | os.PathLike):
     external = any(t.external_data for t in model.graph.initializer)
     if external:
         from onnx.external_data_helper import load_external_data_for_model
+
         load_external_data_for_model(model, str(path.parent))
     return data, model, external
 
@@ -125,10 +130,16 @@ def read_info(path: str | os.PathLike, data: bytes | None = None, model=None) ->
     if data is None or model is None:
         data, model, _ = read_model(path)
     meta = parse_metadata({p.key: p.value for p in model.metadata_props}, path)
-    return ModelInfo(path=path, sha256=hashlib.sha256(data).hexdigest(), arch=str(meta["arch"]),
-                     layer=str(meta["layer"]), pool=str(meta.get("pool", "none")),
-                     feature_shape=tuple(int(v) for v in meta["feature_shape"]),
-                     preprocessing=Preprocessing.from_dict(meta["preprocessing"]), metadata=meta)
+    return ModelInfo(
+        path=path,
+        sha256=hashlib.sha256(data).hexdigest(),
+        arch=str(meta["arch"]),
+        layer=str(meta["layer"]),
+        pool=str(meta.get("pool", "none")),
+        feature_shape=tuple(int(v) for v in meta["feature_shape"]),
+        preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+        metadata=meta,
+    )
 
 
 def has_split_passes(proto) -> bool:
@@ -165,5 +176,3 @@ def multi_subgraph(proto):
     del sub.graph.initializer[:]
     sub.graph.initializer.extend(keep)
     return sub
-
-

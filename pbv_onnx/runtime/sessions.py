@@ -1,7 +1,7 @@
 """onnxruntime sessions: providers, options chosen by measurement, and a cache of optimised graphs.
 
-Creating a CPU session spends most of its time in graph optimisation (NCHWc layouts, fusions):
-0.25-0.4 s for mobilenet_v2's gradient graph, against 0.04-0.07 s to load the graph it produces.
+Creating a CPU session spends most of its time in graph optimisation (NCHWc layouts, fusions),
+several times what loading the graph it produces takes (docs/performance.md).
 The first session of a model on a machine saves that optimised graph in a cache folder; later
 sessions load it with optimisation off. The entry is keyed by the model's sha256, the
 onnxruntime version and the CPU (the optimised graph uses this CPU's NCHWc block size). It is
@@ -45,10 +45,10 @@ def choose_providers(device: str) -> list[str]:
         return ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
-            raise DependencyError(None, f"--device cuda: {cuda_missing_reason()}")
+            raise DependencyError(None, f"device=cuda: {cuda_missing_reason()}", param="device")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device != "auto":
-        raise UsageError(None, f"--device must be auto, cuda or cpu, not {device!r}")
+        raise UsageError(None, f"device must be auto, cuda or cpu, not {device!r}", param="device")
     if "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
@@ -72,16 +72,17 @@ def _installed(distribution: str) -> bool:
 def cuda_missing_reason() -> str:
     """Why this onnxruntime has no CUDA provider, and the command that fixes it."""
     if _installed("onnxruntime-gpu") and _installed("onnxruntime"):
-        return ("onnxruntime-gpu is installed, but the CPU-only onnxruntime installed beside it replaced "
-                f"its files; keep only the GPU build: {GPU_INSTALL}")
+        return (
+            "onnxruntime-gpu is installed, but the CPU-only onnxruntime installed beside it replaced "
+            f"its files; keep only the GPU build: {GPU_INSTALL}"
+        )
     return f"onnxruntime has no CUDA provider here; on a machine with an NVIDIA GPU: {GPU_INSTALL}"
 
 
-# CUDA provider options, measured on an H100 (bench/gpu_check.py, bench/results/gpu_check.json).
-# TF32 off: with TF32 the input gradients were 6-16 % (relative L2) away from the CPU provider's,
-# without it 0.03-0.14 %. Heuristic cuDNN algorithm choice: the same speed per call as exhaustive
-# search, without its benchmarking of every convolution on each new input shape (a cold
-# `explain` meets several batch sizes; mobilenet_v2's first call took 1.3-2.3 s instead of 1.9-3.3 s).
+# CUDA provider options (measured by bench/gpu_check.py; figures in docs/performance.md). TF32 off:
+# with it the input gradients are several per cent away from the CPU provider's. Heuristic cuDNN
+# algorithm choice: the same speed per call as exhaustive search, without its benchmarking of every
+# convolution on each new input shape (a cold `explain` meets several batch sizes).
 CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
 
@@ -131,22 +132,19 @@ def one_blas_thread():
     """A context in which numpy's BLAS runs on one thread (threadpoolctl). Around work that
     alternates small numpy products with onnxruntime calls: after a multithreaded BLAS call,
     OpenBLAS's idle workers keep spinning for a while and take the cores from onnxruntime's
-    threads (a 2-image mobilenet_v2 VJP inside `explain` took 62-105 ms instead of 38 ms on 2
-    cores), and small products gain nothing from more threads."""
+    threads (docs/performance.md), and small products gain nothing from more threads."""
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(1, user_api="blas")
 
 
 def session_options(threads: int | None = None):
-    """onnxruntime options, chosen by measurement (bench/run.py, 2-core machine): all graph
-    optimisations (NCHWc convolutions; basic/extended levels were 10-35 % slower); worker threads
-    that sleep when idle instead of spinning: on a quiet machine spinning gained
-    nothing (mobilenet_v2, alexnet, resnet50, vgg16 within 2 %), while a spinning session's workers
-    run on for tens of milliseconds after its call and slow whatever runs next, another session
-    of the same model (its forward pass 43 -> 74 ms after a VJP call) or other processes (with
-    one busy process beside it on 2 cores, mobilenet_v2's VJP took 370 ms spinning, 254 ms not);
-    `threads` intra-op threads (default: one per physical core)."""
+    """onnxruntime options, chosen by measurement (bench/run.py; figures in docs/performance.md):
+    all graph optimisations (NCHWc convolutions; the lower levels are slower); worker threads that
+    sleep when idle instead of spinning: spinning gains nothing on a quiet machine, while a
+    spinning session's workers run on after its call and slow whatever runs next, another
+    session of the same model or other processes; `threads` intra-op threads (default: one per
+    physical core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -302,8 +300,14 @@ def _optimise(source: bytes | str, options, providers, target: str, rewrite: Rew
     return candidate
 
 
-def create_session(source: bytes | str | Callable[[], bytes | str], options, providers: list,
-                   model_sha256: str | None = None, graph: str = "vjp", rewrite: Rewrite | None = None):
+def create_session(
+    source: bytes | str | Callable[[], bytes | str],
+    options,
+    providers: list,
+    model_sha256: str | None = None,
+    graph: str = "vjp",
+    rewrite: Rewrite | None = None,
+):
     """An InferenceSession for `source` (model bytes or path, or a function making them, called
     only on a cache miss). On the CPU provider with a known model hash, the optimised graph comes
     from the cache when it holds a whole entry, and goes into it otherwise. `rewrite` (CPU
@@ -317,8 +321,10 @@ def create_session(source: bytes | str | Callable[[], bytes | str], options, pro
     def plain():
         return ort.InferenceSession(make_source(), options, providers=providers)
 
-    if (provider_name(providers[0]) != "CPUExecutionProvider"
-            or options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+    if (
+        provider_name(providers[0]) != "CPUExecutionProvider"
+        or options.graph_optimization_level != ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ):
         return plain(), "off"
 
     def uncached():

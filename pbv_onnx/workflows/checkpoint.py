@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from pbv_onnx.base.errors import MismatchError, OutputError
 
 FORMAT = 1
 RUN = "run.json"
+_log = logging.getLogger(__name__)
 
 
 def work_folder(out: str | os.PathLike) -> Path:
@@ -34,8 +36,22 @@ def check_leftovers(out: str | os.PathLike, resume: bool, force: bool) -> None:
     """Before any work: refuse to silently discard an interrupted run's checkpoints."""
     folder = work_folder(out)
     if folder.exists() and not resume and not force:
-        raise OutputError(folder, "holds the checkpoints of an interrupted run: add --resume to "
-                          "continue it, or --force to start afresh")
+        raise OutputError(
+            folder,
+            "holds the checkpoints of an interrupted run: add resume=True to "
+            "continue it, or force=True to start afresh",
+            param=("resume", "force"),
+        )
+
+
+def discard(out: str | os.PathLike) -> None:
+    """Remove the checkpoints of the run into `out` (its output is in place)."""
+    shutil.rmtree(work_folder(out), ignore_errors=True)
+
+
+def _note(msg: str) -> None:
+    # the notes may name the parameters resume and force: the command line shows their flags
+    _log.info(msg, extra={"params": ("resume", "force")})
 
 
 def _digest(description: dict) -> str:
@@ -49,14 +65,20 @@ def _differences(old: dict, new: dict) -> str:
 
 
 class Checkpoints:
-    """Finished pairs of one run, saved as they finish and loaded back on --resume."""
+    """Finished pairs of one run, saved as they finish and loaded back on resume."""
 
-    def __init__(self, out: str | os.PathLike, description: dict, resume: bool = False,
-                 force: bool = False, log=None):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        description: dict,
+        resume: bool = False,
+        force: bool = False,
+        log: Callable[[str], None] | None = None,
+    ):
         self.folder = work_folder(out)
         self.description = {"format": FORMAT, **description}
         self.key = _digest(self.description)
-        self.log = log or (lambda msg: print(f"pbv-onnx: {msg}", file=sys.stderr, flush=True))
+        self.log = log or _note  # where its notes go (resuming, damaged chunks): the logger by default
         self.saved = 0
         if not self.folder.exists():
             return
@@ -76,11 +98,15 @@ class Checkpoints:
                 self.discard()
                 return
             what = _differences(old.get("description", {}), self.description) if isinstance(old, dict) else "unreadable"
-            raise MismatchError(self.folder, f"checkpoints belong to another run (differs in: {what}); "
-                                "add --force to discard them and start afresh")
+            raise MismatchError(
+                self.folder,
+                f"checkpoints belong to another run (differs in: {what}); "
+                "add force=True to discard them and start afresh",
+                param="force",
+            )
 
     def discard(self) -> None:
-        """Remove the checkpoints (the output is in place, or --force starts afresh)."""
+        """Remove the checkpoints (the output is in place, or force starts afresh)."""
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _start(self) -> None:
@@ -106,10 +132,17 @@ class Checkpoints:
                     g = z["input_grad"]
                     x = z["image"] if inputs is not None else None
                     key = str(z["key"])
-                ok = (key == self.key and idx.ndim == 1 and np.issubdtype(idx.dtype, np.integer)
-                      and len(idx) and idx.min() >= 0 and idx.max() < len(grads)
-                      and g.shape == (len(idx), *grads.shape[1:]) and np.isfinite(g).all()
-                      and (x is None or x.shape == g.shape))
+                ok = (
+                    key == self.key
+                    and idx.ndim == 1
+                    and np.issubdtype(idx.dtype, np.integer)
+                    and len(idx)
+                    and idx.min() >= 0
+                    and idx.max() < len(grads)
+                    and g.shape == (len(idx), *grads.shape[1:])
+                    and np.isfinite(g).all()
+                    and (x is None or x.shape == g.shape)
+                )
             except Exception:  # a damaged file: zip, npy and key errors of many types
                 ok = False
             if not ok:

@@ -13,14 +13,15 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import xarray as xr
 
-from pbv_onnx.data import responses as resp_io
-from pbv_onnx.method import saliency
-from pbv_onnx.method.display import display_map
 from pbv_onnx.base.errors import InputDataError, MismatchError, UsageError
-from pbv_onnx.runtime.images import load_batch
-from pbv_onnx.runtime.engine import Engine
-from pbv_onnx.runtime.sessions import one_blas_thread
+from pbv_onnx.data import responses as resp_io
+from pbv_onnx.method.display import display_map
+from pbv_onnx.method.methods import Attribution, resolve
+from pbv_onnx.method.saliency import hadamard_weights
 from pbv_onnx.method.similarity import DEFAULT_TOP_K, candidate_ids, rank_candidates, rank_order, ranked_scores
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.runtime.images import load_batch
+from pbv_onnx.runtime.sessions import one_blas_thread
 
 ROLES = ("ooc", "reference")
 COLORS = ("R", "G", "B")
@@ -34,9 +35,9 @@ IMAGE_CACHE_BYTES = 256 * 2**20
 class ImageRef:
     """One image to explain: a recorded stimulus (with its id) or an outside image file."""
 
-    label: str                # the stimulus id as text, or the path as given
+    label: str  # the stimulus id as text, or the path as given
     path: Path
-    stimulus: Any = None      # the stimulus coordinate value; None for an outside image
+    stimulus: Any = None  # the stimulus coordinate value; None for an outside image
 
     @property
     def key(self) -> tuple[str, str]:
@@ -56,16 +57,16 @@ class Pair:
 @dataclass(frozen=True)
 class _Tables:
     """The readouts and recorded means as numpy arrays with id -> row maps, for the per-pair
-    lookups of an explain run (an xarray selection costs about 1 ms, more than a pair's gradient
-    on a small model)."""
+    lookups of an explain run (an xarray selection costs more than a pair's gradient on a small
+    model; docs/performance.md)."""
 
-    row: dict             # readout channel -> row of weight and bias
-    weight: np.ndarray    # (channel, feature) as stored (no float64 copy of a large readout)
-    bias: np.ndarray      # (channel,) float64
-    region: dict          # readout channel -> brain region ("" where none is given)
-    mean: np.ndarray      # (channel, stimulus) recorded means, the responses' order
-    mean_row: dict        # responses channel -> row of mean
-    mean_col: dict        # stimulus coordinate value -> column of mean
+    row: dict  # readout channel -> row of weight and bias
+    weight: np.ndarray  # (channel, feature) as stored (no float64 copy of a large readout)
+    bias: np.ndarray  # (channel,) float64
+    region: dict  # readout channel -> brain region ("" where none is given)
+    mean: np.ndarray  # (channel, stimulus) recorded means, the responses' order
+    mean_row: dict  # responses channel -> row of mean
+    mean_col: dict  # stimulus coordinate value -> column of mean
 
 
 @dataclass
@@ -78,9 +79,9 @@ class Study:
     readouts_path: Path
     responses_path: Path
     preferred: str
-    mean: xr.DataArray                      # (channel, stimulus) recorded mean responses
-    paths: dict[str, Path]                  # stimulus id (text) -> image file
-    stimuli: dict[str, Any]                 # stimulus id (text) -> coordinate value
+    mean: xr.DataArray  # (channel, stimulus) recorded mean responses
+    paths: dict[str, Path]  # stimulus id (text) -> image file
+    stimuli: dict[str, Any]  # stimulus id (text) -> coordinate value
     features_cache: Path | None = None
     force_features: bool = False
     progress: bool = True
@@ -111,19 +112,23 @@ class Study:
             ro = self.readouts
             chans = self.channels
             weight = ro["weight"].transpose("channel", "feature").values
-            bias = (ro["bias"].transpose("channel").values.astype(np.float64) if "bias" in ro
-                    else np.zeros(len(chans)))
+            bias = ro["bias"].transpose("channel").values.astype(np.float64) if "bias" in ro else np.zeros(len(chans))
             region = {c: "" for c in chans}
             for ds in (self.readouts, self.responses):  # the responses' region wins
                 if "region" in ds.coords:
-                    region.update((c, str(r)) for c, r in zip(ds["channel"].values.tolist(), ds["region"].values)
-                                  if c in region)
+                    region.update(
+                        (c, str(r)) for c, r in zip(ds["channel"].values.tolist(), ds["region"].values) if c in region
+                    )
             mean = self.mean.transpose("channel", "stimulus")
             self._tables = _Tables(
-                row={c: i for i, c in enumerate(chans)}, weight=weight, bias=bias, region=region,
+                row={c: i for i, c in enumerate(chans)},
+                weight=weight,
+                bias=bias,
+                region=region,
                 mean=mean.values.astype(np.float64),
                 mean_row={c: i for i, c in enumerate(mean["channel"].values.tolist())},
-                mean_col={s: i for i, s in enumerate(mean["stimulus"].values.tolist())})
+                mean_col={s: i for i, s in enumerate(mean["stimulus"].values.tolist())},
+            )
         return self._tables
 
     def weight(self, channel) -> np.ndarray:
@@ -218,17 +223,26 @@ def _stimulus_features(study: Study, refs: Sequence[ImageRef]) -> dict[tuple[str
     else:
         ids = [r.stimulus for r in refs]
         paths = [r.path for r in refs]
-    da = feat_io.load_or_compute_features(study.engine, paths, ids, cache=study.features_cache,
-                                          force=study.force_features, progress=study.progress)
+    da = feat_io.load_or_compute_features(
+        study.engine, paths, ids, cache=study.features_cache, force=study.force_features, progress=study.progress
+    )
     values = da.transpose("stimulus", "feature").values
     return {("stimulus", str(s)): row for s, row in zip(ids, values)}
 
 
-def open_study(model: str | os.PathLike, readouts: str | os.PathLike, responses: str | os.PathLike,
-               images_root: str | os.PathLike | None = None, features_cache: str | os.PathLike | None = None,
-               device: str = "auto", batch_size: int = 16, force_features: bool = False,
-               progress: bool = True, engine: Engine | None = None,
-               image_cache_bytes: int = IMAGE_CACHE_BYTES) -> Study:
+def open_study(
+    model: str | os.PathLike,
+    readouts: str | os.PathLike,
+    responses: str | os.PathLike,
+    images_root: str | os.PathLike | None = None,
+    features_cache: str | os.PathLike | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    force_features: bool = False,
+    progress: bool = True,
+    engine: Engine | None = None,
+    image_cache_bytes: int = IMAGE_CACHE_BYTES,
+) -> Study:
     """Open the model once, and the readouts and responses it will explain (all checked)."""
     from pbv_onnx.data import readouts as ro_io
 
@@ -236,50 +250,139 @@ def open_study(model: str | os.PathLike, readouts: str | os.PathLike, responses:
     readouts_path, responses_path = Path(readouts), Path(responses)
     ro = ro_io.load_readouts(readouts_path, engine.info)
     ds = resp_io.load_responses(responses_path)
+    return _study(
+        engine,
+        ro,
+        ds,
+        readouts_path,
+        responses_path,
+        images_root,
+        features_cache,
+        force_features,
+        progress,
+        image_cache_bytes,
+    )
+
+
+def make_study(
+    engine: Engine,
+    readouts: xr.Dataset,
+    responses: xr.Dataset,
+    images_root: str | os.PathLike | None = None,
+    readouts_path: str | os.PathLike | None = None,
+    responses_path: str | os.PathLike | None = None,
+    features_cache: str | os.PathLike | None = None,
+    force_features: bool = False,
+    progress: bool = False,
+    image_cache_bytes: int = IMAGE_CACHE_BYTES,
+) -> Study:
+    """A study of readouts and responses datasets in memory (both checked against the engine's model).
+
+    The paths only name the datasets in messages and provenance; by default, the files they were
+    read from (xarray's `source` encoding), if any. Relative image files of the responses resolve
+    against `images_root`, else the responses file's folder.
+    """
+    from pbv_onnx.data import readouts as ro_io
+
+    readouts_path = _source(readouts, readouts_path)
+    responses_path = _source(responses, responses_path)
+    ro = ro_io.check_readouts(readouts, readouts_path, engine.info)
+    ds = resp_io.validate_responses(responses, responses_path)
+    return _study(
+        engine,
+        ro,
+        ds,
+        readouts_path,
+        responses_path,
+        images_root,
+        features_cache,
+        force_features,
+        progress,
+        image_cache_bytes,
+    )
+
+
+def _source(ds: xr.Dataset, path: str | os.PathLike | None) -> Path | None:
+    """The file a dataset names as its own: `path` if given, else the one it was read from."""
+    source = path if path is not None else ds.encoding.get("source")
+    return None if source is None else Path(source)
+
+
+def _study(
+    engine: Engine,
+    ro: xr.Dataset,
+    ds: xr.Dataset,
+    readouts_path: Path | None,
+    responses_path: Path | None,
+    images_root,
+    features_cache,
+    force_features: bool,
+    progress: bool,
+    image_cache_bytes: int,
+) -> Study:
+    """The study of checked datasets."""
+    source = responses_path  # None: relative image files need images_root
+    # datasets that never were files are named as such in messages and provenance
+    readouts_path = readouts_path or Path("(readouts dataset)")
+    responses_path = responses_path or Path("(responses dataset)")
     missing = [c for c in ro["channel"].values.tolist() if c not in set(ds["channel"].values.tolist())]
     if missing:
         raise MismatchError(readouts_path, f"channel(s) {', '.join(map(str, missing[:5]))} are not in {responses_path}")
     preferred = resp_io.preferred_category(ds, None, responses_path)
     fitted_for = str(ro.attrs.get("preferred_category", preferred))
     if fitted_for != preferred:
-        raise MismatchError(readouts_path, f"was fitted for preferred category {fitted_for!r}, but "
-                            f"{responses_path.name} says {preferred!r}")
-    paths = resp_io.image_paths(ds, responses_path, images_root)
+        raise MismatchError(
+            readouts_path,
+            f"was fitted for preferred category {fitted_for!r}, but {responses_path.name} says {preferred!r}",
+        )
+    paths = resp_io.image_paths(ds, source, images_root)
     stim_values = ds["stimulus"].values.tolist()
-    return Study(engine=engine, readouts=ro, responses=ds, readouts_path=readouts_path,
-                 responses_path=responses_path,
-                 preferred=preferred,
-                 mean=resp_io.mean_response(ds),
-                 paths={str(s): p for s, p in zip(stim_values, paths)},
-                 stimuli={str(s): s for s in stim_values},
-                 features_cache=None if features_cache is None else Path(features_cache),
-                 force_features=force_features, progress=progress, image_cache_bytes=image_cache_bytes)
+    return Study(
+        engine=engine,
+        readouts=ro,
+        responses=ds,
+        readouts_path=readouts_path,
+        responses_path=responses_path,
+        preferred=preferred,
+        mean=resp_io.mean_response(ds),
+        paths={str(s): p for s, p in zip(stim_values, paths)},
+        stimuli={str(s): s for s in stim_values},
+        features_cache=None if features_cache is None else Path(features_cache),
+        force_features=force_features,
+        progress=progress,
+        image_cache_bytes=image_cache_bytes,
+    )
 
 
 # -- choosing pairs -------------------------------------------------------------------------
 
+
 def top_objects(study: Study, channel, k: int = DEFAULT_TOP_OBJECTS) -> list[ImageRef]:
     """The channel's k most driving out-of-category stimuli by recorded mean response."""
     if k < 1:
-        raise UsageError(None, f"--top-objects must be at least 1, not {k}")
+        raise UsageError(None, f"top_objects must be at least 1, not {k}", param="top_objects")
     cats = study.responses["category"].values.astype(str)
     stimuli = study.responses["stimulus"].values[cats != study.preferred]
     resp = study.mean.sel(channel=channel).sel(stimulus=stimuli).values.astype(np.float64)
     keep = np.isfinite(resp)
     stimuli, resp = stimuli[keep], resp[keep]
     if len(stimuli) == 0:
-        raise InputDataError(study.responses_path, f"channel {channel} has no recorded response to any "
-                                                   f"object outside {study.preferred!r}")
+        raise InputDataError(
+            study.responses_path,
+            f"channel {channel} has no recorded response to any object outside {study.preferred!r}",
+        )
     return [study.stimulus_ref(s) for s in stimuli[rank_order(resp, stimuli)[:k]]]
 
 
-def candidates(study: Study, channel, mode: str = "top-k", k: int = DEFAULT_TOP_K,
-               exclude: ImageRef | None = None) -> list[ImageRef]:
+def candidates(
+    study: Study, channel, mode: str = "top-k", k: int = DEFAULT_TOP_K, exclude: ImageRef | None = None
+) -> list[ImageRef]:
     """Reference candidates for the channel; the object itself is never its own reference."""
     key = (channel, mode, k)
     if key not in study._candidates:  # the same for every object of the channel
-        study._candidates[key] = candidate_ids(study.mean, study.responses["category"], study.preferred,
-                                               channel, mode, k, source=str(study.responses_path))
+        study._candidates[key] = candidate_ids(
+            study.mean, study.responses["category"], study.preferred, channel, mode, k, source=str(study.responses_path)
+        )
     refs = [study.stimulus_ref(s) for s in study._candidates[key]]
     if exclude is not None:
         refs = [r for r in refs if r.key != exclude.key]
@@ -292,19 +395,27 @@ def match(study: Study, channel, obj: ImageRef, mode: str = "top-k", k: int = DE
     """Rank the channel's candidate references by s_n(o, b): similarity and recorded response."""
     refs = candidates(study, channel, mode, k, exclude=obj)
     feats = study.phi(refs)
-    cand = xr.DataArray(feats, dims=("stimulus", "feature"),
-                        coords={"stimulus": [r.stimulus for r in refs]})
-    ranked = rank_candidates(study.weight(channel), study.phi([obj])[0], cand,
-                             source=obj.label, label=f"{obj.label} (channel {channel})")
+    cand = xr.DataArray(feats, dims=("stimulus", "feature"), coords={"stimulus": [r.stimulus for r in refs]})
+    ranked = rank_candidates(
+        study.weight(channel), study.phi([obj])[0], cand, source=obj.label, label=f"{obj.label} (channel {channel})"
+    )
     rec = study.mean.sel(channel=channel).sel(stimulus=ranked["stimulus"].values).values
-    return xr.Dataset({"similarity": ranked, "recorded": ("stimulus", rec)},
-                      coords={"rank": ("stimulus", np.arange(1, ranked.sizes["stimulus"] + 1))},
-                      attrs={"channel": str(channel), "object": obj.label, "candidates": mode})
+    return xr.Dataset(
+        {"similarity": ranked, "recorded": ("stimulus", rec)},
+        coords={"rank": ("stimulus", np.arange(1, ranked.sizes["stimulus"] + 1))},
+        attrs={"channel": str(channel), "object": obj.label, "candidates": mode},
+    )
 
 
-def build_pairs(study: Study, channels: Sequence | None = None, images: Sequence[str] | None = None,
-                top_k_objects: int = DEFAULT_TOP_OBJECTS, reference: str | None = None,
-                mode: str = "top-k", k: int = DEFAULT_TOP_K) -> list[Pair]:
+def build_pairs(
+    study: Study,
+    channels: Sequence | None = None,
+    images: Sequence[str] | None = None,
+    top_k_objects: int = DEFAULT_TOP_OBJECTS,
+    reference: str | None = None,
+    mode: str = "top-k",
+    k: int = DEFAULT_TOP_K,
+) -> list[Pair]:
     """The (channel, object, reference) pairs: given objects or each channel's top drivers, each
     with the best-matching reference, or a forced one."""
     chans = [study.channel(c) for c in channels] if channels else study.channels
@@ -320,45 +431,50 @@ def build_pairs(study: Study, channels: Sequence | None = None, images: Sequence
     pairs = []
     for c, o in plan:
         if forced is not None:
-            s = float(saliency.hadamard_weights(study.weight(c), *study.phi([o, forced])).sum())
+            s = float(hadamard_weights(study.weight(c), *study.phi([o, forced])).sum())
             pairs.append(Pair(c, o, forced, s))
         else:
-            pairs.append(_best_match(study, c, o, mode, k))
+            pairs.append(best_match(study, c, o, mode, k))
     return pairs
 
 
-def _best_match(study: Study, channel, obj: ImageRef, mode: str, k: int) -> Pair:
+def best_match(study: Study, channel, obj: ImageRef, mode: str, k: int) -> Pair:
     """The pair of `obj` with its top-ranked reference, as `match` ranks them (numpy only: a
     study of hundreds of channels matches each of its objects)."""
     refs = candidates(study, channel, mode, k, exclude=obj)
-    order, s = ranked_scores(study.weight(channel), study.phi([obj])[0], study.phi(refs),
-                             [r.stimulus for r in refs], source=obj.label,
-                             label=f"{obj.label} (channel {channel})")
+    order, s = ranked_scores(
+        study.weight(channel),
+        study.phi([obj])[0],
+        study.phi(refs),
+        [r.stimulus for r in refs],
+        source=obj.label,
+        label=f"{obj.label} (channel {channel})",
+    )
     return Pair(channel, obj, refs[order[0]], float(s[order[0]]))
 
 
 # -- explaining -----------------------------------------------------------------------------
 
+
 def _progress(total: int, enabled: bool, desc: str):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="pair", file=sys.stderr, disable=None if enabled else True,
-                dynamic_ncols=True)
+
+    return tqdm(
+        total=total, desc=desc, unit="pair", file=sys.stderr, disable=None if enabled else True, dynamic_ncols=True
+    )
 
 
-def backprop_pairs(engine: Engine, images: Iterable[np.ndarray], cot_o: np.ndarray, cot_b: np.ndarray,
-                   method: str = "parallel", steps: int = saliency.DEFAULT_STEPS,
-                   baseline: str = "black") -> np.ndarray:
-    """Input gradients [P, 2, 3, H, W] of P pairs in one engine call: the 2P images of the pairs
-    (object, reference per pair, `images` [P, 2, 3, H, W]) stacked with their cotangents."""
+def backprop_pairs(
+    engine: Engine, images: Iterable[np.ndarray], cot_o: np.ndarray, cot_b: np.ndarray, attribution: Attribution
+) -> np.ndarray:
+    """Input gradients [P, 2, 3, H, W] of P pairs along the attribution's path: the 2P images of
+    the pairs (object, reference per pair, `images` [P, 2, 3, H, W]) stacked with their cotangents,
+    one batch per VJP call."""
     x = np.asarray(images, np.float32)
     P = len(x)
     stacked = x.reshape(2 * P, *x.shape[2:])
     cot = np.stack([np.asarray(cot_o), np.asarray(cot_b)], axis=1).reshape(2 * P, -1).astype(np.float32)
-    if method == "integrated":
-        x0 = saliency.baseline_images(stacked, baseline, engine.info.preprocessing)
-        grad = saliency.integrated(engine.vjp, stacked, x0, cot, steps)
-    else:
-        grad = saliency.backprop(engine.vjp, stacked, cot)
+    grad = attribution.attribute(engine.vjp, stacked, cot, engine.info.preprocessing)
     return grad.reshape(P, 2, *grad.shape[1:])
 
 
@@ -381,10 +497,18 @@ def _chunks(pairs: Sequence[Pair], todo: np.ndarray, batch_size: int) -> Iterabl
         start = end
 
 
-def run_description(study: Study, pairs: Sequence[Pair], method: str, steps: int, baseline: str,
-                    save_inputs: bool) -> dict:
+def run_description(
+    study: Study,
+    pairs: Sequence[Pair],
+    method: str | Attribution = "parallel",
+    save_inputs: bool = False,
+    *,
+    path: str | None = None,
+    **path_options: Any,
+) -> dict:
     """What decides an explain run's gradients, for checkpoints: hashes of the model, the readouts
-    and every image, the method and its options, the pairs in order."""
+    and every image, the attribution (method label, rule, path, path options), the pairs in order."""
+    attribution = resolve(method, path, **path_options)
     from pbv_onnx.data.features import content_hash
     from pbv_onnx.runtime.modelfile import file_sha256
 
@@ -395,22 +519,35 @@ def run_description(study: Study, pairs: Sequence[Pair], method: str, steps: int
             hashes[ref.path] = content_hash(ref.path)
         return [ref.key[0], ref.key[1], hashes[ref.path]]
 
-    integrated = method == "integrated"
-    return {"model_sha256": study.engine.info.sha256, "readouts_sha256": file_sha256(study.readouts_path),
-            "method": method, "steps": steps if integrated else None,
-            "baseline": baseline if integrated else None, "save_inputs": bool(save_inputs),
-            "pairs": [[str(p.channel), *image(p.ooc), *image(p.reference)] for p in pairs]}
+    return {
+        "model_sha256": study.engine.info.sha256,
+        "readouts_sha256": file_sha256(study.readouts_path),
+        **attribution.description(),
+        "save_inputs": bool(save_inputs),
+        "pairs": [[str(p.channel), *image(p.ooc), *image(p.reference)] for p in pairs],
+    }
 
 
-def explain(study: Study, pairs: Sequence[Pair], method: str = "parallel",
-            steps: int = saliency.DEFAULT_STEPS, baseline: str = "black", save_inputs: bool = False,
-            options: dict | None = None, checkpoint=None) -> xr.Dataset:
+def explain(
+    study: Study,
+    pairs: Sequence[Pair],
+    method: str | Attribution = "parallel",
+    path: str | None = None,
+    save_inputs: bool = False,
+    options: dict | None = None,
+    checkpoint=None,
+    **path_options: Any,
+) -> xr.Dataset:
     """Backpropagate every pair (in batches through the one engine) -> the labelled result.
+
+    `method` (a name of method.methods.METHODS, or a resolved Attribution), `path` (default: the
+    method's) and the path's options (e.g. steps=, baseline=, noise=, samples=, seed=) choose the
+    cotangent rule and the path; they are checked before any computation.
 
     With a `checkpoint` (pbv_onnx.checkpoint.Checkpoints), pairs it already holds are not
     recomputed and each finished batch is saved to it.
     """
-    saliency.check_options([method], steps, baseline)
+    attribution = resolve(method, path, **path_options)
     if not pairs:
         raise UsageError(None, "nothing to explain (no pairs)")
     eng = study.engine
@@ -427,16 +564,19 @@ def explain(study: Study, pairs: Sequence[Pair], method: str = "parallel",
     # workers spin, taking the cores from the next onnxruntime call
     with one_blas_thread():
         try:
-            with _progress(P, study.progress, f"explain ({method})") as bar:
+            with _progress(P, study.progress, f"explain ({attribution.label})") as bar:
                 bar.update(int(done.sum()))
                 for idx in _chunks(pairs, todo, eng.batch_size):
                     part = [pairs[j] for j in idx]
                     files = [p for pr in part for p in (pr.ooc.path, pr.reference.path)]
                     x = study.images(files).reshape(len(part), 2, 3, H, W)
-                    cots = [saliency.pair_cotangents(method, study.weight(pr.channel),
-                                                     *study.phi([pr.ooc, pr.reference])) for pr in part]
-                    grads[idx] = backprop_pairs(eng, x, np.stack([c[0] for c in cots]),
-                                                np.stack([c[1] for c in cots]), method, steps, baseline)
+                    cots = [
+                        attribution.cotangents(study.weight(pr.channel), *study.phi([pr.ooc, pr.reference]))
+                        for pr in part
+                    ]
+                    grads[idx] = backprop_pairs(
+                        eng, x, np.stack([c[0] for c in cots]), np.stack([c[1] for c in cots]), attribution
+                    )
                     if inputs is not None:
                         inputs[idx] = x
                     if checkpoint is not None:
@@ -444,15 +584,25 @@ def explain(study: Study, pairs: Sequence[Pair], method: str = "parallel",
                     bar.update(len(part))
         except KeyboardInterrupt:
             if checkpoint is not None and (done.any() or checkpoint.saved):
-                checkpoint.log(f"{int(done.sum()) + checkpoint.saved} of {P} pairs are checkpointed in "
-                               f"{checkpoint.folder}; rerun with --resume to continue")
+                checkpoint.log(
+                    f"{int(done.sum()) + checkpoint.saved} of {P} pairs are checkpointed in "
+                    f"{checkpoint.folder}; rerun with resume=True to continue"
+                )
             raise
-        return to_dataset(study, pairs, grads, inputs, method, options or {})
+        return to_dataset(study, pairs, grads, inputs, attribution, options or {})
 
 
-def to_dataset(study: Study, pairs: Sequence[Pair], grads: np.ndarray, inputs: np.ndarray | None,
-               method: str, options: dict) -> xr.Dataset:
-    """The explanations.nc layout: pair x role x color x y x x, per-pair coordinates, provenance."""
+def to_dataset(
+    study: Study,
+    pairs: Sequence[Pair],
+    grads: np.ndarray,
+    inputs: np.ndarray | None,
+    method: str | Attribution,
+    options: dict,
+) -> xr.Dataset:
+    """The explanations.nc layout: pair x role x color x y x x, per-pair coordinates, provenance
+    (the attribution's method label, rule, path and path options among the attributes)."""
+    attribution = resolve(method)
     info = study.engine.info
     H, W = grads.shape[-2:]
     per_pair = {
@@ -467,32 +617,55 @@ def to_dataset(study: Study, pairs: Sequence[Pair], grads: np.ndarray, inputs: n
         "predicted_reference": [study.predicted(p.channel, p.reference) for p in pairs],
         "recorded_ooc": [study.recorded(p.channel, p.ooc) for p in pairs],
         "recorded_reference": [study.recorded(p.channel, p.reference) for p in pairs],
-        "method": [method] * len(pairs),
+        "method": [attribution.label] * len(pairs),
     }
-    coords: dict[str, Any] = {"pair": np.arange(len(pairs)), "role": list(ROLES), "color": list(COLORS),
-                              "y": np.arange(H), "x": np.arange(W)}
+    coords: dict[str, Any] = {
+        "pair": np.arange(len(pairs)),
+        "role": list(ROLES),
+        "color": list(COLORS),
+        "y": np.arange(H),
+        "x": np.arange(W),
+    }
     for name, values in per_pair.items():
         arr = np.asarray(values, dtype=np.float64) if isinstance(values[0], float) else np.asarray(values, dtype=str)
         coords[name] = ("pair", arr)
     data = {
-        "input_grad": (("pair", "role", "color", "y", "x"), np.asarray(grads, np.float32),
-                       {"long_name": "J_phi(x)^T v, the raw input gradient"}),
-        "saliency": (("pair", "role", "y", "x"), np.asarray(display_map(grads), np.float32),
-                     {"long_name": "sum over colour of |input_grad| (display map, unsmoothed)"}),
+        "input_grad": (
+            ("pair", "role", "color", "y", "x"),
+            np.asarray(grads, np.float32),
+            {"long_name": "J_phi(x)^T v, the raw input gradient"},
+        ),
+        "saliency": (
+            ("pair", "role", "y", "x"),
+            np.asarray(display_map(grads), np.float32),
+            {"long_name": "sum over colour of |input_grad| (display map, unsmoothed)"},
+        ),
     }
     if inputs is not None:
         data["image"] = (("pair", "role", "color", "y", "x"), inputs, {"long_name": "preprocessed network input"})
-    attrs = {"model_sha256": info.sha256, "model": str(info.path), "arch": info.arch, "layer": info.layer,
-             "feature_shape": json.dumps(list(info.feature_shape)),
-             "preprocessing": json.dumps(info.preprocessing.to_dict()),
-             "readouts": str(study.readouts_path), "responses": str(study.responses_path),
-             "preferred_category": study.preferred, "method": method,
-             "options": json.dumps(options, default=str), "pbv_onnx_version": _version()}
+    from pbv_onnx.runtime.describe import describe_weights
+
+    attrs = {
+        "model_sha256": info.sha256,
+        "model": str(info.path),
+        "arch": info.arch,
+        "layer": info.layer,
+        "weights": describe_weights(info.metadata.get("weights")),
+        "feature_shape": json.dumps(list(info.feature_shape)),
+        "preprocessing": json.dumps(info.preprocessing.to_dict()),
+        "readouts": str(study.readouts_path),
+        "responses": str(study.responses_path),
+        "preferred_category": study.preferred,
+        **attribution.attrs(),
+        "options": json.dumps(options, default=str),
+        "pbv_onnx_version": _version(),
+    }
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
 def _version() -> str:
     from pbv_onnx import __version__
+
     return __version__
 
 
@@ -506,7 +679,11 @@ def channel_summary(study: Study) -> xr.Dataset:
         warnings.simplefilter("ignore", RuntimeWarning)
         mean_obj = np.nanmean(m[:, ~pref], axis=1) if (~pref).any() else np.full(len(m), np.nan)
         mean_pref = np.nanmean(m[:, pref], axis=1) if pref.any() else np.full(len(m), np.nan)
-    return xr.Dataset({"mean_object": ("channel", mean_obj), "mean_preferred": ("channel", mean_pref)},
-                      coords={"channel": np.asarray([str(c) for c in study.channels]),
-                              "region": ("channel", np.asarray([study.region(c) for c in study.channels], str))},
-                      attrs={"preferred_category": study.preferred})
+    return xr.Dataset(
+        {"mean_object": ("channel", mean_obj), "mean_preferred": ("channel", mean_pref)},
+        coords={
+            "channel": np.asarray([str(c) for c in study.channels]),
+            "region": ("channel", np.asarray([study.region(c) for c in study.channels], str)),
+        },
+        attrs={"preferred_category": study.preferred},
+    )

@@ -24,8 +24,9 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """`pbv-onnx ARGS` in a subprocess of this interpreter, with the project importable."""
     code = "import sys; from pbv_onnx.cli.main import main; sys.argv = ['pbv-onnx'] + sys.argv[1:]; main()"
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 class TinyCNN(nn.Module):
@@ -72,9 +73,25 @@ def mnv2_model(export_dir) -> Path:
     if not MNV2_WEIGHTS.is_file():
         pytest.skip("../shared/weights/mobilenet_v2_imagenet.pth is not present (real weights needed)")
     out = export_dir / "models" / "mnv2.onnx"
-    proc = run_cli("export", "--arch", "mobilenet_v2", "--layer", "features.18", "--weights",
-                   "../shared/weights/mobilenet_v2_imagenet.pth", "--mean", "0.5", "0.5", "0.5",
-                   "--std", "0.5", "0.5", "0.5", "--out", str(out))
+    proc = run_cli(
+        "export",
+        "--arch",
+        "mobilenet_v2",
+        "--layer",
+        "features.18",
+        "--weights",
+        "../shared/weights/mobilenet_v2_imagenet.pth",
+        "--mean",
+        "0.5",
+        "0.5",
+        "0.5",
+        "--std",
+        "0.5",
+        "0.5",
+        "0.5",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -90,20 +107,19 @@ def _export(export_dir: Path, name: str, **kwargs) -> Path:
 
 @pytest.fixture(scope="session")
 def alexnet_model(export_dir) -> Path:
-    return _export(export_dir, "alexnet", arch="alexnet", layer="features", weights="none",
-                   seed=3, resize="96x96")
+    return _export(export_dir, "alexnet", arch="alexnet", layer="features", weights="none", seed=3, resize="96x96")
 
 
 @pytest.fixture(scope="session")
 def resnet18_model(export_dir) -> Path:
-    return _export(export_dir, "resnet18", arch="resnet18", layer="layer4", weights="none",
-                   seed=4, resize=SMALL)
+    return _export(export_dir, "resnet18", arch="resnet18", layer="layer4", weights="none", seed=4, resize=SMALL)
 
 
 @pytest.fixture(scope="session")
 def resnet18_avg_model(export_dir) -> Path:
-    return _export(export_dir, "resnet18_avg", arch="resnet18", layer="layer4", weights="none",
-                   seed=4, resize=SMALL, pool="avg")
+    return _export(
+        export_dir, "resnet18_avg", arch="resnet18", layer="layer4", weights="none", seed=4, resize=SMALL, pool="avg"
+    )
 
 
 @pytest.fixture(scope="session")

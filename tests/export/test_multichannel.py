@@ -10,16 +10,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torchvision
 import torch.nn.functional as F
+import torchvision
+from conftest import MNV2_WEIGHTS, tiny_cnn
+from test_parity import _resnet_trunk, assert_parity, autograd_vjp, photos, seeded
 from torch import nn
 
-from conftest import MNV2_WEIGHTS, tiny_cnn
+from pbv_onnx.base.errors import ModelError
 from pbv_onnx.export import adjoint, export_model
 from pbv_onnx.export.verify import rel_l2, smooth_images
-from pbv_onnx.base.errors import ModelError
 from pbv_onnx.runtime.engine import Engine
-from test_parity import _resnet_trunk, assert_parity, autograd_vjp, photos, seeded
 
 
 class TiledNet(nn.Module):
@@ -172,7 +172,7 @@ def test_folded_batchnorm_and_tiled_maxpool_match_torch_with_exact_ties(tiled_mo
 
 
 def test_a_wrong_multi_cotangent_layout_is_refused(tmp_path, monkeypatch):
-    def k_major(g, t):  # right for K = 1, pairs rows with the wrong images for K > 1
+    def k_major(g, t, layout):  # right for K = 1, pairs rows with the wrong images for K > 1
         n = t.shape[0]
         return (g.reshape(-1, n, *g.shape[1:]) * t.reshape(1, n, *t.shape[1:])).reshape(g.shape)
 
@@ -250,8 +250,9 @@ def test_the_k_per_image_pass_runs_in_the_blocked_layout(fixture, request, tmp_p
 
     opts = session_options()
     opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    own = ort.InferenceSession(multi_subgraph(onnx.load(str(path))).SerializeToString(), opts,
-                               providers=["CPUExecutionProvider"])
+    own = ort.InferenceSession(
+        multi_subgraph(onnx.load(str(path))).SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
     want_f, want_g = own.run([FEATURES, INPUT_GRADS], {IMAGE: x, COTANGENTS: cot.reshape(6, *cot.shape[2:])})
     np.testing.assert_array_equal(f, want_f)
     np.testing.assert_array_equal(g.reshape(want_g.shape), want_g)
@@ -295,8 +296,13 @@ def test_strided_depthwise_adjoints_go_phase_by_phase_in_the_k_per_image_pass(tm
     proto = onnx.load(str(out))
 
     def transposed_kernels(graph) -> list:
-        return sorted(tuple(a.ints) for n in graph.node if n.op_type == "ConvTranspose"
-                      for a in n.attribute if a.name == "kernel_shape")
+        return sorted(
+            tuple(a.ints)
+            for n in graph.node
+            if n.op_type == "ConvTranspose"
+            for a in n.attribute
+            if a.name == "kernel_shape"
+        )
 
     assert transposed_kernels(multi_subgraph(proto).graph) == [(2, 2)]  # one interleave, at the stem
     assert transposed_kernels(vjp_subgraph(proto).graph) == [(1, 1), (1, 1)]  # two zero insertions
@@ -320,8 +326,13 @@ def test_unpooling_keeps_the_batch_axis_so_the_masks_after_it_stay_blocked(poole
     for n in sub.graph.node:
         if computed & set(n.input):
             computed.update(n.output)
-    maps = [v for v in inferred if v.name in computed and len(v.type.tensor_type.shape.dim) == 4
-            and v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    maps = [
+        v
+        for v in inferred
+        if v.name in computed
+        and len(v.type.tensor_type.shape.dim) == 4
+        and v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ]
     assert len(maps) > 20
     assert [v.name for v in maps if v.type.tensor_type.shape.dim[0].dim_param != "N"] == []
 
@@ -348,22 +359,31 @@ def test_keep_batch_axis_annotates_resizes_that_keep_the_batch_axis():
     def scales(name, v):
         return numpy_helper.from_array(np.array(v, np.float32), name)
 
-    nodes = [helper.make_node("Resize", ["x", "", "s1"], ["r1"], mode="nearest"),
-             helper.make_node("Resize", ["r1", "", "s1"], ["r2"], mode="nearest"),
-             helper.make_node("Resize", ["x", "", "s2"], ["r3"], mode="nearest"),
-             helper.make_node("Reshape", ["x", "flat"], ["v"]),
-             helper.make_node("Resize", ["v", "", "s1"], ["r4"], mode="nearest")]
+    nodes = [
+        helper.make_node("Resize", ["x", "", "s1"], ["r1"], mode="nearest"),
+        helper.make_node("Resize", ["r1", "", "s1"], ["r2"], mode="nearest"),
+        helper.make_node("Resize", ["x", "", "s2"], ["r3"], mode="nearest"),
+        helper.make_node("Reshape", ["x", "flat"], ["v"]),
+        helper.make_node("Resize", ["v", "", "s1"], ["r4"], mode="nearest"),
+    ]
     nodes += [helper.make_node("Relu", [f"r{i}"], [f"y{i}"]) for i in (2, 3, 4)]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 3, 3])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 2, 3, 3])],
         [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None) for i in (2, 3, 4)],
-        initializer=[scales("s1", [1, 1, 2, 2]), scales("s2", [2, 1, 1, 1]),
-                     numpy_helper.from_array(np.array([-1, 2, 3, 3], np.int64), "flat")])
+        initializer=[
+            scales("s1", [1, 1, 2, 2]),
+            scales("s2", [2, 1, 1, 1]),
+            numpy_helper.from_array(np.array([-1, 2, 3, 3], np.int64), "flat"),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     assert keep_batch_axis(model) == 2
-    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in model.graph.value_info}
+    shapes = {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info
+    }
     assert shapes == {"r1": ["N", 2, 6, 6], "r2": ["N", 2, 12, 12]}
     x = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32)
     y2, y3, _ = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
@@ -383,9 +403,13 @@ def test_the_float16_copy_keeps_the_unpooling_scales_in_float32(pooled_model):
 
     sub = vjp_subgraph(onnx.load(str(pooled_model)))
     rng = np.random.default_rng(0)
-    feeds = {IMAGE: rng.standard_normal((2, 3, 48, 48)).astype(np.float32),
-             COTANGENT: rng.standard_normal((2, 32, 12, 12)).astype(np.float32)}
-    want = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run([FEATURES, INPUT_GRAD], feeds)
+    feeds = {
+        IMAGE: rng.standard_normal((2, 3, 48, 48)).astype(np.float32),
+        COTANGENT: rng.standard_normal((2, 32, 12, 12)).astype(np.float32),
+    }
+    want = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        [FEATURES, INPUT_GRAD], feeds
+    )
     half = ort.InferenceSession(to_fp16(sub).SerializeToString(), providers=["CPUExecutionProvider"])
     (f16, g16), (f32, g32) = half.run([FEATURES, INPUT_GRAD], feeds), want
     assert f16.dtype == g16.dtype == np.float32

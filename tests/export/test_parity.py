@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import MNV2_WEIGHTS, SHARED, tiny_cnn
 from torch import nn
 
-from conftest import MNV2_WEIGHTS, SHARED, tiny_cnn
 from pbv_onnx.export.verify import rel_l2, smooth_images
-from pbv_onnx.runtime.images import load_batch
 from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.runtime.images import load_batch
 
 FEATURE_TOL = 1e-4
 
@@ -137,4 +137,4 @@ def test_features_only_subgraph_equals_vjp_features(resnet18_avg_model, tiny_cnn
         eng = Engine(path, device="cpu", batch_size=3)
         x = smooth_images(3, eng.info.input_shape[1:], eng.info.preprocessing, seed=8)
         f_vjp, _ = eng.vjp(x, np.ones((3, *eng.info.feature_shape), np.float32))
-        np.testing.assert_allclose(eng.features(x), f_vjp, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(eng.feature_maps(x), f_vjp, rtol=1e-6, atol=1e-6)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import xarray as xr
 
-from pbv_onnx.method.stats import betainc, critical_r, p_value_r
+from pbv_onnx.method.stats import betainc, channel_metrics, critical_r, p_value_r
 
 stats = pytest.importorskip("scipy.stats")
 special = pytest.importorskip("scipy.special")
@@ -31,3 +32,19 @@ def test_p_value_of_r_equals_scipy_pearsonr(n):
 def test_incomplete_beta_equals_scipy():
     for a, b, x in [(0.5, 0.5, 0.3), (2.0, 0.5, 0.9), (50.0, 0.5, 0.95), (1.5, 3.0, 0.01)]:
         assert betainc(a, b, x) == pytest.approx(special.betainc(a, b, x), rel=1e-10)
+
+
+def test_critical_r_with_groups_uses_the_number_of_groups_as_n():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 6, 17)  # 17 groups of 1-5 stimuli
+    groups = np.repeat([f"g{i}" for i in range(17)], sizes)
+    n = len(groups)
+    coords = {"channel": ["a"], "stimulus": np.arange(n)}
+    pred = xr.DataArray(rng.standard_normal((1, n)), dims=("channel", "stimulus"), coords=coords)
+    mean = xr.DataArray(rng.standard_normal((1, n)), dims=("channel", "stimulus"), coords=coords)
+    m = channel_metrics(pred, np.ones(n, bool), mean, None, groups=groups)
+    t = stats.t.ppf(0.975, 17 - 2)
+    assert float(m["r_critical"].values[0]) == pytest.approx(t / np.sqrt(17 - 2 + t * t), rel=1e-9)
+    t = stats.t.ppf(0.975, n - 2)
+    plain = channel_metrics(pred, np.ones(n, bool), mean, None)
+    assert float(plain["r_critical"].values[0]) == pytest.approx(t / np.sqrt(n - 2 + t * t), rel=1e-9)

@@ -23,7 +23,7 @@ def test_existing_output_is_kept_without_force_and_replaced_with_force(tmp_path)
     dest = tmp_path / "out"
     dest.mkdir()
     (dest / "old").write_text("old")
-    with pytest.raises(OutputError, match="--force"):
+    with pytest.raises(OutputError, match=r"use force=True to overwrite"):
         with atomic_dir(dest):
             pass
     assert (dest / "old").exists()

@@ -35,13 +35,20 @@ def test_committed_results_render_each_backbone_with_torchs_own_ratios():
         name = f"| {r['arch']} {r['layer']} |"
         assert row.startswith(name) and other.startswith(name)
         cells = [c.strip() for c in other.strip("|").split("|")][1:]
-        assert cells == [f"{r['torch_forward']:.3f}", f"{r['torch_over_2fwd']:.2f}",
-                         f"{r['ort_over_2fwd_beside_torch']:.2f}", f"{r['ort_fwd_over_torch_fwd']:.2f}",
-                         f"{r['ort_over_torch']:.2f}"]
+        assert cells == [
+            f"{r['torch_forward']:.3f}",
+            f"{r['torch_over_2fwd']:.2f}",
+            f"{r['ort_over_2fwd_beside_torch']:.2f}",
+            f"{r['ort_fwd_over_torch_fwd']:.2f}",
+            f"{r['ort_over_torch']:.2f}",
+        ]
         # the yardsticks are measured, not derived from each other: torch's forward alone is
         # faster than its forward + VJP, and the ratio of forwards agrees with the times in the row
         assert r["torch_forward"] < r["torch_vjp"]
-        assert abs(r["ort_fwd_over_torch_fwd"] - r["ort_forward"] / r["torch_forward"]) < 0.35 * r["ort_fwd_over_torch_fwd"]
+        assert (
+            abs(r["ort_fwd_over_torch_fwd"] - r["ort_forward"] / r["torch_forward"])
+            < 0.35 * r["ort_fwd_over_torch_fwd"]
+        )
 
 
 def test_results_from_before_the_torch_forward_render_without_that_table():

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from simresponses import simulate
+from tinymodel import build_tiny_model
 
 from pbv_onnx.data.features import load_features
 from pbv_onnx.data.readouts import load_readouts
-from simresponses import simulate
-from tinymodel import build_tiny_model
 
 PBV = Path(sys.executable).parent / "pbv-onnx"
 
@@ -39,8 +39,17 @@ def write_long_csv(ds: xr.Dataset, path: Path) -> None:
         for i, ch in enumerate(ds["channel"].values):
             for j, st in enumerate(ds["stimulus"].values):
                 for k, rep in enumerate(ds["repetition"].values):
-                    w.writerow([ch, st, ds["category"].values[j], ds["file"].values[j], rep,
-                                repr(float(ds["response"].values[i, j, k])), ds["region"].values[i]])
+                    w.writerow(
+                        [
+                            ch,
+                            st,
+                            ds["category"].values[j],
+                            ds["file"].values[j],
+                            rep,
+                            repr(float(ds["response"].values[i, j, k])),
+                            ds["region"].values[i],
+                        ]
+                    )
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +59,68 @@ def study(tiny_model, tmp_path_factory):
     sim = simulate(root, tiny_model, n_body=16, n_object=8, channels=3, reps=4, noise=0.5, seed=3)
     write_long_csv(sim.ds, root / "long.csv")
     runs = {
-        "import": pbv("import-responses", "--csv", root / "long.csv", "--preferred", "body",
-                      "--units", "spikes/s", "--out", root / "responses.nc"),
-        "features": pbv("features", "--model", tiny_model, "--responses", root / "responses.nc",
-                        "--out", root / "features.nc", "--device", "cpu", "--batch-size", "5"),
-        "fit": pbv("fit", "--model", tiny_model, "--responses", root / "responses.nc", "--features",
-                   root / "features.nc", "--alphas", "1e-2,0.1,1", "--folds", "4", "--out", root / "readouts.nc"),
+        "import": pbv(
+            "import-responses",
+            "--csv",
+            root / "long.csv",
+            "--preferred",
+            "body",
+            "--units",
+            "spikes/s",
+            "--out",
+            root / "responses.nc",
+        ),
+        "features": pbv(
+            "features",
+            "--model",
+            tiny_model,
+            "--responses",
+            root / "responses.nc",
+            "--out",
+            root / "features.nc",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "5",
+        ),
+        "fit": pbv(
+            "fit",
+            "--model",
+            tiny_model,
+            "--responses",
+            root / "responses.nc",
+            "--features",
+            root / "features.nc",
+            "--alphas",
+            "1e-2,0.1,1",
+            "--folds",
+            "4",
+            "--out",
+            root / "readouts.nc",
+        ),
     }
     last = {
-        "evaluate": ("evaluate", "--readouts", root / "readouts.nc", "--responses", root / "responses.nc",
-                     "--out", root / "eval"),
-        "predict": ("predict", "--model", tiny_model, "--readouts", root / "readouts.nc", "--images",
-                    root / "images" / "object0000.png", root / "images" / "body0001.png",
-                    "--out", root / "preds.csv"),
+        "evaluate": (
+            "evaluate",
+            "--readouts",
+            root / "readouts.nc",
+            "--responses",
+            root / "responses.nc",
+            "--out",
+            root / "eval",
+        ),
+        "predict": (
+            "predict",
+            "--model",
+            tiny_model,
+            "--readouts",
+            root / "readouts.nc",
+            "--images",
+            root / "images" / "object0000.png",
+            root / "images" / "body0001.png",
+            "--out",
+            root / "preds.csv",
+        ),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(pbv, *args) for name, args in last.items()}
@@ -90,7 +148,8 @@ def test_import_features_fit_evaluate_predict_run_end_to_end(study, tiny_model):
     assert rows[0] == ["image", "ch0", "ch1", "ch2"] and len(rows) == 3
     # the printed predictions are the readout applied to the image's features
     j = list(feats["stimulus"].values).index(
-        list(sim.ds["stimulus"].values[sim.ds["file"].values == "images/object0000.png"])[0])
+        list(sim.ds["stimulus"].values[sim.ds["file"].values == "images/object0000.png"])[0]
+    )
     expected = feats.values[j].astype(np.float64) @ ro["weight"].values.T.astype(np.float64) + ro["bias"].values
     np.testing.assert_allclose([float(v) for v in rows[1][1:]], expected, rtol=1e-4)
 
@@ -98,8 +157,9 @@ def test_import_features_fit_evaluate_predict_run_end_to_end(study, tiny_model):
 def test_outputs_are_not_overwritten_without_force(study, tiny_model):
     root, _, _ = study
     before = (root / "readouts.nc").read_bytes()
-    res = pbv("evaluate", "--readouts", root / "readouts.nc", "--responses", root / "responses.nc",
-              "--out", root / "eval")
+    res = pbv(
+        "evaluate", "--readouts", root / "readouts.nc", "--responses", root / "responses.nc", "--out", root / "eval"
+    )
     assert_refused(res, 6, "eval", "already exists")
     assert (root / "readouts.nc").read_bytes() == before
 
@@ -140,9 +200,11 @@ def refusals(study, tiny_model, tmp_path_factory):
         "no_category": lambda ds: ds.drop_vars("category"),
         "nan_channel": lambda ds: ds.assign(response=ds["response"].where(ds["channel"] != "ch1")),
         "missing_image": lambda ds: ds.assign_coords(
-            file=("stimulus", [f.replace("body0003", "gone/body0003") for f in ds["file"].values])),
+            file=("stimulus", [f.replace("body0003", "gone/body0003") for f in ds["file"].values])
+        ),
         "unreadable_image": lambda ds: ds.assign_coords(
-            file=("stimulus", ["bad/broken.png"] + list(ds["file"].values[1:]))),
+            file=("stimulus", ["bad/broken.png"] + list(ds["file"].values[1:]))
+        ),
     }
     commands = {}
     for case in REFUSALS:
@@ -150,21 +212,40 @@ def refusals(study, tiny_model, tmp_path_factory):
     for case, change in responses.items():
         path = broken_copy(sim, root / f"{case}.nc", change)
         commands[case] = fit_args(tiny_model, path, base / case / "readouts.nc")
-    commands["unknown_preferred"] = fit_args(tiny_model, root / "responses.nc",
-                                             base / "unknown_preferred" / "readouts.nc", "--preferred", "face")
-    commands["too_few_preferred"] = fit_args(tiny_model, root / "responses.nc",
-                                             base / "too_few_preferred" / "readouts.nc", "--folds", "9")
+    commands["unknown_preferred"] = fit_args(
+        tiny_model, root / "responses.nc", base / "unknown_preferred" / "readouts.nc", "--preferred", "face"
+    )
+    commands["too_few_preferred"] = fit_args(
+        tiny_model, root / "responses.nc", base / "too_few_preferred" / "readouts.nc", "--folds", "9"
+    )
     (root / "long.csv.bad").mkdir()
     table = root / "long.csv.bad" / "long.csv"
     table.write_text("channel,stimulus,file,repetition,response\na,1,x.png,0,1.0\n")
-    commands["import_without_category"] = ("import-responses", "--csv", table,
-                                           "--out", base / "import_without_category" / "r.nc")
-    commands["features_of_another_model"] = fit_args(other, root / "responses.nc",
-                                                     base / "features_of_another_model" / "readouts.nc",
-                                                     "--features", root / "features.nc")
-    commands["readouts_of_another_model"] = ("predict", "--model", other, "--readouts", root / "readouts.nc",
-                                             "--images", root / "images",
-                                             "--out", base / "readouts_of_another_model" / "p.nc")
+    commands["import_without_category"] = (
+        "import-responses",
+        "--csv",
+        table,
+        "--out",
+        base / "import_without_category" / "r.nc",
+    )
+    commands["features_of_another_model"] = fit_args(
+        other,
+        root / "responses.nc",
+        base / "features_of_another_model" / "readouts.nc",
+        "--features",
+        root / "features.nc",
+    )
+    commands["readouts_of_another_model"] = (
+        "predict",
+        "--model",
+        other,
+        "--readouts",
+        root / "readouts.nc",
+        "--images",
+        root / "images",
+        "--out",
+        base / "readouts_of_another_model" / "p.nc",
+    )
     with ThreadPoolExecutor(max_workers=4) as pool:
         futures = {case: pool.submit(pbv, *args) for case, args in commands.items()}
         return {case: (f.result(), base / case) for case, f in futures.items()}

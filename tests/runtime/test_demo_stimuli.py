@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pbv_onnx.demo.sources import Source, available_sources
-from pbv_onnx.demo.stimuli import Counts, plan_stimuli, read_table, render, write_stimuli, load_mask
+from pbv_onnx.demo.stimuli import Counts, load_mask, plan_stimuli, read_table, render, write_stimuli
 
 SMALL = Counts(body=10, object=6, planted=8, size=64, part_px=(16, 28))
 
@@ -15,8 +15,12 @@ SMALL = Counts(body=10, object=6, planted=8, size=64, part_px=(16, 28))
 def fake_photos(seed: int = 0):
     """Random-texture 'photos' of different sizes: two bodies with part boxes, two objects."""
     rng = np.random.default_rng(seed)
-    spec = [("b1", "body", (0.2, 0.1, 0.6, 0.5), (120, 90)), ("b2", "body", (0.5, 0.5, 0.9, 0.95), (80, 140)),
-            ("o1", "object", None, (100, 100)), ("o2", "object", None, (150, 70))]
+    spec = [
+        ("b1", "body", (0.2, 0.1, 0.6, 0.5), (120, 90)),
+        ("b2", "body", (0.5, 0.5, 0.9, 0.95), (80, 140)),
+        ("o1", "object", None, (100, 100)),
+        ("o2", "object", None, (150, 70)),
+    ]
     out = []
     for name, cat, part, (w, h) in spec:
         src = Source(name, cat, "human" if cat == "body" else "object", "test", part)

@@ -24,11 +24,44 @@ def constructed(seed: int = 0):
         x1, y1 = x0 + 16, y0 + 16
         f = rng.gamma(2.0, 0.3, (F, *GRID))
         if kind == "human":
-            s = Stimulus(f"s{i}", "body", kind, "photo", f"s{i}.png", 0, 0, SIZE, 0,
-                         body_x0=x0, body_y0=y0, body_x1=x1, body_y1=y1)
+            s = Stimulus(
+                f"s{i}",
+                "body",
+                kind,
+                "photo",
+                f"s{i}.png",
+                0,
+                0,
+                SIZE,
+                0,
+                body_x0=x0,
+                body_y0=y0,
+                body_x1=x1,
+                body_y1=y1,
+            )
         elif kind == "planted":
-            s = Stimulus(f"s{i}", "object", kind, "photo", f"s{i}.png", 0, 0, SIZE, 0, "photo",
-                         0, 0, 1, 1, 0, x0, y0, x1, y1, f"m{i}.png")
+            s = Stimulus(
+                f"s{i}",
+                "object",
+                kind,
+                "photo",
+                f"s{i}.png",
+                0,
+                0,
+                SIZE,
+                0,
+                "photo",
+                0,
+                0,
+                1,
+                1,
+                0,
+                x0,
+                y0,
+                x1,
+                y1,
+                f"m{i}.png",
+            )
         else:
             s = Stimulus(f"s{i}", "object", kind, "photo", f"s{i}.png", 0, 0, SIZE, 0)
         if kind != "object":
@@ -50,7 +83,7 @@ def test_box_cells_marks_cells_mostly_inside():
 def test_channels_read_body_part_features_and_are_body_selective():
     table, feats = constructed()
     gt = synthetic.design_channels(feats, table, SIZE, n_channels=6, seed=1)
-    assert set(np.argsort(-gt.scores)[:len(PART_FEATURES)].tolist()) == set(PART_FEATURES)
+    assert set(np.argsort(-gt.scores)[: len(PART_FEATURES)].tolist()) == set(PART_FEATURES)
     assert set(gt.feature[gt.feature >= 0].tolist()) <= set(PART_FEATURES)
     rate = synthetic.mean_rate(gt, feats)
     body = np.array([s.category == "body" for s in table])
@@ -58,7 +91,9 @@ def test_channels_read_body_part_features_and_are_body_selective():
     planted = np.array([s.kind == "planted" for s in table])
     assert (rate[:, body].mean(1) > 2 * rate[:, plain].mean(1)).all()
     # pasted parts drive the channels above plain objects
-    assert (rate[:, planted].mean(1) > rate[:, plain].mean(1) + 0.5 * (rate[:, body].mean(1) - rate[:, plain].mean(1))).all()
+    assert (
+        rate[:, planted].mean(1) > rate[:, plain].mean(1) + 0.5 * (rate[:, body].mean(1) - rate[:, plain].mean(1))
+    ).all()
     assert list(gt.region).count("MSB") == 3 and list(gt.region).count("ASB") == 3
 
 
@@ -93,6 +128,7 @@ def test_ground_truth_round_trips_through_netcdf(tmp_path):
     path = tmp_path / "gt.nc"
     gt.to_dataset({"seed": 0}).to_netcdf(path, engine="h5netcdf")
     import xarray as xr
+
     with xr.open_dataset(path, engine="h5netcdf") as ds:
         back = synthetic.GroundTruth.from_dataset(ds.load())
     np.testing.assert_allclose(synthetic.drive(back, feats), synthetic.drive(gt, feats))
@@ -107,13 +143,14 @@ def test_pooled_model_is_refused():
 
 
 def test_built_experiment_is_a_valid_responses_file(tmp_path, tiny_model):
+    from pbv_onnx.data.responses import load_responses, preferred_category, split_halves
     from pbv_onnx.demo.build import build_experiment
     from pbv_onnx.demo.stimuli import Counts, read_table
-    from pbv_onnx.data.responses import load_responses, preferred_category, split_halves
 
     out = tmp_path / "exp"
-    m = build_experiment(out, tiny_model, Counts(body=12, object=6, planted=4), n_channels=4,
-                         use_shared=False, device="cpu")
+    m = build_experiment(
+        out, tiny_model, Counts(body=12, object=6, planted=4), n_channels=4, use_shared=False, device="cpu"
+    )
     ds = load_responses(out / "responses.nc")
     assert ds["response"].dims == ("channel", "stimulus", "repetition")
     assert preferred_category(ds) == "body" and ds.attrs["units"] == "spikes/s"

@@ -70,7 +70,7 @@ def test_patch_scores_sum_absolute_saliency_per_block():
     assert scores.shape == (3, 2)
     for by in range(3):
         for bx in range(2):
-            assert scores[by, bx] == pytest.approx(np.abs(smap[4 * by:4 * by + 4, 4 * bx:4 * bx + 4]).sum())
+            assert scores[by, bx] == pytest.approx(np.abs(smap[4 * by : 4 * by + 4, 4 * bx : 4 * bx + 4]).sum())
 
 
 def test_deletion_order_ranks_blocks_by_score_and_breaks_ties_at_random():
@@ -103,9 +103,11 @@ def test_bootstrap_interval_brackets_the_mean_and_shrinks_with_more_pairs():
 
 def region_model(region):
     """A 'channel' that sums the pixels of `region` plus a constant: the known answer is the region."""
+
     def read(x):
         r = x[:, :, region].sum(axis=(1, 2)) + 10.0
         return {"readout": r, "ground truth": 2 * r}
+
     return read
 
 
@@ -114,10 +116,8 @@ def test_deletion_areas_reward_the_true_map_and_punish_its_opposite():
     img = rng.uniform(0.5, 1.0, (3, 32, 32)).astype(np.float32)
     region = square_mask(32, (4, 8, 16, 20))
     fill = np.zeros_like(img)
-    maps = {"true": region.astype(float), "opposite": (~region).astype(float),
-            "flat": np.ones(region.shape)}
-    areas, drop = v.deletion_areas(region_model(region), img, maps, rng, scale=1.0, fill=fill, patch=4,
-                                   n_random=4)
+    maps = {"true": region.astype(float), "opposite": (~region).astype(float), "flat": np.ones(region.shape)}
+    areas, drop = v.deletion_areas(region_model(region), img, maps, rng, scale=1.0, fill=fill, patch=4, n_random=4)
     for measure in ("readout", "ground truth"):
         assert areas["true"][measure] > 0 > areas["opposite"][measure]
         assert abs(areas["flat"][measure]) < areas["true"][measure]
@@ -130,8 +130,15 @@ def test_deletion_areas_reward_the_true_map_and_punish_its_opposite():
 def test_deletion_areas_are_zero_for_a_response_that_ignores_the_image():
     rng = np.random.default_rng(2)
     img = rng.uniform(0, 1, (3, 16, 16)).astype(np.float32)
-    areas, drop = v.deletion_areas(lambda x: {"readout": np.full(len(x), 5.0)}, img,
-                                   {"m": rng.uniform(size=(16, 16))}, rng, 1.0, np.zeros_like(img), patch=4)
+    areas, drop = v.deletion_areas(
+        lambda x: {"readout": np.full(len(x), 5.0)},
+        img,
+        {"m": rng.uniform(size=(16, 16))},
+        rng,
+        1.0,
+        np.zeros_like(img),
+        patch=4,
+    )
     assert areas["m"]["readout"] == 0.0 and drop["readout"] == 0.0
 
 
@@ -139,8 +146,8 @@ def test_upsampled_cells_and_cell_pointing_follow_the_grid():
     cells = np.arange(4.0).reshape(2, 2)
     up = v.upsample_cells(cells, (4, 6))
     np.testing.assert_array_equal(up, np.kron(cells, np.ones((2, 3))))
-    mask = square_mask(8, (4, 4, 8, 8))   # the bottom-right quarter
-    assert v.cell_pointing_hit(cells, mask)           # peak cell (1, 1): centre (6, 6)
+    mask = square_mask(8, (4, 4, 8, 8))  # the bottom-right quarter
+    assert v.cell_pointing_hit(cells, mask)  # peak cell (1, 1): centre (6, 6)
     assert not v.cell_pointing_hit(cells[::-1], mask)  # peak cell (0, 1): centre (2, 6)
 
 
@@ -151,6 +158,7 @@ def test_mask_follows_the_model_resize():
 
 
 # -- end to end on a reduced stimulus set, through the installed CLI ------------------------------
+
 
 def _demo_model():
     """The exported demo model: the readouts are fitted on it and, with a sparse, pooled,
@@ -170,27 +178,62 @@ def pbv(*args):
 def test_reduced_demo_runs_through_the_cli_and_finds_the_planted_parts(tmp_path):
     fit_model = gt_model = _demo_model()
     if fit_model is None:
-        pytest.skip("no exported demo model (mobilenet_v2-features.18.onnx) in build/demo or "
-                    "build/models; run `make demo` first")
+        pytest.skip(
+            "no exported demo model (mobilenet_v2-features.18.onnx) in build/demo or "
+            "build/models; run `make demo` first"
+        )
     exp = tmp_path / "exp"
-    r = pbv("demo", "build", "--gt-model", gt_model, "--out", exp, "--bodies", 40, "--objects", 12,
-            "--planted", 16, "--channels", 4, "--device", "cpu")
+    r = pbv(
+        "demo",
+        "build",
+        "--gt-model",
+        gt_model,
+        "--out",
+        exp,
+        "--bodies",
+        40,
+        "--objects",
+        12,
+        "--planted",
+        16,
+        "--channels",
+        4,
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
-    r = pbv("fit", "--model", fit_model, "--responses", exp / "responses.nc", "--out", tmp_path / "ro.nc",
-            "--device", "cpu")
+    r = pbv(
+        "fit", "--model", fit_model, "--responses", exp / "responses.nc", "--out", tmp_path / "ro.nc", "--device", "cpu"
+    )
     assert r.returncode == 0, r.stderr
     import xarray as xr
+
     ds = xr.open_dataset(exp / "responses.nc", engine="h5netcdf")
     mean = ds["response"].mean("repetition").values
     body = ds["category"].values.astype(str) == "body"
     # body-selective against plain objects (planted ones carry a body part by design)
     plain = ~body & ~np.char.startswith(ds["stimulus"].values.astype(str), "planted")
     assert (mean[:, body].mean(1) > 1.5 * mean[:, plain].mean(1)).all()
-    r = pbv("demo", "validate", "--model", fit_model, "--readouts", tmp_path / "ro.nc", "--experiment", exp,
-            "--out", tmp_path / "validation.md", "--method", "parallel", "--device", "cpu")
+    r = pbv(
+        "demo",
+        "validate",
+        "--model",
+        fit_model,
+        "--readouts",
+        tmp_path / "ro.nc",
+        "--experiment",
+        exp,
+        "--out",
+        tmp_path / "validation.md",
+        "--method",
+        "parallel",
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     assert "| parallel |" in r.stdout
     import json
+
     res = json.loads((tmp_path / "validation.json").read_text())
     assert res["n_pairs"] == 16
     assert res["readouts"]["r_cv_preferred"] > res["readouts"]["r_critical"]

@@ -18,28 +18,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pbv_onnx.runtime.images import load_batch
 from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.runtime.images import load_batch
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = {"mnv2": ROOT / "build" / "models" / "mobilenet_v2-features.18.onnx",
-          "resnet18_avg": ROOT / "build" / "models" / "resnet18_avg.onnx"}
-EXPECTED = {"mnv2": ("mobilenet_v2", "features.18", (1280, 7, 7), (3, 224, 224)),
-            "resnet18_avg": ("resnet18", "layer4", (512,), (3, 112, 112))}
+MODELS = {
+    "mnv2": ROOT / "build" / "models" / "mobilenet_v2-features.18.onnx",
+    "resnet18_avg": ROOT / "build" / "models" / "resnet18_avg.onnx",
+}
+EXPECTED = {
+    "mnv2": ("mobilenet_v2", "features.18", (1280, 7, 7), (3, 224, 224)),
+    "resnet18_avg": ("resnet18", "layer4", (512,), (3, 112, 112)),
+}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     code = "import sys; from pbv_onnx.cli.main import main; sys.argv = ['pbv-onnx'] + sys.argv[1:]; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(params=sorted(MODELS))
 def model(request) -> tuple[str, Path]:
     path = MODELS[request.param]
     if not path.is_file():
-        pytest.skip(f"{path.relative_to(ROOT)} is absent: export it first with the export environment "
-                    "(make models, or the commands in export/README.md)")
+        pytest.skip(
+            f"{path.relative_to(ROOT)} is absent: export it first with the export environment "
+            "(make models, or the commands in export/README.md)"
+        )
     return request.param, path
 
 
@@ -68,7 +73,7 @@ def test_features_and_vjp_shapes(model, shared_images):
     eng = Engine(path, device="cpu")
     x = _images(eng, shared_images, 3)
     assert x.shape == (3, *input_shape)
-    feats = eng.features(x)
+    feats = eng.feature_maps(x)
     assert feats.shape == (3, *feature_shape) and np.isfinite(feats).all()
     f, g = eng.vjp(x, feats)  # the VJP of 0.5 ||phi||^2
     assert f.shape == feats.shape and g.shape == x.shape

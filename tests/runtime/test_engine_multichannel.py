@@ -13,17 +13,16 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+from test_explain import make_study_files
+from tinymodel import FEATURE_SHAPE, SIZE, build_tiny_model
 
-from pbv_onnx.workflows import explain as ex
 from pbv_onnx.base.errors import UsageError
-import onnxruntime as ort
-
 from pbv_onnx.runtime.engine import COTANGENTS, INPUT_GRADS, Engine, duplicate_groups
 from pbv_onnx.runtime.modelfile import MULTI_COTANGENT, has_split_passes
-from test_explain import make_study_files
-from tinymodel import FEATURE_SHAPE, PREPROCESSING, SIZE, build_tiny_model
+from pbv_onnx.workflows import explain as ex
 
 MASKED = {"g2": ("cotangent", "m2", FEATURE_SHAPE), "g1m": ("g1", "m1", (4, SIZE, SIZE))}
 
@@ -37,13 +36,17 @@ def build_multi_tiny_model(path, seed: int = 0):
         if node.op_type == "Mul" and node.output[0] in MASKED:
             g, m, shape = MASKED[node.output[0]]
             out = node.output[0]
-            inits += [numpy_helper.from_array(np.array([-1, *shape], np.int64), f"{out}_flat"),
-                      numpy_helper.from_array(np.array([1], np.int64), f"{out}_axis")]
-            nodes += [helper.make_node("Concat", ["n_shape", f"{out}_flat"], [f"{out}_5d"], axis=0),
-                      helper.make_node("Reshape", [g, f"{out}_5d"], [f"{out}_g"]),
-                      helper.make_node("Unsqueeze", [m, f"{out}_axis"], [f"{out}_m"]),
-                      helper.make_node("Mul", [f"{out}_g", f"{out}_m"], [f"{out}_p"]),
-                      helper.make_node("Reshape", [f"{out}_p", f"{out}_flat"], [out])]
+            inits += [
+                numpy_helper.from_array(np.array([-1, *shape], np.int64), f"{out}_flat"),
+                numpy_helper.from_array(np.array([1], np.int64), f"{out}_axis"),
+            ]
+            nodes += [
+                helper.make_node("Concat", ["n_shape", f"{out}_flat"], [f"{out}_5d"], axis=0),
+                helper.make_node("Reshape", [g, f"{out}_5d"], [f"{out}_g"]),
+                helper.make_node("Unsqueeze", [m, f"{out}_axis"], [f"{out}_m"]),
+                helper.make_node("Mul", [f"{out}_g", f"{out}_m"], [f"{out}_p"]),
+                helper.make_node("Reshape", [f"{out}_p", f"{out}_flat"], [out]),
+            ]
         else:
             nodes.append(node)
     del model.graph.node[:]
@@ -74,17 +77,19 @@ def build_split_tiny_model(path, seed: int = 0):
         backward.update(node.output)
         renamed = onnx.NodeProto()
         renamed.CopyFrom(node)
-        renamed.input[:] = [COTANGENTS if i == "cotangent" else f"{i}_k" if i in backward else i
-                            for i in node.input]
+        renamed.input[:] = [COTANGENTS if i == "cotangent" else f"{i}_k" if i in backward else i for i in node.input]
         renamed.output[:] = [INPUT_GRADS if o == "input_grad" else f"{o}_k" for o in node.output]
         nodes.append(renamed)
     del single.graph.node[:]
     single.graph.node.extend(nodes)
-    single.graph.initializer.extend(i for i in multi.graph.initializer
-                                    if i.name not in {j.name for j in single.graph.initializer})
+    single.graph.initializer.extend(
+        i for i in multi.graph.initializer if i.name not in {j.name for j in single.graph.initializer}
+    )
     single.graph.initializer.append(numpy_helper.from_array(np.zeros((0, *FEATURE_SHAPE), np.float32), COTANGENTS))
     single.graph.input.append(helper.make_tensor_value_info(COTANGENTS, onnx.TensorProto.FLOAT, ["NK", *FEATURE_SHAPE]))
-    single.graph.output.append(helper.make_tensor_value_info(INPUT_GRADS, onnx.TensorProto.FLOAT, ["NK", 3, SIZE, SIZE]))
+    single.graph.output.append(
+        helper.make_tensor_value_info(INPUT_GRADS, onnx.TensorProto.FLOAT, ["NK", 3, SIZE, SIZE])
+    )
     single.metadata_props.add(key=MULTI_COTANGENT, value=json.dumps(True))
     onnx.checker.check_model(single)
     onnx.save(single, str(path))
@@ -148,7 +153,7 @@ def test_model_without_the_layout_falls_back_to_repeated_images(models):
     f, g = single.vjp_multi(x, cot)
     for k in range(3):
         np.testing.assert_allclose(g[:, k], single.vjp(x, cot[:, k])[1], rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(f, single.features(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(f, single.feature_maps(x), rtol=1e-6, atol=1e-6)
 
 
 def test_bad_cotangent_shapes_are_usage_errors(models):
@@ -249,8 +254,7 @@ def test_explain_one_object_for_several_channels_shares_its_forward_pass(models,
     files = make_study_files(tmp_path / "study", models[1])
     results = {}
     for multi in (True, False):
-        study = ex.open_study(files["model"], files["readouts"], files["responses"], device="cpu",
-                              progress=False)
+        study = ex.open_study(files["model"], files["readouts"], files["responses"], device="cpu", progress=False)
         study.engine.multi = multi
         pairs = ex.build_pairs(study, images=["o00"], reference="b01")  # 3 channels, 1 object, 1 reference
         assert len(pairs) == 3

@@ -11,9 +11,9 @@ import xarray as xr
 from PIL import Image
 
 from pbv_onnx.base.errors import MismatchError, OutputError
-from pbv_onnx.workflows.evaluate import evaluate, write_report
 from pbv_onnx.data.responses import make_responses, mean_response, split_halves
 from pbv_onnx.method.stats import channel_metrics, critical_r, p_value_r, pearson_rows, spearman_brown
+from pbv_onnx.workflows.evaluate import evaluate, write_report
 
 
 def simulated_reliability(signal_sd, noise_sd, reps, n_stim=3000, phases=False, seed=0):
@@ -21,10 +21,18 @@ def simulated_reliability(signal_sd, noise_sd, reps, n_stim=3000, phases=False, 
     c = len(signal_sd)
     signal = rng.standard_normal((c, n_stim)) * np.asarray(signal_sd)[:, None] + 20
     trials = signal[..., None] + rng.standard_normal((c, n_stim, reps)) * np.asarray(noise_sd)[:, None, None]
-    ds = make_responses(trials, range(c), range(n_stim), ["body"] * n_stim,
-                        phase=(["a"] * (reps // 2) + ["b"] * (reps - reps // 2)) if phases else None)
-    pred = xr.DataArray(np.zeros((c, n_stim)), dims=("channel", "stimulus"),
-                        coords={"channel": ds["channel"], "stimulus": ds["stimulus"]})
+    ds = make_responses(
+        trials,
+        range(c),
+        range(n_stim),
+        ["body"] * n_stim,
+        phase=(["a"] * (reps // 2) + ["b"] * (reps - reps // 2)) if phases else None,
+    )
+    pred = xr.DataArray(
+        np.zeros((c, n_stim)),
+        dims=("channel", "stimulus"),
+        coords={"channel": ds["channel"], "stimulus": ds["stimulus"]},
+    )
     return channel_metrics(pred, np.ones(n_stim, bool), mean_response(ds), split_halves(ds))["reliability"].values
 
 
@@ -35,7 +43,7 @@ def test_split_half_reliability_matches_its_analytic_value(phases):
     reps = 8
     rel = simulated_reliability(signal_sd, noise_sd, reps, phases=phases)
     # the mean of `reps` trials has noise variance sigma_n^2 / reps
-    expected = signal_sd ** 2 / (signal_sd ** 2 + noise_sd ** 2 / reps)
+    expected = signal_sd**2 / (signal_sd**2 + noise_sd**2 / reps)
     # sampling sd of a half-correlation over 3000 stimuli is below (1 - r^2) / sqrt(3000) < 0.02
     np.testing.assert_allclose(rel, expected, atol=0.04)
     assert np.abs(rel - expected).mean() < 0.02
@@ -94,14 +102,20 @@ def readouts_and_responses():
     signal = rng.standard_normal((c, nb + no))
     trials = signal[..., None] + 0.5 * rng.standard_normal((c, nb + no, reps))
     cats = ["body"] * nb + ["object"] * no
-    ds = make_responses(trials, ["x", "y", "z"], [f"s{i}" for i in range(nb + no)], cats,
-                        region=["a", "a", "b"], preferred="body")
+    ds = make_responses(
+        trials, ["x", "y", "z"], [f"s{i}" for i in range(nb + no)], cats, region=["a", "a", "b"], preferred="body"
+    )
     pred = signal + 0.3 * rng.standard_normal(signal.shape)
-    ro = xr.Dataset({"prediction": (("channel", "stimulus"), pred), "alpha": ("channel", [0.1, 1.0, 10.0])},
-                    coords={"channel": ["x", "y", "z"], "stimulus": ds["stimulus"].values,
-                            "heldout": ("stimulus", np.array(cats) == "body"),
-                            "region": ("channel", ["a", "a", "b"])},
-                    attrs={"preferred_category": "body", "arch": "tiny", "layer": "l"})
+    ro = xr.Dataset(
+        {"prediction": (("channel", "stimulus"), pred), "alpha": ("channel", [0.1, 1.0, 10.0])},
+        coords={
+            "channel": ["x", "y", "z"],
+            "stimulus": ds["stimulus"].values,
+            "heldout": ("stimulus", np.array(cats) == "body"),
+            "region": ("channel", ["a", "a", "b"]),
+        },
+        attrs={"preferred_category": "body", "arch": "tiny", "layer": "l"},
+    )
     return ro, ds, pred, trials
 
 

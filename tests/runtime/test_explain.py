@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 import xarray as xr
 from PIL import Image, ImageDraw
+from tinymodel import build_tiny_model, tiny_forward, tiny_weights
 
-from pbv_onnx.workflows import explain as ex
-from pbv_onnx.report import figures, html as report
 from pbv_onnx.data.features import model_attrs
-from pbv_onnx.runtime.images import load_batch
-from pbv_onnx.runtime.engine import Engine
 from pbv_onnx.data.readouts import write_readouts
 from pbv_onnx.data.responses import make_responses
 from pbv_onnx.method.similarity import similarities
-from tinymodel import build_tiny_model, tiny_forward, tiny_weights
+from pbv_onnx.report import figures
+from pbv_onnx.report import html as report
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.runtime.images import load_batch
+from pbv_onnx.workflows import explain as ex
 
 CHANNELS = [3, 7, 11]
 REGIONS = ["MSB", "MSB", "ASB"]
@@ -40,8 +41,15 @@ def _draw(kind: str, i: int, rng) -> Image.Image:
     return im
 
 
-def make_study_files(folder: Path, model: Path, seed: int = 0, n_body: int = 8, n_obj: int = 6,
-                     weight: np.ndarray | None = None, nan_body_channel: int | None = None) -> dict:
+def make_study_files(
+    folder: Path,
+    model: Path,
+    seed: int = 0,
+    n_body: int = 8,
+    n_obj: int = 6,
+    weight: np.ndarray | None = None,
+    nan_body_channel: int | None = None,
+) -> dict:
     """Images, a responses file and a readouts file for the tiny model, in the documented formats."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -62,17 +70,27 @@ def make_study_files(folder: Path, model: Path, seed: int = 0, n_body: int = 8, 
     bias = rng.standard_normal(len(CHANNELS)).astype(np.float32)
     pred = phi.astype(np.float64) @ weight.T.astype(np.float64) + bias
     resp = pred.T[:, :, None] + rng.standard_normal((len(CHANNELS), len(stim), 2)) * 0.1
-    resp[:, len(stim) - n_obj:] += 0.5  # distinct object and body means for the response panel
+    resp[:, len(stim) - n_obj :] += 0.5  # distinct object and body means for the response panel
     if nan_body_channel is not None:
         resp[nan_body_channel, :n_body] = np.nan
     ds = make_responses(resp, CHANNELS, stim, cats, file=files, region=REGIONS, preferred="body", units="spikes/s")
     ds.to_netcdf(folder / "responses.nc", engine="h5netcdf")
-    ro = xr.Dataset({"weight": (("channel", "feature"), weight), "bias": ("channel", bias)},
-                    coords={"channel": CHANNELS, "region": ("channel", REGIONS)},
-                    attrs={**model_attrs(eng.info), "preferred_category": "body"})
+    ro = xr.Dataset(
+        {"weight": (("channel", "feature"), weight), "bias": ("channel", bias)},
+        coords={"channel": CHANNELS, "region": ("channel", REGIONS)},
+        attrs={**model_attrs(eng.info), "preferred_category": "body"},
+    )
     write_readouts(ro, folder / "readouts.nc", force=True)
-    return {"model": model, "readouts": folder / "readouts.nc", "responses": folder / "responses.nc",
-            "images": folder / "img", "folder": folder, "weight": weight, "bias": bias, "stimuli": stim}
+    return {
+        "model": model,
+        "readouts": folder / "readouts.nc",
+        "responses": folder / "responses.nc",
+        "images": folder / "img",
+        "folder": folder,
+        "weight": weight,
+        "bias": bias,
+        "stimuli": stim,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +99,9 @@ def study_files(tiny_model, tmp_path_factory) -> dict:
 
 
 def open_(files, batch_size=16, **kw) -> ex.Study:
-    return ex.open_study(files["model"], files["readouts"], files["responses"], batch_size=batch_size,
-                         device="cpu", progress=False, **kw)
+    return ex.open_study(
+        files["model"], files["readouts"], files["responses"], batch_size=batch_size, device="cpu", progress=False, **kw
+    )
 
 
 def _phi64(paths) -> np.ndarray:
@@ -92,6 +111,7 @@ def _phi64(paths) -> np.ndarray:
 
 def _spec():
     from tinymodel import PREPROCESSING
+
     return PREPROCESSING
 
 
@@ -113,8 +133,8 @@ def test_maps_are_the_vjp_of_the_hadamard_weights_for_both_images(study_files):
             G = ds["input_grad"].sel(role=role).values[i]
             d = rng.standard_normal(G.shape)
             eps = 1e-6
-            plus = tiny_forward(x[r:r + 1] + eps * d, wts).reshape(-1) @ v
-            minus = tiny_forward(x[r:r + 1] - eps * d, wts).reshape(-1) @ v
+            plus = tiny_forward(x[r : r + 1] + eps * d, wts).reshape(-1) @ v
+            minus = tiny_forward(x[r : r + 1] - eps * d, wts).reshape(-1) @ v
             assert np.sum(G * d) == pytest.approx((plus - minus) / (2 * eps), rel=1e-3)
             np.testing.assert_allclose(ds["saliency"].sel(role=role).values[i], np.abs(G).sum(axis=0), rtol=1e-6)
 
@@ -170,8 +190,10 @@ def test_explain_decodes_each_image_once_and_gives_the_uncached_result(study_fil
     fresh = open_(study_files, batch_size=2, image_cache_bytes=0)  # keeps nothing between calls
     decoded.clear()
     again = ex.explain(fresh, pairs)
-    per_call = sum(len({f for j in idx for f in (pairs[j].ooc.path, pairs[j].reference.path)})
-                   for idx in ex._chunks(pairs, np.arange(len(pairs)), 2))
+    per_call = sum(
+        len({f for j in idx for f in (pairs[j].ooc.path, pairs[j].reference.path)})
+        for idx in ex._chunks(pairs, np.arange(len(pairs)), 2)
+    )
     assert len(decoded) == per_call > len(used)  # once per engine call that shows it
     np.testing.assert_array_equal(ds["input_grad"].values, again["input_grad"].values)
 
@@ -183,10 +205,10 @@ def test_the_image_cache_keeps_the_most_recent_images_within_its_bound(study_fil
     decoded = []
     real = ex.load_batch
     monkeypatch.setattr(ex, "load_batch", lambda p, spec: decoded.extend(p) or real(p, spec))
-    first = study.images(paths[:3])                   # b02 pushes b00 out
-    study.images([paths[1]])                          # kept: no decode, now the most recent
-    study.images([paths[3]])                          # pushes b02 out, not b01
-    study.images([paths[1], paths[0], paths[2]])      # b01 kept; b00, b02 decoded again
+    first = study.images(paths[:3])  # b02 pushes b00 out
+    study.images([paths[1]])  # kept: no decode, now the most recent
+    study.images([paths[3]])  # pushes b02 out, not b01
+    study.images([paths[1], paths[0], paths[2]])  # b01 kept; b00, b02 decoded again
     assert [p.name for p in decoded] == ["b00.png", "b01.png", "b02.png", "b03.png", "b00.png", "b02.png"]
     assert sum(x.nbytes for x in study._images.values()) <= 2 * one
     np.testing.assert_array_equal(first, load_batch(paths[:3], study.engine.info.preprocessing))
@@ -196,10 +218,12 @@ def test_swapping_the_two_images_swaps_the_two_maps(study_files):
     study = open_(study_files)
     ab = ex.explain(study, ex.build_pairs(study, channels=["3"], images=["o02"], reference="b05"))
     ba = ex.explain(study, ex.build_pairs(study, channels=["3"], images=["b05"], reference="o02"))
-    np.testing.assert_allclose(ab["input_grad"].sel(role="ooc").values, ba["input_grad"].sel(role="reference").values,
-                               rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(ab["input_grad"].sel(role="reference").values, ba["input_grad"].sel(role="ooc").values,
-                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        ab["input_grad"].sel(role="ooc").values, ba["input_grad"].sel(role="reference").values, rtol=1e-6, atol=1e-9
+    )
+    np.testing.assert_allclose(
+        ab["input_grad"].sel(role="reference").values, ba["input_grad"].sel(role="ooc").values, rtol=1e-6, atol=1e-9
+    )
     assert float(ab["similarity"][0]) == pytest.approx(float(ba["similarity"][0]), rel=1e-12)
 
 
@@ -241,10 +265,12 @@ def test_baseline_methods_backpropagate_each_image_on_its_own(study_files):
     pairs = ex.build_pairs(study, channels=["3"], images=["o00"])
     grad = ex.explain(study, pairs, method="gradient")
     # the readout gradient of the object does not depend on which reference was chosen
-    forced = ex.explain(study, ex.build_pairs(study, channels=["3"], images=["o00"], reference="b00"),
-                        method="gradient")
-    np.testing.assert_allclose(grad["input_grad"].sel(role="ooc").values, forced["input_grad"].sel(role="ooc").values,
-                               rtol=1e-6)
+    forced = ex.explain(
+        study, ex.build_pairs(study, channels=["3"], images=["o00"], reference="b00"), method="gradient"
+    )
+    np.testing.assert_allclose(
+        grad["input_grad"].sel(role="ooc").values, forced["input_grad"].sel(role="ooc").values, rtol=1e-6
+    )
     par = ex.explain(study, pairs, method="parallel")
     assert not np.allclose(grad["input_grad"].values, par["input_grad"].values)
 
@@ -278,8 +304,9 @@ def test_a_weakly_similar_pair_shows_a_weaker_map_in_data_and_in_the_figure(cont
     study = open_(contrast_files)
     (ho, hb), (lo, lb), s_hi, s_lo = _high_and_low_pairs(study)
     assert s_hi > 0.8 and s_lo < 0.4, (s_hi, s_lo)  # the fixture provides contrasting pairs
-    pairs = (ex.build_pairs(study, channels=["7"], images=[ho], reference=hb)
-             + ex.build_pairs(study, channels=["7"], images=[lo], reference=lb))
+    pairs = ex.build_pairs(study, channels=["7"], images=[ho], reference=hb) + ex.build_pairs(
+        study, channels=["7"], images=[lo], reference=lb
+    )
     ds = ex.explain(study, pairs)
     sal = ds["saliency"].values  # (pair, role, y, x)
     assert sal[1].mean() < 0.5 * sal[0].mean()
@@ -291,8 +318,9 @@ def test_a_weakly_similar_pair_shows_a_weaker_map_in_data_and_in_the_figure(cont
     for i in range(2):
         png = np.asarray(Image.open(out / report.pair_filename(res, i)).convert("HSV"), np.float64)
         # the overlays are grey images plus colour: mean saturation measures the drawn saliency
-        heat.append([png[b[1]:b[3], b[0]:b[2], 1].mean() for b in
-                     (boxes["ooc_overlay"], boxes["reference_overlay"])])
+        heat.append(
+            [png[b[1] : b[3], b[0] : b[2], 1].mean() for b in (boxes["ooc_overlay"], boxes["reference_overlay"])]
+        )
     heat = np.array(heat)
     assert np.all(heat[1] < 0.6 * heat[0]), heat
     res.close()
@@ -331,8 +359,11 @@ def test_sanity_checks_randomising_readout_or_backbone_changes_the_maps(study_fi
     base = _maps(study_files)
     again = _maps(study_files)
     rng = np.random.default_rng(11)
-    shuffled = make_study_files(tmp_path / "rand_readout", study_files["model"],
-                                weight=rng.standard_normal(study_files["weight"].shape).astype(np.float32) * 0.05)
+    shuffled = make_study_files(
+        tmp_path / "rand_readout",
+        study_files["model"],
+        weight=rng.standard_normal(study_files["weight"].shape).astype(np.float32) * 0.05,
+    )
     other_model = build_tiny_model(tmp_path / "seed1.onnx", seed=1)
     rebuilt = make_study_files(tmp_path / "rand_backbone", other_model, weight=study_files["weight"])
     rand_readout, rand_backbone = _maps(shuffled), _maps(rebuilt)
@@ -341,8 +372,11 @@ def test_sanity_checks_randomising_readout_or_backbone_changes_the_maps(study_fi
     r_ro = [_spearman(a, b) for a, b in zip(flat(base), flat(rand_readout))]
     r_bb = [_spearman(a, b) for a, b in zip(flat(base), flat(rand_backbone))]
     with capsys.disabled():
-        print(f"\nsanity (Spearman of saliency maps): unchanged {np.mean(same):.3f}, random readout "
-              f"{np.mean(r_ro):.3f} (max {np.max(r_ro):.3f}), random backbone {np.mean(r_bb):.3f} (max {np.max(r_bb):.3f})")
+        print(
+            f"\nsanity (Spearman of saliency maps): unchanged {np.mean(same):.3f}, random readout "
+            f"{np.mean(r_ro):.3f} (max {np.max(r_ro):.3f}), "
+            f"random backbone {np.mean(r_bb):.3f} (max {np.max(r_bb):.3f})"
+        )
     assert np.min(same) == pytest.approx(1.0)
     # v = w^2 phi(o) phi(b) keeps only the magnitude of w, and on this two-layer model the product
     # phi(o) phi(b) shapes much of v: a random readout moves the maps less than a random backbone
@@ -364,8 +398,17 @@ def test_output_folder_holds_the_netcdf_the_figures_and_an_offline_report(study_
     assert res["image"].dims == ("pair", "role", "color", "y", "x")
     assert res["role"].values.tolist() == ["ooc", "reference"]
     assert res.sizes["pair"] == 2 * len(CHANNELS)
-    for name in ("channel", "ooc", "reference", "similarity", "predicted_ooc", "predicted_reference",
-                 "recorded_ooc", "recorded_reference", "method"):
+    for name in (
+        "channel",
+        "ooc",
+        "reference",
+        "similarity",
+        "predicted_ooc",
+        "predicted_reference",
+        "recorded_ooc",
+        "recorded_reference",
+        "method",
+    ):
         assert res[name].dims == ("pair",)
     assert res.attrs["model_sha256"] == study.engine.info.sha256
     assert res.attrs["arch"] == "tinycnn" and res.attrs["layer"] == "conv2"
@@ -376,9 +419,12 @@ def test_output_folder_holds_the_netcdf_the_figures_and_an_offline_report(study_
     ch = int(res["channel"].values[i])
     w = study_files["weight"][CHANNELS.index(ch)].astype(np.float64)
     phi = study.phi([study.image(str(res["ooc"].values[i]))])[0].astype(np.float64)
-    assert float(res["predicted_ooc"].values[i]) == pytest.approx(w @ phi + study_files["bias"][CHANNELS.index(ch)],
-                                                                  rel=1e-5)
-    assert float(res["recorded_ooc"].values[i]) == pytest.approx(float(study.mean.sel(channel=ch, stimulus=str(res["ooc"].values[i]))))
+    assert float(res["predicted_ooc"].values[i]) == pytest.approx(
+        w @ phi + study_files["bias"][CHANNELS.index(ch)], rel=1e-5
+    )
+    assert float(res["recorded_ooc"].values[i]) == pytest.approx(
+        float(study.mean.sel(channel=ch, stimulus=str(res["ooc"].values[i])))
+    )
     html = (out / "index.html").read_text()
     links = re.findall(r'(?:src|href)="([^"]+)"', html)
     assert links and not [u for u in links if re.match(r"[a-z]+:|/", u)]
@@ -416,8 +462,10 @@ def test_the_report_counts_its_figures_on_a_progress_bar(study_files, tmp_path, 
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     report.write_output(ds, tmp_path / "a", progress=True)
     report.write_output(ds, tmp_path / "b")
-    assert [(b.total, b.n, b.disable) for b in bars] == [(ds.sizes["pair"], ds.sizes["pair"], None),
-                                                         (ds.sizes["pair"], ds.sizes["pair"], True)]
+    assert [(b.total, b.n, b.disable) for b in bars] == [
+        (ds.sizes["pair"], ds.sizes["pair"], None),
+        (ds.sizes["pair"], ds.sizes["pair"], True),
+    ]
 
 
 def test_an_outside_image_path_gets_nan_recorded_responses(study_files, tmp_path):

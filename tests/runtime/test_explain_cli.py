@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-
 from test_explain import make_study_files
 from tinymodel import build_tiny_model
 
@@ -52,15 +51,30 @@ def test_match_prints_a_ranked_table_and_json(files):
     data = json.loads(js.stdout)
     assert [r["stimulus"] for r in data["ranking"]] == [r[1] for r in rows]
     assert all(r["stimulus"].startswith("b") for r in data["ranking"])
-    every = json.loads(pbv("match", *common(files), "--channel", "7", "--image", "o01", "--candidates", "all",
-                           "--json").stdout)
+    every = json.loads(
+        pbv("match", *common(files), "--channel", "7", "--image", "o01", "--candidates", "all", "--json").stdout
+    )
     assert len(every["ranking"]) == sum(s.startswith("b") for s in files["stimuli"])
 
 
 def test_explain_writes_the_output_folder(files, tmp_path):
     out = tmp_path / "out"
-    res = pbv("explain", *common(files), "--out", out, "--channel", "3", "--channel", "11",
-              "--top-objects", "2", "--batch-size", "3", "--smooth", "0.8")
+    res = pbv(
+        "explain",
+        *common(files),
+        "--out",
+        out,
+        "--channel",
+        "3",
+        "--channel",
+        "11",
+        "--top-objects",
+        "2",
+        "--batch-size",
+        "3",
+        "--smooth",
+        "0.8",
+    )
     assert res.returncode == 0, res.stderr
     ds = xr.open_dataset(out / "explanations.nc", engine="h5netcdf")
     assert ds.sizes["pair"] == 4
@@ -68,8 +82,23 @@ def test_explain_writes_the_output_folder(files, tmp_path):
     assert set(ds["method"].values.tolist()) == {"parallel"}
     ds.close()
     assert (out / "index.html").is_file() and len(list((out / "pairs").glob("*.png"))) == 4
-    again = pbv("explain", *common(files), "--out", out, "--channel", "3", "--image", "o00",
-                "--method", "integrated", "--steps", "2", "--baseline", "blur", "--force")
+    again = pbv(
+        "explain",
+        *common(files),
+        "--out",
+        out,
+        "--channel",
+        "3",
+        "--image",
+        "o00",
+        "--method",
+        "integrated",
+        "--steps",
+        "2",
+        "--baseline",
+        "blur",
+        "--force",
+    )
     assert again.returncode == 0, again.stderr
     ds = xr.open_dataset(out / "explanations.nc", engine="h5netcdf")
     assert ds.sizes["pair"] == 1 and ds["method"].values.tolist() == ["integrated"]
@@ -99,8 +128,19 @@ def test_unreadable_image(files, tmp_path):
 
 def test_readouts_of_another_model(files, tmp_path):
     other = build_tiny_model(tmp_path / "other.onnx", seed=4)
-    res = pbv("explain", "--model", other, "--readouts", files["readouts"], "--responses", files["responses"],
-              "--out", tmp_path / "out", "--device", "cpu")
+    res = pbv(
+        "explain",
+        "--model",
+        other,
+        "--readouts",
+        files["readouts"],
+        "--responses",
+        files["responses"],
+        "--out",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+    )
     assert_one_line_error(res, "readouts.nc", "another model")
     assert not (tmp_path / "out").exists()
 

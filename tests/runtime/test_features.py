@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from simresponses import stimulus_images, write_images
+from tinymodel import build_tiny_model
 
 import pbv_onnx.data.features as features_mod
 from pbv_onnx.base.errors import InputDataError, MismatchError
 from pbv_onnx.data.features import load_features, load_or_compute_features
-from pbv_onnx.runtime.images import load_batch
 from pbv_onnx.runtime.engine import Engine
-from simresponses import stimulus_images, write_images
-from tinymodel import build_tiny_model
+from pbv_onnx.runtime.images import load_batch
 
 
 @pytest.fixture()

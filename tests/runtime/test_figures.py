@@ -31,17 +31,18 @@ def test_pair_figure_draws_each_image_inside_its_panel_box(tmp_path):
     red, blue = np.zeros((20, 20, 3), np.uint8), np.zeros((30, 30, 3), np.uint8)
     red[..., 0], blue[..., 2] = 220, 220
     maps = rng.random((2, 20, 20)), rng.random((2, 30, 30))
-    dest = figures.save_pair_figure(tmp_path / "p.png", red, blue, maps[0][0], maps[1][0], 1.0, channel="c1",
-                                    ooc="o", reference="r", similarity=0.5)
+    dest = figures.save_pair_figure(
+        tmp_path / "p.png", red, blue, maps[0][0], maps[1][0], 1.0, channel="c1", ooc="o", reference="r", similarity=0.5
+    )
     png = np.asarray(Image.open(dest).convert("RGB"), np.float64)
     assert png.shape[1::-1] == figures.pair_size()
     boxes = figures.panel_boxes()
     for name, colour in (("ooc", (220, 0, 0)), ("reference", (0, 0, 220))):
         l, t, r, b = boxes[name]
-        assert np.abs(png[t + 2:b - 2, l + 2:r - 2].mean(axis=(0, 1)) - colour).max() < 3
+        assert np.abs(png[t + 2 : b - 2, l + 2 : r - 2].mean(axis=(0, 1)) - colour).max() < 3
     l, t, r, b = boxes["colorbar"]
-    bar = png[t + 1:b - 1, (l + r) // 2]
-    assert np.abs(bar[0] - 255 * figures.colormap(np.array(1.0))).max() < 6   # vmax on top
+    bar = png[t + 1 : b - 1, (l + r) // 2]
+    assert np.abs(bar[0] - 255 * figures.colormap(np.array(1.0))).max() < 6  # vmax on top
     assert np.abs(bar[-1] - 255 * figures.colormap(np.array(0.0))).max() < 6  # zero at the bottom
 
 
@@ -49,7 +50,7 @@ def test_pair_figure_draws_each_image_inside_its_panel_box(tmp_path):
 def test_png_bytes_decode_to_the_same_pixels_in_pillow(tmp_path, shape):
     """The figures' own PNG writer: Pillow reads back every pixel, for photo-like and random content."""
     rng = np.random.default_rng(shape[0])
-    y, x = np.mgrid[:shape[0], :shape[1]]
+    y, x = np.mgrid[: shape[0], : shape[1]]
     smooth = np.stack([(x * 7 + y * 3) % 256, (x * y) % 256, np.full(shape, 255)], axis=-1)
     for rgb in (smooth.astype(np.uint8), rng.integers(0, 256, (*shape, 3), dtype=np.uint8)):
         path = tmp_path / "x.png"

@@ -10,14 +10,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto
+from tinymodel import FEATURE_SHAPE, SIZE, tiny_batch
 
 import pbv_onnx.runtime.engine as model_mod
 from pbv_onnx.base.errors import DependencyError
-from pbv_onnx.runtime.fp16 import FP32_ONLY, to_fp16
-from pbv_onnx.runtime.engine import Engine
-from pbv_onnx.runtime.sessions import CUDA_OPTIONS, with_cuda_options
 from pbv_onnx.method.stats import rel_l2
-from tinymodel import FEATURE_SHAPE, SIZE, tiny_batch
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.runtime.fp16 import FP32_ONLY, to_fp16
+from pbv_onnx.runtime.sessions import CUDA_OPTIONS, with_cuda_options
 
 ROOT = Path(__file__).resolve().parents[2]
 RESNET18 = ROOT / "build" / "models" / "resnet18_avg.onnx"  # has an overlapping stem max-pool

@@ -14,25 +14,49 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from test_explain import make_study_files
 
-from pbv_onnx.workflows import explain as ex
 from pbv_onnx.base.atomic import atomic_dir, atomic_file, output_lock
-from pbv_onnx.workflows.checkpoint import Checkpoints, work_folder
 from pbv_onnx.base.errors import MismatchError, OutputError
 from pbv_onnx.runtime.engine import Engine
-from test_explain import make_study_files
+from pbv_onnx.workflows import explain as ex
+from pbv_onnx.workflows.checkpoint import Checkpoints, work_folder
 
 PBV = Path(sys.executable).parent / "pbv-onnx"
 # Three pairs of channel 3; integrated gradients with many steps make each pair take a while, so
 # a kill lands mid-computation.
-RUN = ["--channel", "3", "--top-objects", "3", "--batch-size", "2", "--method", "integrated",
-       "--steps", "1000", "--device", "cpu"]
+RUN = [
+    "--channel",
+    "3",
+    "--top-objects",
+    "3",
+    "--batch-size",
+    "2",
+    "--method",
+    "integrated",
+    "--steps",
+    "1000",
+    "--device",
+    "cpu",
+]
 N_PAIRS = 3
 
 
 def explain_cmd(files: dict, out: Path, *extra: str) -> list[str]:
-    return [str(PBV), "explain", "--model", str(files["model"]), "--readouts", str(files["readouts"]),
-            "--responses", str(files["responses"]), "--out", str(out), *RUN, *extra]
+    return [
+        str(PBV),
+        "explain",
+        "--model",
+        str(files["model"]),
+        "--readouts",
+        str(files["readouts"]),
+        "--responses",
+        str(files["responses"]),
+        "--out",
+        str(out),
+        *RUN,
+        *extra,
+    ]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -41,8 +65,9 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 def gradients(out: Path) -> dict[str, np.ndarray]:
     with xr.open_dataset(out / "explanations.nc", engine="h5netcdf") as ds:
-        return {k: ds[k].values.copy() for k in ("input_grad", "saliency", "similarity")} | \
-               {"pairs": ds["ooc"].values.astype(str).tolist() + ds["reference"].values.astype(str).tolist()}
+        return {k: ds[k].values.copy() for k in ("input_grad", "saliency", "similarity")} | {
+            "pairs": ds["ooc"].values.astype(str).tolist() + ds["reference"].values.astype(str).tolist()
+        }
 
 
 def assert_same_explanations(a: Path, b: Path) -> None:
@@ -86,6 +111,7 @@ def reference(files, tmp_path_factory) -> Path:
 
 # -- through the console script -----------------------------------------------------------------
 
+
 def test_sigkill_mid_run_leaves_nothing_and_resume_completes_it(files, reference, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(explain_cmd(files, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -111,8 +137,9 @@ def test_sigterm_keeps_the_previous_output_and_resume_replaces_it(files, referen
     out = tmp_path / "out"
     out.mkdir()
     (out / "previous.txt").write_text("the earlier result")
-    proc = subprocess.Popen(explain_cmd(files, out, "--force"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        explain_cmd(files, out, "--force"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for_checkpoint(proc, out)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -131,7 +158,8 @@ def test_sigterm_keeps_the_previous_output_and_resume_replaces_it(files, referen
 
 
 def test_concurrent_runs_into_different_folders_succeed_and_into_one_folder_the_second_is_refused(
-        files, reference, tmp_path):
+    files, reference, tmp_path
+):
     a, b = tmp_path / "a", tmp_path / "b"
     first = subprocess.Popen(explain_cmd(files, a), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     other = subprocess.Popen(explain_cmd(files, b), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -157,6 +185,7 @@ def test_concurrent_runs_into_different_folders_succeed_and_into_one_folder_the_
 
 # -- in process: resume skips work ----------------------------------------------------------------
 
+
 class Interrupt:
     """Counts engine VJP calls; raises KeyboardInterrupt on call `stop_at` (as Ctrl-C would)."""
 
@@ -172,8 +201,9 @@ class Interrupt:
 
 
 def _study(files):
-    study = ex.open_study(files["model"], files["readouts"], files["responses"], batch_size=2, device="cpu",
-                          progress=False)
+    study = ex.open_study(
+        files["model"], files["readouts"], files["responses"], batch_size=2, device="cpu", progress=False
+    )
     pairs = ex.build_pairs(study, channels=["3", "7"], top_k_objects=3)
     return study, pairs
 
@@ -182,7 +212,7 @@ def test_resume_recomputes_only_the_pairs_not_checkpointed(files, tmp_path, monk
     study, pairs = _study(files)
     assert len(pairs) == 6  # batch size 2: one pair per engine call
     full = ex.explain(study, pairs)
-    desc = ex.run_description(study, pairs, "parallel", 1, "black", False)
+    desc = ex.run_description(study, pairs, "parallel", False)
     out = tmp_path / "out"
     notes: list[str] = []
 
@@ -204,16 +234,17 @@ def test_resume_recomputes_only_the_pairs_not_checkpointed(files, tmp_path, monk
 
 def test_checkpoints_of_another_run_are_refused_or_discarded(files, tmp_path, monkeypatch):
     study, pairs = _study(files)
-    desc = ex.run_description(study, pairs, "parallel", 1, "black", False)
+    desc = ex.run_description(study, pairs, "parallel", False)
     out = tmp_path / "out"
     monkeypatch.setattr(study.engine, "vjp", Interrupt(study.engine, stop_at=2))
     with pytest.raises(KeyboardInterrupt):
         ex.explain(study, pairs, checkpoint=Checkpoints(out, desc, log=lambda m: None))
-    other = ex.run_description(study, pairs[:5], "gradient", 1, "black", False)
+    other = ex.run_description(study, pairs[:5], "gradient", False)
     with pytest.raises(MismatchError, match=r"differs in: method, pairs"):
         Checkpoints(out, other, resume=True)
-    with pytest.raises(OutputError, match="--resume"):
+    with pytest.raises(OutputError, match="add resume=True") as refused:
         Checkpoints(out, desc)
+    assert refused.value.params == ("resume", "force")
     assert any(work_folder(out).glob("chunk-*.npz"))
     Checkpoints(out, other, resume=True, force=True)  # --force: start afresh
     assert not work_folder(out).exists()
@@ -223,7 +254,7 @@ def test_a_damaged_checkpoint_is_recomputed(files, tmp_path, monkeypatch):
     study, pairs = _study(files)
     pairs = pairs[:3]
     full = ex.explain(study, pairs)
-    desc = ex.run_description(study, pairs, "parallel", 1, "black", False)
+    desc = ex.run_description(study, pairs, "parallel", False)
     out = tmp_path / "out"
     ex.explain(study, pairs, checkpoint=Checkpoints(out, desc))
     chunk = work_folder(out) / "chunk-000001.npz"
@@ -237,6 +268,7 @@ def test_a_damaged_checkpoint_is_recomputed(files, tmp_path, monkeypatch):
 
 
 # -- in process: what a killed writer leaves behind ------------------------------------------------
+
 
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -271,10 +303,19 @@ def test_a_live_writer_is_never_disturbed(tmp_path):
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
         (tmp / "a").write_text("being written")
-        probe = subprocess.run([sys.executable, "-c", "import sys\nfrom pbv_onnx.base.atomic import output_lock\n"
-                                "try:\n    output_lock(sys.argv[1]).__enter__()\nexcept Exception as e:\n"
-                                "    print(type(e).__name__, e)\n", str(out)],
-                               capture_output=True, text=True, timeout=60)
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys\nfrom pbv_onnx.base.atomic import output_lock\n"
+                "try:\n    output_lock(sys.argv[1]).__enter__()\nexcept Exception as e:\n"
+                "    print(type(e).__name__, e)\n",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert "OutputLockedError" in probe.stdout and f"pid {os.getpid()}" in probe.stdout, probe
         assert (tmp / "a").exists()
     assert (out / "a").read_text() == "being written"

@@ -27,12 +27,15 @@ def build_graph(gate: bool = False) -> onnx.ModelProto:
     product's factor is the first mask's per-channel mean [N, C, 1, 1]: a broadcast within each
     sample."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array((rng.standard_normal((C, C, 3, 3)) * 0.2).astype(np.float32), f"W{i}")
-             for i in range(5)]
-    inits += [numpy_helper.from_array(np.array(v, np.int64), name) for name, v in
-              (("grads", [-1, C, S, S]), ("per_image", [1, C, S, S]), ("per_channel", [1, C, 1, 1]))]
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((C, C, 3, 3)) * 0.2).astype(np.float32), f"W{i}") for i in range(5)
+    ]
+    inits += [
+        numpy_helper.from_array(np.array(v, np.int64), name)
+        for name, v in (("grads", [-1, C, S, S]), ("per_image", [1, C, S, S]), ("per_channel", [1, C, 1, 1]))
+    ]
     conv = dict(pads=[1, 1, 1, 1])
-    step = dict(alpha=2.0 ** 60, beta=0.0)
+    step = dict(alpha=2.0**60, beta=0.0)
     nodes = [
         helper.make_node("Conv", [IMAGE, "W0"], ["pre1"], **conv),
         helper.make_node("Relu", ["pre1"], ["h1"]),
@@ -48,23 +51,32 @@ def build_graph(gate: bool = False) -> onnx.ModelProto:
     ]
 
     def product(g: str, m: str, view: str, out: str) -> list:
-        return [helper.make_node("Reshape", [g, "view_k"], [f"{out}_g"]),
-                helper.make_node("Reshape", [m, view], [f"{out}_m"]),
-                helper.make_node("Mul", [f"{out}_g", f"{out}_m"], [f"{out}_p"]),
-                helper.make_node("Reshape", [f"{out}_p", "grads"], [out])]
+        return [
+            helper.make_node("Reshape", [g, "view_k"], [f"{out}_g"]),
+            helper.make_node("Reshape", [m, view], [f"{out}_m"]),
+            helper.make_node("Mul", [f"{out}_g", f"{out}_m"], [f"{out}_p"]),
+            helper.make_node("Reshape", [f"{out}_p", "grads"], [out]),
+        ]
 
     nodes += product("g1", "mask2", "view_1", "p1")
-    nodes += [helper.make_node("Conv", ["p1", "W2"], ["g2"], **conv),
-              helper.make_node("Add", ["g2", "p1"], ["s2"])]
+    nodes += [helper.make_node("Conv", ["p1", "W2"], ["g2"], **conv), helper.make_node("Add", ["g2", "p1"], ["s2"])]
     if gate:
         nodes += [helper.make_node("GlobalAveragePool", ["mask1"], ["gate"])]
     nodes += product("s2", "gate" if gate else "mask1", "view_c" if gate else "view_1", "p2")
     nodes += [helper.make_node("Conv", ["p2", "W3"], [INPUT_GRADS], **conv)]
     graph = helper.make_graph(
-        nodes, "blocked", [helper.make_tensor_value_info(IMAGE, TensorProto.FLOAT, ["N", C, S, S]),
-                           helper.make_tensor_value_info(COTANGENTS, TensorProto.FLOAT, ["NK", C, S, S])],
-        [helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", C, S, S]),
-         helper.make_tensor_value_info(INPUT_GRADS, TensorProto.FLOAT, ["NK", C, S, S])], inits)
+        nodes,
+        "blocked",
+        [
+            helper.make_tensor_value_info(IMAGE, TensorProto.FLOAT, ["N", C, S, S]),
+            helper.make_tensor_value_info(COTANGENTS, TensorProto.FLOAT, ["NK", C, S, S]),
+        ],
+        [
+            helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["N", C, S, S]),
+            helper.make_tensor_value_info(INPUT_GRADS, TensorProto.FLOAT, ["NK", C, S, S]),
+        ],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
     return model
@@ -72,14 +84,17 @@ def build_graph(gate: bool = False) -> onnx.ModelProto:
 
 def feeds(n: int, k: int, seed: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {IMAGE: rng.standard_normal((n, C, S, S)).astype(np.float32),
-            COTANGENTS: rng.standard_normal((n * k, C, S, S)).astype(np.float32)}
+    return {
+        IMAGE: rng.standard_normal((n, C, S, S)).astype(np.float32),
+        COTANGENTS: rng.standard_normal((n * k, C, S, S)).astype(np.float32),
+    }
 
 
 def reference(model: onnx.ModelProto, f: dict) -> list[np.ndarray]:
     """onnxruntime's own optimised graph, without the rewrite."""
-    sess = ort.InferenceSession(model.SerializeToString(), sessions.session_options(),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        model.SerializeToString(), sessions.session_options(), providers=["CPUExecutionProvider"]
+    )
     return sess.run([FEATURES, INPUT_GRADS], f)
 
 
@@ -89,8 +104,11 @@ def numpy_reference(model: onnx.ModelProto, f: dict) -> np.ndarray:
 
     def conv(x, W):
         xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-        return sum(np.einsum("nchw,oc->nohw", xp[:, :, i:i + S, j:j + S], W[:, :, i, j])
-                   for i in range(3) for j in range(3))
+        return sum(
+            np.einsum("nchw,oc->nohw", xp[:, :, i : i + S, j : j + S], W[:, :, i, j])
+            for i in range(3)
+            for j in range(3)
+        )
 
     x, cot = f[IMAGE].astype(np.float64), f[COTANGENTS].astype(np.float64)
     n = len(x)
@@ -106,8 +124,11 @@ def numpy_reference(model: onnx.ModelProto, f: dict) -> np.ndarray:
 
 def rewrite(apply=None) -> sessions.Rewrite:
     model = build_graph()
-    return sessions.Rewrite("test-rewrite", lambda: feeds(2, 2, seed=9),
-                            apply or (lambda m: layout.blocked_products(m, layout.sample_shapes(model))))
+    return sessions.Rewrite(
+        "test-rewrite",
+        lambda: feeds(2, 2, seed=9),
+        apply or (lambda m: layout.blocked_products(m, layout.sample_shapes(model))),
+    )
 
 
 def reorders(path: Path) -> int:
@@ -129,8 +150,14 @@ def optimised_reorders(model: onnx.ModelProto, tmp_path: Path) -> int:
 def test_blocked_products_and_sums_compute_what_onnxruntime_computes(tmp_path, monkeypatch):
     monkeypatch.setenv(sessions.CACHE_ENV, str(tmp_path / "cache"))
     model = build_graph()
-    sess, status = sessions.create_session(model.SerializeToString(), sessions.session_options(),
-                                           ["CPUExecutionProvider"], "sha-of-test-graph", "multi", rewrite())
+    sess, status = sessions.create_session(
+        model.SerializeToString(),
+        sessions.session_options(),
+        ["CPUExecutionProvider"],
+        "sha-of-test-graph",
+        "multi",
+        rewrite(),
+    )
     assert status == "stored"
     # onnxruntime converted the gradient out of and back into the blocked layout around each
     # product, and computed the sum unblocked; the rewritten graph converts only its two inputs in
@@ -169,10 +196,14 @@ def test_a_product_broadcast_within_a_sample_is_left_as_written(tmp_path, monkey
     ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     optimised = onnx.load(str(tmp_path / "optimised.onnx"))
     assert layout.blocked_products(optimised, shapes) == 2  # the mask product and the sum only
-    sess, _ = sessions.create_session(model.SerializeToString(), sessions.session_options(), ["CPUExecutionProvider"],
-                                      "sha-of-gated-graph", "multi",
-                                      sessions.Rewrite("t", lambda: feeds(2, 2, seed=9),
-                                                       lambda m: layout.blocked_products(m, shapes)))
+    sess, _ = sessions.create_session(
+        model.SerializeToString(),
+        sessions.session_options(),
+        ["CPUExecutionProvider"],
+        "sha-of-gated-graph",
+        "multi",
+        sessions.Rewrite("t", lambda: feeds(2, 2, seed=9), lambda m: layout.blocked_products(m, shapes)),
+    )
     f = feeds(3, 2)
     for want, have in zip(reference(model, f), sess.run([FEATURES, INPUT_GRADS], f)):
         np.testing.assert_array_equal(have, want)
@@ -190,9 +221,14 @@ def test_a_rewrite_that_changes_the_numbers_is_not_used(tmp_path, monkeypatch):
         applied.append(layout.blocked_products(m, lie))
         return applied[-1]
 
-    sess, status = sessions.create_session(model.SerializeToString(), sessions.session_options(),
-                                           ["CPUExecutionProvider"], "sha-of-gated-graph", "multi",
-                                           sessions.Rewrite("t", lambda: feeds(2, 2, seed=9), wrong))
+    sess, status = sessions.create_session(
+        model.SerializeToString(),
+        sessions.session_options(),
+        ["CPUExecutionProvider"],
+        "sha-of-gated-graph",
+        "multi",
+        sessions.Rewrite("t", lambda: feeds(2, 2, seed=9), wrong),
+    )
     assert applied == [3] and status == "stored"
     assert reorders(cached_graph(tmp_path / "cache")) == optimised_reorders(model, tmp_path)
     f = feeds(2, 3)
@@ -208,8 +244,14 @@ def test_a_failing_rewrite_leaves_onnxruntimes_graph(tmp_path, monkeypatch, cach
     def broken(m):
         raise ValueError("unexpected graph")
 
-    sess, _ = sessions.create_session(model.SerializeToString(), sessions.session_options(),
-                                      ["CPUExecutionProvider"], "sha-of-test-graph", "multi", rewrite(broken))
+    sess, _ = sessions.create_session(
+        model.SerializeToString(),
+        sessions.session_options(),
+        ["CPUExecutionProvider"],
+        "sha-of-test-graph",
+        "multi",
+        rewrite(broken),
+    )
     f = feeds(2, 2)
     for want, have in zip(reference(model, f), sess.run([FEATURES, INPUT_GRADS], f)):
         np.testing.assert_array_equal(have, want)
@@ -221,8 +263,14 @@ def test_the_rewrite_applies_with_the_cache_off(tmp_path, monkeypatch):
     loaded = []
     real = sessions._load_optimised
     monkeypatch.setattr(sessions, "_load_optimised", lambda *a: loaded.append(a) or real(*a))
-    sess, status = sessions.create_session(model.SerializeToString(), sessions.session_options(),
-                                           ["CPUExecutionProvider"], "sha-of-test-graph", "multi", rewrite())
+    sess, status = sessions.create_session(
+        model.SerializeToString(),
+        sessions.session_options(),
+        ["CPUExecutionProvider"],
+        "sha-of-test-graph",
+        "multi",
+        rewrite(),
+    )
     assert status == "off" and len(loaded) == 1  # the rewritten graph, loaded from a temporary file
     assert not list(tmp_path.iterdir())
     f = feeds(2, 3)

@@ -15,9 +15,9 @@ from PIL import Image
 
 from pbv_onnx.base.errors import InputDataError, PbvError
 from pbv_onnx.data.features import load_features
-from pbv_onnx.runtime.images import Preprocessing, load_image, preprocess
 from pbv_onnx.data.readouts import load_readouts
 from pbv_onnx.data.responses import from_long_csv, from_npy, load_responses, validate_responses
+from pbv_onnx.runtime.images import Preprocessing, load_image, preprocess
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SPEC = Preprocessing(resize=(16, 16), crop=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -42,21 +42,41 @@ def responses_datasets(draw) -> xr.Dataset:
     shape = (C, S) if R is None else (C, S, R)
     dims = ("channel", "stimulus") if R is None else ("channel", "stimulus", "repetition")
     if draw(st.booleans()):  # sometimes the dims are wrong
-        dims = tuple(draw(st.permutations(list(dims) if len(dims) == 3 else list(dims) + ["trial"])))[:len(shape)]
-    values = np.asarray(draw(st.lists(st.sampled_from([0.0, 1.5, -2.0, 7.0, np.nan, np.inf, -np.inf]),
-                                      min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))).reshape(shape)
+        dims = tuple(draw(st.permutations(list(dims) if len(dims) == 3 else list(dims) + ["trial"])))[: len(shape)]
+    values = np.asarray(
+        draw(
+            st.lists(
+                st.sampled_from([0.0, 1.5, -2.0, 7.0, np.nan, np.inf, -np.inf]),
+                min_size=int(np.prod(shape)),
+                max_size=int(np.prod(shape)),
+            )
+        )
+    ).reshape(shape)
     dtype = draw(st.sampled_from(DTYPES))
     with np.errstate(invalid="ignore"):
-        data = values.astype(dtype) if dtype not in ("int16", "int64", "bool") else np.nan_to_num(values, posinf=9, neginf=-9).astype(dtype)
+        data = (
+            values.astype(dtype)
+            if dtype not in ("int16", "int64", "bool")
+            else np.nan_to_num(values, posinf=9, neginf=-9).astype(dtype)
+        )
     ds = xr.Dataset({draw(st.sampled_from(["response", "response", "rate"])): (dims, data)})
     size = dict(zip(dims, shape))
     n_ch, n_st = size.get("channel", 0), size.get("stimulus", 0)
     coords = {
-        "channel": ("channel", draw(st.lists(st.sampled_from(["c1", "c2", "c3", "c1"]), min_size=n_ch, max_size=n_ch))
-                    if draw(st.booleans()) else np.arange(n_ch)),
-        "stimulus": ("stimulus", draw(st.lists(st.text("abs12", min_size=0, max_size=3), min_size=n_st, max_size=n_st))),
-        "category": ("stimulus", draw(st.lists(st.sampled_from(["body", "object", "", " "]), min_size=n_st,
-                                               max_size=n_st))),
+        "channel": (
+            "channel",
+            draw(st.lists(st.sampled_from(["c1", "c2", "c3", "c1"]), min_size=n_ch, max_size=n_ch))
+            if draw(st.booleans())
+            else np.arange(n_ch),
+        ),
+        "stimulus": (
+            "stimulus",
+            draw(st.lists(st.text("abs12", min_size=0, max_size=3), min_size=n_st, max_size=n_st)),
+        ),
+        "category": (
+            "stimulus",
+            draw(st.lists(st.sampled_from(["body", "object", "", " "]), min_size=n_st, max_size=n_st)),
+        ),
         "file": ("stimulus", [f"img/{i}.png" for i in range(n_st)]),
     }
     for name in draw(st.sets(st.sampled_from(sorted(coords)))):
@@ -110,17 +130,23 @@ def test_loading_a_responses_file_succeeds_validly_or_raises_a_pbv_error(folder,
 
 # -- corrupt bytes for every NetCDF loader and the importers ----------------------------------------
 
+
 @pytest.fixture(scope="module")
 def valid_nc(folder) -> bytes:
-    ds = xr.Dataset({"response": (("channel", "stimulus"), np.ones((2, 3)))},
-                    coords={"channel": [1, 2], "stimulus": ["a", "b", "c"], "category": ("stimulus", ["x"] * 3)})
+    ds = xr.Dataset(
+        {"response": (("channel", "stimulus"), np.ones((2, 3)))},
+        coords={"channel": [1, 2], "stimulus": ["a", "b", "c"], "category": ("stimulus", ["x"] * 3)},
+    )
     ds.to_netcdf(folder / "valid.nc", engine="h5netcdf")
     return (folder / "valid.nc").read_bytes()
 
 
 @SETTINGS
-@given(cut=st.floats(0, 1), flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=8),
-       loader=st.sampled_from([load_responses, load_features, load_readouts]))
+@given(
+    cut=st.floats(0, 1),
+    flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=8),
+    loader=st.sampled_from([load_responses, load_features, load_readouts]),
+)
 def test_netcdf_loaders_on_damaged_files_raise_pbv_errors(folder, valid_nc, cut, flips, loader):
     data = bytearray(valid_nc[: int(len(valid_nc) * cut)])
     for where, byte in flips:
@@ -135,8 +161,13 @@ def test_netcdf_loaders_on_damaged_files_raise_pbv_errors(folder, valid_nc, cut,
 
 
 @SETTINGS
-@given(text=st.text(alphabet=st.sampled_from(list("channel,stimulus,category,file,response,repetition,\n\"1.5xyn;a\t\r "))
-                    | st.characters(), max_size=400))
+@given(
+    text=st.text(
+        alphabet=st.sampled_from(list('channel,stimulus,category,file,response,repetition,\n"1.5xyn;a\t\r '))
+        | st.characters(),
+        max_size=400,
+    )
+)
 def test_the_csv_importer_on_any_text_succeeds_validly_or_raises_a_pbv_error(folder, text):
     path = folder / "long.csv"
     path.write_bytes(text.encode("utf-8", errors="replace"))
@@ -166,6 +197,7 @@ def test_the_npy_importer_on_any_bytes_raises_a_pbv_error_or_succeeds(folder, da
 
 # -- image bytes -----------------------------------------------------------------------------------
 
+
 def _encoded(fmt: str, size=(5, 4)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 30, 90)).save(buf, format=fmt)
@@ -176,8 +208,12 @@ FORMATS = {fmt: _encoded(fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "
 
 
 @SETTINGS
-@given(fmt=st.sampled_from(sorted(FORMATS)), cut=st.floats(0, 1),
-       flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=4), tail=st.binary(max_size=64))
+@given(
+    fmt=st.sampled_from(sorted(FORMATS)),
+    cut=st.floats(0, 1),
+    flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), max_size=4),
+    tail=st.binary(max_size=64),
+)
 def test_image_loading_succeeds_validly_or_raises_an_input_data_error(folder, fmt, cut, flips, tail):
     data = bytearray(FORMATS[fmt][: max(1, int(len(FORMATS[fmt]) * cut))] + tail)
     for where, byte in flips:

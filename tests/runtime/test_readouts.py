@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from simresponses import noise_ceiling, simulate
+from tinymodel import build_tiny_model
 
 from pbv_onnx.base.errors import InputDataError, MismatchError, UsageError
 from pbv_onnx.data.features import load_or_compute_features
+from pbv_onnx.data.readouts import fit_readouts, load_readouts, parse_alphas, predict, write_readouts
+from pbv_onnx.data.responses import image_paths
+from pbv_onnx.method.ridge import make_folds, ridge_cv
 from pbv_onnx.runtime.engine import Engine
 from pbv_onnx.runtime.modelfile import read_info
-from pbv_onnx.data.readouts import fit_readouts, load_readouts, parse_alphas, predict, write_readouts
-from pbv_onnx.method.ridge import make_folds, ridge_cv
-from pbv_onnx.data.responses import image_paths
-from simresponses import noise_ceiling, simulate
-from tinymodel import build_tiny_model
 
 
 def primal_ridge(X: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
@@ -65,8 +65,7 @@ def fitted(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("sim")
     sim = simulate(folder, tiny_model, n_body=300, n_object=100, channels=4, reps=4, noise=1.0, seed=0)
     engine = Engine(tiny_model, device="cpu", batch_size=64)
-    feats = load_or_compute_features(engine, image_paths(sim.ds, sim.path), sim.ds["stimulus"].values,
-                                     progress=False)
+    feats = load_or_compute_features(engine, image_paths(sim.ds, sim.path), sim.ds["stimulus"].values, progress=False)
     ro = fit_readouts(feats, sim.ds, "body", engine.info, folds=5, seed=0)
     return sim, feats, ro, engine
 
@@ -75,7 +74,7 @@ def test_readouts_recover_simulated_channels_up_to_the_noise_ceiling(fitted):
     sim, feats, ro, _ = fitted
     ceiling = noise_ceiling(sim.signal[:, sim.is_pref], sim.noise_sd, reps=4)
     r = ro["r_cv_preferred"].values
-    se = (1 - ceiling ** 2) / np.sqrt(sim.is_pref.sum())
+    se = (1 - ceiling**2) / np.sqrt(sim.is_pref.sum())
     assert np.all(r > 0.9 * ceiling), (r, ceiling)
     assert np.all(r < ceiling + 3 * se), (r, ceiling)
     # the fitted map reproduces the noise-free responses, bodies and objects alike
@@ -163,3 +162,32 @@ def test_features_must_cover_every_stimulus(fitted):
     with pytest.raises(MismatchError, match="s0399"):
         fit_readouts(feats.isel(stimulus=slice(0, -1)), sim.ds, "body", engine.info)
 
+
+def test_readouts_of_a_study_without_groups_are_unchanged(fitted):
+    # written down from this study's fit before grouped folds and the new statistics existed
+    _, _, ro, _ = fitted
+    np.testing.assert_allclose(
+        ro["r_cv_preferred"].values,
+        [0.8362296987485827, 0.8539970879631389, 0.8660152420252147, 0.8464137243078157],
+        rtol=1e-6,
+    )
+    np.testing.assert_allclose(
+        ro["r_ooc"].values, [0.7133396379272504, 0.7805409565503778, 0.706123747838263, 0.656893401885428], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        ro["reliability"].values,
+        [0.7597837732735141, 0.7957096779296021, 0.7972809909323456, 0.7714433365346686],
+        rtol=1e-9,
+    )
+    np.testing.assert_array_equal(ro["alpha"].values, [1.0] * 4)
+    np.testing.assert_allclose(ro["r_critical"].values, 0.11326701786977905, rtol=1e-9)
+    assert ro.attrs["cv_folds_by"] == "stimulus" and ro.attrs["r_critical_n"] == "stimuli"
+
+
+def test_one_stimulus_per_group_fits_exactly_as_no_groups(fitted):
+    sim, feats, ro, engine = fitted
+    ds = sim.ds.assign_coords(group=("stimulus", [f"g{s}" for s in sim.ds["stimulus"].values]))
+    grouped = fit_readouts(feats, ds, "body", engine.info, folds=5, seed=0)
+    for name in ("weight", "bias", "alpha", "prediction", "r_cv_preferred", "r_ooc", "r_critical"):
+        np.testing.assert_array_equal(grouped[name].values, ro[name].values, err_msg=name)
+    assert grouped.attrs["cv_folds_by"] == "group"

@@ -1,18 +1,20 @@
-"""Hadamard weights, baselines, integrated gradients and display helpers against references."""
+"""Hadamard weights, baselines, integrated gradients and display helpers against references (the
+rule and path registries: test_attribution_registry.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from PIL import Image
+from tinymodel import FEATURE_SHAPE, PREPROCESSING, SIZE, tiny_forward, tiny_weights
 
-from pbv_onnx.runtime.images import preprocess
-from pbv_onnx.runtime.engine import Engine
-from pbv_onnx.method.saliency import black_baseline, blur_baseline, hadamard_weights, integrated, pair_cotangents
 from pbv_onnx.method.display import display_map, shared_vmax
 from pbv_onnx.method.filters import gaussian_smooth
+from pbv_onnx.method.paths import PATHS
+from pbv_onnx.method.saliency import black_baseline, blur_baseline, hadamard_weights
 from pbv_onnx.method.similarity import similarities
-from tinymodel import FEATURE_SHAPE, PREPROCESSING, SIZE, tiny_forward, tiny_weights
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.runtime.images import preprocess
 
 
 def test_hadamard_weights_sum_to_the_similarity_and_vanish_where_a_feature_is_not_shared():
@@ -25,22 +27,6 @@ def test_hadamard_weights_sum_to_the_similarity_and_vanish_where_a_feature_is_no
     assert np.all(v[(o == 0) | (b == 0)] == 0)
     assert np.all(v >= 0)
     np.testing.assert_array_equal(hadamard_weights(w, o, np.zeros(50)), np.zeros(50))
-
-
-def test_baseline_cotangents_follow_their_definitions():
-    rng = np.random.default_rng(1)
-    w = rng.standard_normal(12)
-    o, b = rng.random((2, 12))
-    v_o, v_b = pair_cotangents("gradient", w, o, b)
-    np.testing.assert_array_equal(v_o, w)
-    np.testing.assert_array_equal(v_b, w)
-    v_o, v_b = pair_cotangents("grad-x-act", w, o, b)
-    np.testing.assert_allclose(v_o, w * o)
-    np.testing.assert_allclose(v_b, w * b)
-    for m in ("parallel", "integrated"):
-        v_o, v_b = pair_cotangents(m, w, o, b)
-        np.testing.assert_array_equal(v_o, v_b)
-        np.testing.assert_allclose(v_o, hadamard_weights(w, o, b))
 
 
 def test_black_baseline_is_the_preprocessed_black_picture_not_the_zero_tensor():
@@ -61,7 +47,7 @@ def test_gaussian_smoothing_equals_a_direct_two_dimensional_convolution():
     ref = np.zeros_like(a)
     for i in range(13):
         for j in range(17):
-            ref[:, i, j] = (padded[:, i:i + 2 * r + 1, j:j + 2 * r + 1] * k2).sum(axis=(1, 2))
+            ref[:, i, j] = (padded[:, i : i + 2 * r + 1, j : j + 2 * r + 1] * k2).sum(axis=(1, 2))
     np.testing.assert_allclose(gaussian_smooth(a, sigma), ref, rtol=1e-10)
     np.testing.assert_array_equal(gaussian_smooth(a, 0), a)
 
@@ -82,7 +68,7 @@ def test_integrated_gradients_match_finite_differences_along_the_path(tiny_model
     x0 = np.broadcast_to(black_baseline(PREPROCESSING), x.shape).astype(np.float32)
     v = rng.random((2, *FEATURE_SHAPE)).astype(np.float32)
     steps = 4
-    G = integrated(eng.vjp, x, x0, v.reshape(2, -1), steps)
+    G = PATHS["integrated"].attribute(eng.vjp, x, v.reshape(2, -1), PREPROCESSING, steps=steps, baseline="black")
     wts = tiny_weights()
     d = rng.standard_normal(x.shape)
     e = (x - x0) * d  # <G, d> = mean_k <J(x_k)^T v, (x - x0) * d>: a directional derivative

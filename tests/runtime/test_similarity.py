@@ -80,8 +80,11 @@ def test_ranking_is_descending_and_ties_break_by_stimulus_id():
 def _responses():
     stim = ["s1", "s2", "s3", "s4", "s5", "s6"]
     cat = ["body", "body", "object", "body", "object", "body"]
-    mean = xr.DataArray([[5.0, 9.0, 100.0, 9.0, 50.0, np.nan], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]],
-                        dims=("channel", "stimulus"), coords={"channel": [0, 1], "stimulus": stim})
+    mean = xr.DataArray(
+        [[5.0, 9.0, 100.0, 9.0, 50.0, np.nan], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]],
+        dims=("channel", "stimulus"),
+        coords={"channel": [0, 1], "stimulus": stim},
+    )
     return mean, xr.DataArray(cat, dims="stimulus", coords={"stimulus": stim})
 
 

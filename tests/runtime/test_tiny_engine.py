@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tinymodel import FEATURE_SHAPE, SIZE, tiny_batch, tiny_forward, tiny_weights
 
 from pbv_onnx.base.errors import ModelError, UsageError
 from pbv_onnx.runtime.engine import Engine
-from tinymodel import FEATURE_SHAPE, SIZE, tiny_batch, tiny_forward, tiny_weights
 
 
 def test_vjp_matches_finite_differences(tiny_model):
@@ -25,7 +25,7 @@ def test_vjp_matches_finite_differences(tiny_model):
 
 def test_features_equal_vjp_features_and_batch_size_does_not_matter(tiny_model):
     x = np.random.default_rng(2).standard_normal((5, 3, SIZE, SIZE)).astype(np.float32)
-    f1 = Engine(tiny_model, device="cpu", batch_size=2).features(x)
+    f1 = Engine(tiny_model, device="cpu", batch_size=2).feature_maps(x)
     f2, _ = Engine(tiny_model, device="cpu", batch_size=5).vjp(x, np.zeros((5, *FEATURE_SHAPE), np.float32))
     np.testing.assert_allclose(f1, f2, rtol=1e-6, atol=1e-6)
 
@@ -49,8 +49,14 @@ def test_model_with_external_data_in_its_folder_runs_like_the_inline_one(tiny_mo
 
     model = onnx.load(str(tiny_model))
     ext = tmp_path / "ext.onnx"
-    onnx.save(model, str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="ext.weights", size_threshold=0)
+    onnx.save(
+        model,
+        str(ext),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.weights",
+        size_threshold=0,
+    )
     assert (tmp_path / "ext.weights").is_file()
     x = np.random.default_rng(3).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
     ct = np.random.default_rng(4).standard_normal((2, *FEATURE_SHAPE)).astype(np.float32)
