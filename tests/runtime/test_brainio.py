@@ -3,30 +3,15 @@ the whole path import-responses -> fit -> explain, and predictions out as a Brai
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
+from clirun import fit_and_explain, pbv, refused
 
 from pbv_onnx.base.errors import UsageError
 from pbv_onnx.data.brainio import from_brainio
-
-PBV = Path(sys.executable).parent / "pbv-onnx"
-
-
-def pbv(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(PBV), *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
-def refused(res: subprocess.CompletedProcess, code: int, *fragments: str) -> None:
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == code, res.stderr
-    assert len(lines) == 1 and lines[0].startswith("pbv-onnx: error: "), res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def write_assembly(
@@ -215,40 +200,7 @@ def test_assembly_to_fit_to_explain_and_predictions_out_as_an_assembly(tiny_mode
     np.testing.assert_array_equal(back.values, resp)
     # the stimulus set's file names, found in --images, are stored relative to the responses file
     assert ds.sel(stimulus=sim.ds["stimulus"].values)["file"].values.tolist() == files.tolist()
-    res = pbv(
-        "fit",
-        "--model",
-        tiny_model,
-        "--responses",
-        root / "responses.nc",
-        "--folds",
-        "4",
-        "--alphas",
-        "0.1,1",
-        "--device",
-        "cpu",
-        "--out",
-        root / "readouts.nc",
-    )
-    assert res.returncode == 0, res.stderr
-    res = pbv(
-        "explain",
-        "--model",
-        tiny_model,
-        "--readouts",
-        root / "readouts.nc",
-        "--responses",
-        root / "responses.nc",
-        "--channel",
-        "IT.2",
-        "--top-objects",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        root / "out",
-    )
-    assert res.returncode == 0, res.stderr
+    fit_and_explain(tiny_model, root, "IT.2")
     assert (root / "out" / "explanations.nc").is_file()
 
     pictures = [root / "images" / "object0000.png", root / "images" / "body0001.png"]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from clirun import fit_and_explain, pbv, refused
 from PIL import Image
 
 from pbv_onnx.base.errors import InputDataError, UsageError
@@ -22,21 +23,6 @@ from pbv_onnx.data.responses import import_responses
 pynwb = pytest.importorskip("pynwb")
 from pynwb.base import ImageReferences, Images  # noqa: E402
 from pynwb.image import GrayscaleImage, IndexSeries, RGBImage  # noqa: E402
-
-PBV = Path(sys.executable).parent / "pbv-onnx"
-
-
-def pbv(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(PBV), *map(str, args)], capture_output=True, text=True, timeout=300)
-
-
-def refused(res: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == code, res.stderr
-    assert len(lines) == 1 and lines[0].startswith("pbv-onnx: error: "), res.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 def session(
@@ -361,40 +347,7 @@ def test_nwb_session_to_fit_to_explain(tiny_model, tmp_path):
     stim = ds["stimulus"].values.tolist()
     expected = counts[:, [names.index(s) for s in stim]] / 0.25
     np.testing.assert_allclose(ds["response"].values, np.repeat(expected[:, :, None], reps, axis=2), rtol=1e-12)
-    res = pbv(
-        "fit",
-        "--model",
-        tiny_model,
-        "--responses",
-        root / "responses.nc",
-        "--folds",
-        "4",
-        "--alphas",
-        "0.1,1",
-        "--device",
-        "cpu",
-        "--out",
-        root / "readouts.nc",
-    )
-    assert res.returncode == 0, res.stderr
-    res = pbv(
-        "explain",
-        "--model",
-        tiny_model,
-        "--readouts",
-        root / "readouts.nc",
-        "--responses",
-        root / "responses.nc",
-        "--channel",
-        "1",
-        "--top-objects",
-        "1",
-        "--device",
-        "cpu",
-        "--out",
-        root / "out",
-    )
-    assert res.returncode == 0, res.stderr
+    fit_and_explain(tiny_model, root, "1")
     ex = xr.open_dataset(root / "out" / "explanations.nc", engine="h5netcdf").load()
     assert ex.sizes["pair"] == 1 and (root / "out" / "index.html").is_file()
 
