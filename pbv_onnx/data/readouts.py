@@ -17,7 +17,7 @@ from pbv_onnx.base.netcdf import read_netcdf
 from pbv_onnx.data.features import check_model, model_attrs
 from pbv_onnx.data.responses import mean_response, preferred_category, split_halves
 from pbv_onnx.method.ridge import DEFAULT_ALPHAS, min_images, ridge_cv
-from pbv_onnx.method.stats import STATS, channel_metrics
+from pbv_onnx.method.stats import METRICS, STATS, channel_metrics
 from pbv_onnx.runtime.modelfile import ModelInfo
 
 _log = logging.getLogger(__name__)
@@ -125,16 +125,7 @@ def fit_readouts(
             "heldout": ("stimulus", is_pref),
         },
     )
-    for name in (
-        "r_cv_preferred",
-        "r_ooc",
-        "reliability",
-        "r_critical",
-        "r_critical_ooc",
-        "n_preferred",
-        "n_ooc",
-        *STATS,
-    ):
+    for name in (*METRICS, *STATS):
         if name in metrics:
             ds[name] = metrics[name]
     if groups is not None:

@@ -7,10 +7,11 @@ method table, explain, the CLI's choices, the report) reads `RULES`.
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
+from pbv_onnx.method.registry import registrar
 from pbv_onnx.method.saliency import hadamard_weights
 
 
@@ -19,8 +20,11 @@ class CotangentRule:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    # What the figures call a map of this rule ("shared features" for the shared v).
-    panel_label: ClassVar[str] = ""
+
+    @property
+    def panel_label(self) -> str:
+        """What the figures call a map of this rule (a rule may say more, e.g. "shared features")."""
+        return self.name
 
     def cotangents(self, weight: np.ndarray, phi_o: np.ndarray, phi_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(v_o, v_b), float64 [D] each: the cotangents of the object and of the reference."""
@@ -30,18 +34,8 @@ class CotangentRule:
 RULES: dict[str, CotangentRule] = {}
 
 
-def register_rule(name: str) -> Callable[[type[CotangentRule]], type[CotangentRule]]:
-    """Class decorator: register a CotangentRule under `name` (names are unique)."""
-
-    def add(cls: type[CotangentRule]) -> type[CotangentRule]:
-        if name in RULES or "+" in name:  # "+" joins rule and path in method labels
-            raise ValueError(f"cannot register cotangent rule {name!r}")
-        cls.name = name
-        cls.panel_label = cls.panel_label or name
-        RULES[name] = cls()
-        return cls
-
-    return add
+# Class decorator: `@register_rule("name")` registers a CotangentRule under a unique name.
+register_rule = registrar(RULES, "cotangent rule")
 
 
 def _f64(a: np.ndarray) -> np.ndarray:

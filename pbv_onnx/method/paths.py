@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
 from pbv_onnx.base.errors import UsageError
+from pbv_onnx.method.registry import registrar
 from pbv_onnx.method.saliency import BASELINES, Vjp, backprop, baseline_images
 from pbv_onnx.runtime.images import Preprocessing
 
@@ -80,17 +81,8 @@ class AttributionPath:
 PATHS: dict[str, AttributionPath] = {}
 
 
-def register_path(name: str) -> Callable[[type[AttributionPath]], type[AttributionPath]]:
-    """Class decorator: register an AttributionPath under `name` (names are unique)."""
-
-    def add(cls: type[AttributionPath]) -> type[AttributionPath]:
-        if name in PATHS or "+" in name:  # "+" joins rule and path in method labels
-            raise ValueError(f"cannot register path {name!r}")
-        cls.name = name
-        PATHS[name] = cls()
-        return cls
-
-    return add
+# Class decorator: `@register_path("name")` registers an AttributionPath under a unique name.
+register_path = registrar(PATHS, "path")
 
 
 @register_path("plain")

@@ -9,6 +9,8 @@ import warnings
 import numpy as np
 import xarray as xr
 
+# Fig. 3a's per-channel results, in the order the readouts file and the evaluation table have always had them.
+METRICS = ("r_cv_preferred", "r_ooc", "reliability", "r_critical", "r_critical_ooc", "n_preferred", "n_ooc")
 # Per-channel results beyond Fig. 3a's (see docs/formats.md); present where their inputs are.
 STATS = (
     "reliability_preferred",

@@ -13,17 +13,11 @@ import xarray as xr
 from pbv_onnx.base.atomic import atomic_dir
 from pbv_onnx.base.errors import InputDataError, MismatchError
 from pbv_onnx.data.responses import mean_response, split_halves
-from pbv_onnx.method.stats import channel_metrics
+from pbv_onnx.method.stats import METRICS, channel_metrics
 
 # today's columns first (scripts read them by name or position), then the additions
 COLUMNS = (
-    "r_cv_preferred",
-    "r_ooc",
-    "reliability",
-    "r_critical",
-    "r_critical_ooc",
-    "n_preferred",
-    "n_ooc",
+    *METRICS,
     "alpha",
     "reliability_preferred",
     "reliability_ooc",
