@@ -93,8 +93,9 @@ gpu-check:
 # when present, else torchvision's IMAGENET1K_V1 (downloaded or cached). Never random weights.
 DEMO := $(BUILD)/demo
 DEMO_LAYER ?= features.18
-# Ground truth: sparse, nonlinear, spatially pooled channels on the readout's own layer (see
-# pbv_onnx/demo/synthetic.py); DEMO_GT_LAYER=features.14 gives channels the readout cannot reach.
+# Ground truth: a sparse w* on the readout's own unpooled features (the same at every position) and a
+# rectifying nonlinearity (pbv_onnx/demo/synthetic.py); another DEMO_GT_LAYER (e.g. features.14) gives
+# channels the readout cannot represent, and then cos(w_hat, w*) is undefined.
 DEMO_GT_LAYER ?= features.18
 DEMO_MODEL := $(DEMO)/mobilenet_v2-$(DEMO_LAYER).onnx
 DEMO_GT_MODEL := $(DEMO)/mobilenet_v2-$(DEMO_GT_LAYER).onnx
@@ -129,6 +130,14 @@ $(DEMO)/report/index.html: $(DEMO)/readouts.nc $(DEMO)/evaluate/channels.csv
 	$(PBV) explain --model $(DEMO_MODEL) --readouts $(DEMO)/readouts.nc --responses $(DEMO)/experiment/responses.nc \
 	  --features $(DEMO)/features.nc --top-objects 3 --out $(DEMO)/report --force
 
-validate: $(DEMO)/readouts.nc
+# The validation study (issue 21; about 6 min on 2 cores, budget 10): build/demo/validation.{md,json}. The export stage
+# first re-exports the backbone with its top blocks randomised, cumulatively (sanity check; export/sanity.py).
+SANITY_BLOCKS ?= features.18 features.17 features.16
+VALIDATE_ARGS ?=
+$(DEMO)/sanity/cascade.json: $(EXPORT_SRC) export/sanity.py | $(VENV)/export/.done
+	$(EXPORT_PY) -m pbv_onnx.export.sanity --arch mobilenet_v2 --layer $(DEMO_LAYER) $(DEMO_WEIGHTS) \
+	  --resize 224x224 --blocks $(SANITY_BLOCKS) --out-dir $(DEMO)/sanity
+
+validate: $(DEMO)/readouts.nc $(DEMO)/sanity/cascade.json
 	$(PBV) demo validate --model $(DEMO_MODEL) --readouts $(DEMO)/readouts.nc --experiment $(DEMO)/experiment \
-	  --out $(DEMO)/validation.md
+	  --cascade $(DEMO)/sanity --out $(DEMO)/validation.md $(VALIDATE_ARGS)

@@ -12,6 +12,7 @@ import typer
 from pbv_onnx.cli.app import app, progress
 from pbv_onnx.cli.options import BATCH_SIZE, DEVICE, FEATURES, IMAGES, MODEL
 from pbv_onnx.method import methods
+from pbv_onnx.method.shared import DEFAULT_MAP, MAP_CHOICES
 from pbv_onnx.method.similarity import CANDIDATE_MODES, DEFAULT_TOP_K
 from pbv_onnx.report import html as report
 from pbv_onnx.report.run import run_explain
@@ -83,6 +84,18 @@ def explain(
     ),
     reference: Optional[str] = typer.Option(
         None, "--reference", help="Force this reference (stimulus id or image path) instead of matching."
+    ),
+    pairs: Optional[Path] = typer.Option(
+        None,
+        "--pairs",
+        help="CSV of the pairs to explain, columns channel, object and optional reference (empty: the best "
+        "match); instead of --channel, --image and --reference.",
+    ),
+    map_choice: str = typer.Option(
+        DEFAULT_MAP,
+        "--map",
+        help=f"What the figures show: {', '.join(MAP_CHOICES)} (the paper's pixel map; the similarity decomposed "
+        "over the cut layer's positions; their product). explanations.nc keeps every map computed.",
     ),
     candidates: str = _CANDIDATES,
     top_k: int = _TOP_K,
@@ -164,5 +177,7 @@ def explain(
         resume=resume,
         force=force,
         progress=progress(),
+        pairs=pairs,
+        map=map_choice,
     )
     typer.echo(f"{ds.sizes['pair']} pairs -> {out}/index.html")

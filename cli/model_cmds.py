@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import typer
 
-from pbv_onnx.base.errors import DependencyError
+from pbv_onnx.base.errors import DependencyError, ModelError, PbvError, UsageError
 from pbv_onnx.cli.app import app
 from pbv_onnx.runtime.modelfile import DEFAULT_GRAD_TOLERANCE, DEFAULT_OPSET, DEFAULT_TOLERANCE, FLOOR_FACTOR
 
@@ -18,18 +18,30 @@ EXPORT_HINT = "the export stage needs PyTorch: pip install 'pbv-onnx[export]'"
 def _export_module():
     """Import the export stage lazily: the CLI itself never imports torch."""
     try:
-        from pbv_onnx import export
+        from pbv_onnx.export import pipeline  # the package itself imports lazily: name the torch module
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in {"torch", "torchvision", "onnxscript"}:
             raise DependencyError(None, EXPORT_HINT) from None
         raise
-    return export
+    return pipeline
 
 
 @app.command("export")
 def export_cmd(
-    arch: str = typer.Option(..., "--arch", help="torchvision classification model, e.g. mobilenet_v2, resnet50."),
-    layer: str = typer.Option(..., "--layer", help="Module path to cut at (inclusive), e.g. features.18, layer4."),
+    arch: Optional[str] = typer.Option(
+        None, "--arch", help="torchvision classification model, e.g. mobilenet_v2, resnet50, vit_b_16."
+    ),
+    onnx_file: Optional[Path] = typer.Option(
+        None,
+        "--onnx",
+        help="An ONNX forward model from any exporter (one image input [N,3,H,W]) instead of --arch; needs no PyTorch.",
+    ),
+    layer: Optional[str] = typer.Option(
+        None,
+        "--layer",
+        help="With --arch: module path to cut at (inclusive), e.g. features.18, layer4. With --onnx: tensor "
+        "name to cut at (default: the graph's output; `pbv-onnx info --layers FILE` lists them).",
+    ),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
     weights: Optional[str] = typer.Option(
         None,
@@ -39,7 +51,12 @@ def export_cmd(
     seed: int = typer.Option(
         0, "--seed", help="Seed of the random init (--weights none) and of the verification cotangents."
     ),
-    pool: str = typer.Option("none", "--pool", help="none: features [C,h,w]; avg: global average pooled [C]."),
+    pool: str = typer.Option(
+        "none",
+        "--pool",
+        help="none: the layer's features as they are ([C,h,w], or [T,D] tokens); avg: mean over space or "
+        "tokens [C]; cls: the class token [D] (token features).",
+    ),
     resize: Optional[str] = typer.Option(
         None, "--resize", help="HxW exact size, or N for the shorter side (needs --crop)."
     ),
@@ -56,9 +73,49 @@ def export_cmd(
         help=f"Largest relative L2 error of input_grad (raised to {FLOOR_FACTOR:g}x the fp32 floor "
         "where that is larger).",
     ),
+    adjoint: str = typer.Option(
+        "auto",
+        "--adjoint",
+        help="With --arch: fx (hand-written adjoints of the torch.fx graph), graph (the ONNX-graph "
+        "transform; transformers, ConvNeXt, ...) or auto (fx where it covers the model, else graph).",
+    ),
+    arch_name: Optional[str] = typer.Option(
+        None, "--arch-name", help="With --onnx: the backbone name recorded in the model (default: the file's stem)."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --out."),
 ) -> None:
-    """Export a truncated torchvision backbone and its gradient graph to one verified ONNX model."""
+    """Export a truncated backbone (torchvision by --arch, or any ONNX forward model by --onnx) and its
+    gradient graph to one verified ONNX model."""
+    if (arch is None) == (onnx_file is None):
+        raise UsageError(
+            None, "pass exactly one of arch (a torchvision model) or onnx (an ONNX file)", ("arch", "onnx")
+        )
+    if onnx_file is not None:
+        wrong = [name for name, given in (("weights", weights), ("adjoint", adjoint != "auto")) if given]
+        if wrong:
+            raise UsageError(None, f"{' and '.join(wrong)} apply to arch, not to onnx", (*wrong, "arch", "onnx"))
+        from pbv_onnx.export.onnx_route import export_onnx
+
+        export_onnx(
+            onnx_file,
+            out,
+            layer=layer,
+            pool=pool,
+            resize=resize,
+            crop=crop,
+            mean=_triple(mean),
+            std=_triple(std),
+            arch_name=arch_name,
+            tolerance=tolerance,
+            grad_tolerance=grad_tolerance,
+            seed=seed,
+            force=force,
+        )
+        return
+    if layer is None:
+        raise UsageError(None, "arch needs layer (the module path to cut at, e.g. features.18)", ("arch", "layer"))
+    if arch_name is not None:
+        raise UsageError(None, "arch_name applies to onnx (arch names the model itself)", ("arch_name", "onnx"))
     export = _export_module()
     export.export_model(
         out,
@@ -75,6 +132,7 @@ def export_cmd(
         tolerance=tolerance,
         grad_tolerance=grad_tolerance,
         force=force,
+        adjoint=adjoint,
     )
 
 
@@ -85,14 +143,54 @@ def _triple(value):
 
 @app.command("info")
 def info_cmd(
-    model: Path = typer.Argument(..., help="An exported .onnx model."),
+    model: Path = typer.Argument(..., help="An exported .onnx model (with --layers: any ONNX forward model)."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+    layers: bool = typer.Option(
+        False, "--layers", help="List the tensors one can cut at (name, op, shape): for `export --onnx --layer`."
+    ),
 ) -> None:
-    """Print what an exported model says about itself (torch-free)."""
+    """Print what an exported model says about itself, or with --layers the tensors of any ONNX model
+    one can cut at (torch-free)."""
     from pbv_onnx.runtime.describe import describe_model, format_info
 
+    if layers:
+        _print_layers(model, as_json)
+        return
     info = describe_model(model)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
     typer.echo(format_info(info))
+
+
+def _print_layers(path: Path, as_json: bool) -> None:
+    """`info --layers`: the cut-able tensors of an ONNX file, in graph order."""
+    from pbv_onnx.export.onnx_route import cut_names
+    from pbv_onnx.runtime.modelfile import read_model
+
+    _, model, _ = read_model(path)
+    try:
+        rows = cut_names(model)
+    except PbvError as exc:
+        if exc.path is None:
+            exc.path = str(path)
+        raise
+    except Exception as exc:
+        why = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}" if str(exc) else exc.__class__.__name__
+        raise ModelError(path, f"cannot list its tensors ({why})") from None
+    if as_json:
+        typer.echo(json.dumps([{"name": n, "op": op, "shape": _dims(shape)} for n, op, shape in rows], indent=2))
+        return
+    width = max([len("tensor")] + [len(n) for n, _, _ in rows])
+    opw = max([len("op")] + [len(op) for _, op, _ in rows])
+    typer.echo(f"{'tensor':<{width}}  {'op':<{opw}}  shape")
+    for name, op, shape in rows:
+        typer.echo(f"{name:<{width}}  {op:<{opw}}  {_dims(shape)}")
+    typer.echo(f"{len(rows)} tensors; cut at one with `pbv-onnx export --onnx {path.name} --layer NAME ...`")
+
+
+def _dims(shape) -> list:
+    """A shape for people and JSON: ints, the batch axis and other symbols as text, unknown as '?'."""
+    if shape is None:
+        return []
+    return [d if isinstance(d, (int, str)) else "?" for d in shape]

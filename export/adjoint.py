@@ -1361,9 +1361,12 @@ def _depends_on_input(graph: fx.Graph, inp: fx.Node) -> set[fx.Node]:
 
 
 class VJPModule(nn.Module):
-    """forward(image, cotangent) -> (features, J^T cotangent) by a reverse pass over the fx graph."""
+    """forward(image, cotangent) -> (features, J^T cotangent) by a reverse pass over the fx graph.
 
-    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...]):
+    `feature_map`: the name of a node (the map before a pooling head) whose value is output last too.
+    """
+
+    def __init__(self, gm: fx.GraphModule, input_shape: tuple[int, ...], feature_map: str | None = None):
         super().__init__()
         self.net = gm
         ShapeProp(gm).propagate(torch.zeros((2, *input_shape)))
@@ -1395,6 +1398,11 @@ class VJPModule(nn.Module):
                 step.live = frozenset(a for a in step.inputs if a in live)
                 self._plan.append((node, step))
         self._live = live
+        self._feature_map = None
+        if feature_map is not None:
+            self._feature_map = next((n for n in nodes if n.name == feature_map), None)
+            if self._feature_map not in live:
+                raise ModelError(None, f"feature_map node {feature_map!r} is not on the image's path")
         used = {id(step.rule) for _, step in self._plan}
         self.rules: list[AdjointRule] = [rule for rule in RULES if id(rule) in used]  # registry order
         self.eval()  # exporters restore this mode on the shared modules afterwards
@@ -1402,16 +1410,18 @@ class VJPModule(nn.Module):
     def forward(self, image: torch.Tensor, cotangent: torch.Tensor, cotangents: torch.Tensor | None = None):
         """cotangent: [N, *feature_shape], one per image. Returns features [N, ...] and input_grad
         [N, 3, H, W]; given cotangents [N*K, *feature_shape], image-major (rows n*K .. n*K+K-1
-        belong to image n), also input_grads [N*K, 3, H, W] from the same forward pass."""
+        belong to image n), also input_grads [N*K, 3, H, W] from the same forward pass. With a
+        `feature_map` node, its value [N, ...] comes last."""
         env: dict[fx.Node, Any] = {self._input: image}
         saved: dict[fx.Node, Any] = {}
         for node, rule in self._plan:
             env[node], saved[node] = rule.fwd(*[env[a] for a in rule.inputs])
         features = env[self._output]
+        extra = () if self._feature_map is None else (env[self._feature_map],)
         gx = self._backward(env, saved, cotangent, ONE_PER_IMAGE)
         if cotangents is None:
-            return features, gx
-        return features, gx, self._backward(env, saved, cotangents, K_PER_IMAGE)
+            return (features, gx, *extra)
+        return (features, gx, self._backward(env, saved, cotangents, K_PER_IMAGE), *extra)
 
     def _backward(self, env: dict, saved: dict, cotangent: torch.Tensor, layout: Layout) -> torch.Tensor:
         """The reverse pass over the plan for one cotangent layout (see kmul)."""

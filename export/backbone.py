@@ -13,11 +13,23 @@ import torchvision
 from torch import nn
 
 from pbv_onnx.base.errors import ModelError, UsageError
+
+# torch-free, shared with the ONNX-file route; re-exported here where the torch route has always found them
+from pbv_onnx.export.onnx_route import IMAGENET_MEAN, IMAGENET_STD, build_preprocessing, parse_size
 from pbv_onnx.runtime.images import Preprocessing
 from pbv_onnx.runtime.modelfile import file_sha256
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "build_preprocessing",
+    "load_backbone",
+    "parse_size",
+    "redraw_small_params",
+    "truncate",
+    "truncate_for_graph",
+]
 
 
 @dataclass
@@ -205,51 +217,131 @@ def truncate(model: nn.Module, layer: str | None, pool: str = "none") -> fx.Grap
         ) from None
 
 
-def parse_size(text: str | None, option: str) -> int | tuple[int, int] | None:
-    """'224' -> 224, '224x200' -> (224, 200) (height x width)."""
-    if text is None:
-        return None
-    try:
-        parts = [int(p) for p in str(text).lower().split("x")]
-    except ValueError:
-        raise UsageError(None, f"{option} must be N or HxW (e.g. 224 or 224x224), not {text!r}", param=option) from None
-    if len(parts) not in (1, 2) or min(parts) < 1:
-        raise UsageError(None, f"{option} must be N or HxW with positive sizes, not {text!r}", param=option)
-    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+# -- the ONNX-graph route: the truncated forward for torch.onnx, random weights that hide nothing ----------
+class _Reached(Exception):
+    """Raised by the cut module's hook once its output is kept: the rest of the model never runs."""
 
 
-def build_preprocessing(
-    from_weights: Preprocessing | None, resize: str | None = None, crop: str | None = None, mean=None, std=None
-) -> Preprocessing:
-    """The spec from torchvision weights, or the defaults (224x224, ImageNet stats); options override."""
-    base = from_weights or Preprocessing(resize=(224, 224), crop=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    r = parse_size(resize, "resize")
-    c = parse_size(crop, "crop")
-    new_resize = base.resize if r is None else r
-    new_crop = base.crop if c is None else (c, c) if isinstance(c, int) else c
-    if r is not None and c is None and from_weights is not None:
-        new_crop = None if not isinstance(r, int) else base.crop  # an exact size needs no crop
-    if mean is not None and (len(mean) != 3):
-        raise UsageError(None, "mean takes three values (R G B)", param="mean")
-    if std is not None and (len(std) != 3 or min(std) <= 0):
-        raise UsageError(None, "std takes three positive values (R G B)", param="std")
-    spec = Preprocessing(
-        resize=new_resize,
-        crop=new_crop,
-        mean=tuple(float(v) for v in (mean or base.mean)),
-        std=tuple(float(v) for v in (std or base.std)),
-        interpolation=base.interpolation,
-    )
-    if isinstance(spec.resize, int) and spec.crop is None:
-        raise UsageError(
-            None,
-            f"resize={spec.resize} resizes the shorter side only; add crop to fix the input size",
-            param=("resize", "crop"),
-        )
-    if (
-        spec.crop is not None
-        and not isinstance(spec.resize, int)
-        and (spec.crop[0] > spec.resize[0] or spec.crop[1] > spec.resize[1])
-    ):
-        raise UsageError(None, f"crop={spec.crop} is larger than resize={spec.resize}", param=("crop", "resize"))
-    return spec
+class GraphCut(nn.Module):
+    """`model` up to and including module `layer`'s output (the whole model for None), then `pool`:
+    none, avg (mean over space for [N, C, h, w], over tokens for [N, T, D]) or cls (token 0).
+
+    The cut is a forward hook, not an fx trace, so any model torch.onnx can export (transformers with
+    shape asserts included) can be cut at any module that runs once."""
+
+    def __init__(self, model: nn.Module, layer: str | None, pool: str = "none"):
+        super().__init__()
+        if pool not in ("none", "avg", "cls"):
+            raise UsageError(None, f"pool must be none, avg or cls, not {pool!r}", param="pool")
+        if layer:
+            names = dict(model.named_modules())
+            if layer not in names or not layer:
+                tops = ", ".join(n for n, _ in model.named_children())
+                raise UsageError(
+                    None, f"layer={layer!r} is not a module of the model (top-level modules: {tops})", param="layer"
+                )
+        self.model, self.layer, self.pool = model, layer, pool
+
+    def cut(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output, unpooled."""
+        if not self.layer:
+            return self.model(x)
+        kept: list[torch.Tensor] = []
+
+        def keep(module, inputs, output):
+            kept.append(output)
+            raise _Reached
+
+        handle = self.model.get_submodule(self.layer).register_forward_hook(keep)
+        try:
+            self.model(x)
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
+        if len(kept) != 1 or not isinstance(kept[0], torch.Tensor):
+            raise UsageError(
+                None, f"layer={self.layer!r} does not return one tensor when the model runs", param="layer"
+            )
+        return kept[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pool_tokens(self.cut(x), self.pool)
+
+
+def pool_tokens(y: torch.Tensor, pool: str) -> torch.Tensor:
+    """The `--pool` head in torch, as the graph transform pools: avg over space ([N, C, h, w]) or tokens
+    ([N, T, D]), cls = token 0 ([N, T, D])."""
+    if pool == "none":
+        return y
+    if pool == "avg":
+        return y.mean(dim=(2, 3)) if y.dim() == 4 else y.mean(dim=1)
+    if y.dim() != 3:
+        raise UsageError(None, f"pool=cls needs token features [N, T, D], not {list(y.shape)}", param="pool")
+    return y[:, 0]
+
+
+class _Unpooled(nn.Module):
+    def __init__(self, cut: GraphCut):
+        super().__init__()
+        self.inner = cut
+
+    def forward(self, x):
+        return self.inner.cut(x)
+
+
+def truncate_for_graph(model: nn.Module, layer: str | None, pool: str = "none") -> tuple[nn.Module, nn.Module]:
+    """(unpooled cut for torch.onnx export, pooled cut for torch autograd verification)."""
+    # eval mode on the wrappers too: torch.onnx.export restores the exported module's mode afterwards,
+    # recursively, so a wrapper left in training mode would put the backbone's BatchNorms in it
+    pooled = GraphCut(model, layer, pool).eval()
+    return _Unpooled(pooled).eval(), pooled
+
+
+# What redraw_small_params redraws, for the model's weights metadata.
+REDRAWN = (
+    "order-1 redraw of small or constant initial parameters (seeded): BatchNorm/LayerNorm/GroupNorm affines "
+    "U(0.5, 1.5) and N(0, 0.2^2), BatchNorm statistics N(0, 0.1^2) and U(0.5, 2), layer scales U(1, 3), "
+    "class tokens, position embeddings and relative position biases N(0, 0.5^2)"
+)
+_TOKENS = ("class_token", "cls_token", "pos_embedding", "pos_embed", "relative_position_bias_table")
+
+
+def redraw_small_params(model: nn.Module, seed: int = 0) -> int:
+    """Redraw, in place, the parameters a fresh init leaves tiny or constant (norm affines at 1 and 0,
+    ConvNeXt layer scales at 1e-6, 0.02-std tokens and embeddings) at order 1, so a wrong adjoint cannot
+    hide behind them (an adjoint that ignores LayerNorm's scale is exactly right at scale 1). Returns how
+    many tensors were redrawn."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+
+    def uniform(t: torch.Tensor, lo: float, hi: float) -> None:
+        t.copy_(lo + (hi - lo) * torch.rand(t.shape, generator=gen, dtype=torch.float64).to(t.dtype))
+
+    def normal(t: torch.Tensor, std: float) -> None:
+        t.copy_(std * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype))
+
+    count = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+                if getattr(module, "weight", None) is not None:
+                    uniform(module.weight, 0.5, 1.5)
+                    count += 1
+                if getattr(module, "bias", None) is not None:
+                    normal(module.bias, 0.2)
+                    count += 1
+                if getattr(module, "running_mean", None) is not None:
+                    normal(module.running_mean, 0.1)
+                    uniform(module.running_var, 0.5, 2.0)
+                    count += 2
+        for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "layer_scale" or (leaf == "gamma" and float(param.abs().max()) < 1e-3):
+                # ConvNeXt's branches are small again behind 0.02-std weights: at U(0.5, 1.5) a stage's
+                # blocks are 7% of its output at 64x64, close to the gradient limit; at U(1, 3), 14%
+                uniform(param, 1.0, 3.0)
+                count += 1
+            elif leaf in _TOKENS:
+                normal(param, 0.5)
+                count += 1
+    return count

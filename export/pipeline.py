@@ -28,6 +28,7 @@ from pbv_onnx.runtime.modelfile import (
     DEFAULT_GRAD_TOLERANCE,
     DEFAULT_OPSET,
     DEFAULT_TOLERANCE,
+    FEATURE_MAP,
     FLOOR_FACTOR,
     FORMAT_VERSION,
     MULTI_COTANGENT,
@@ -68,7 +69,8 @@ def to_onnx(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[i
             dynamo=False,
             opset_version=opset,
             input_names=[IMAGE, COTANGENT, COTANGENTS],
-            output_names=[FEATURES, INPUT_GRAD, INPUT_GRADS],
+            output_names=[FEATURES, INPUT_GRAD, INPUT_GRADS]
+            + ([FEATURE_MAP] if getattr(vjp, "_feature_map", None) is not None else []),
             # cotangent shares the image's batch axis (one per image); cotangents
             # hold K rows per image (N*K), a batch axis of their own
             dynamic_axes={
@@ -78,6 +80,7 @@ def to_onnx(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[i
                 INPUT_GRAD: {0: "N"},
                 COTANGENTS: {0: "NK"},
                 INPUT_GRADS: {0: "NK"},
+                FEATURE_MAP: {0: "N"},
             },
             do_constant_folding=False,
         )
@@ -198,6 +201,14 @@ def multi_cotangent_error(
     return worst
 
 
+def prepool_node(net) -> str:
+    """The name of the node feeding the pooling head that backbone.truncate appended (the map before pooling)."""
+    hits = [n for n in net.graph.nodes if n.op == "call_module" and n.target == "head.pool"]
+    if len(hits) != 1:
+        raise ModelError(None, "cannot find the pooling head in the traced network")
+    return hits[0].args[0].name
+
+
 def _session(model_bytes: bytes):
     import onnxruntime as ort
 
@@ -224,8 +235,13 @@ def export_model(
     preprocessing: Preprocessing | None = None,
     images: list[Path] | None = None,
     progress: Callable[[str], None] | None = _log,
+    adjoint: str = "auto",
 ) -> ExportResult:
     """Export `arch` cut at `layer` (or a given fx-traceable `module`) with its gradient graph.
+
+    `adjoint`: "fx" (hand-written adjoints of the torch.fx graph), "graph" (torch.onnx exports the
+    truncated forward, the ONNX-graph transform adds the gradient graph; export/onnx_route.py) or
+    "auto" (fx where its adjoints cover the model, else graph).
 
     `weights` (with `arch`): a torchvision weights name, a state_dict file, or "none" for seeded
     random weights; there is no default. Verifies the ONNX graph against torch autograd before
@@ -258,10 +274,34 @@ def export_model(
         net_module = module.eval().requires_grad_(False)
         weights_record = {"source": "module", "class": type(module).__name__}
         spec = preprocessing or backbone.build_preprocessing(None, resize, crop, mean, std)
-    say(f"tracing up to {layer or 'the output'}" + (" + global average pooling" if pool == "avg" else ""))
-    net = backbone.truncate(net_module, layer, pool)
+    if adjoint not in ("auto", "fx", "graph"):
+        raise UsageError(None, f"adjoint must be auto, fx or graph, not {adjoint!r}", param="adjoint")
     input_shape = (3, *spec.input_size)
-    vjp = VJPModule(net, input_shape)
+    if adjoint != "graph" and pool != "cls":
+        say(f"tracing up to {layer or 'the output'}" + (" + global average pooling" if pool == "avg" else ""))
+        try:
+            net = backbone.truncate(net_module, layer, pool)
+            # a pooled model also outputs the map before pooling (the shared map needs it; docs/formats.md)
+            vjp = VJPModule(net, input_shape, feature_map=prepool_node(net) if pool != "none" else None)
+        except ModelError as exc:  # untraceable, or an fx node without an adjoint rule
+            if adjoint == "fx":
+                raise
+            say(f"the fx adjoints do not cover this model ({exc.message.split(';')[0]}): ONNX-graph transform")
+            adjoint = "graph"
+    elif adjoint == "fx":
+        raise UsageError(None, "pool=cls needs the ONNX-graph transform (adjoint=graph or auto)", param="pool")
+    else:
+        adjoint = "graph"
+    if adjoint == "graph":
+        from pbv_onnx.export import onnx_route
+
+        done = onnx_route.export_torch_graph(
+            out, net_module, arch, layer, pool, spec, weights_record, seed, opset, tolerance, grad_tolerance,
+            force, n_images, images, progress,
+        )  # fmt: skip
+        return ExportResult(
+            path=done.path, feature_shape=done.feature_shape, verification=done.verification, seconds=done.seconds
+        )
     with torch.no_grad():
         feature_shape = tuple(net(torch.zeros((1, *input_shape))).shape[1:])
 
@@ -287,6 +327,10 @@ def export_model(
     cot0 = np.random.default_rng(seed + 2).standard_normal((len(x), *feature_shape)).astype(np.float32)
     whole = _session(model_bytes).run([INPUT_GRAD], {IMAGE: x, COTANGENT: cot0})[0]
     whole_err = verify.rel_l2(whole, session.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cot0})[0])
+    map_err = None
+    if pool != "none":  # the map before pooling, averaged, is the features
+        fmap = _session(model_bytes).run([FEATURE_MAP], {IMAGE: x, COTANGENT: cot0})[0]
+        map_err = verify.rel_l2(fmap.reshape(*fmap.shape[:2], -1).mean(-1), fwd_only)
     what, err, limit = verify.worst(errors, tolerance, grad_tolerance)
     verification = {
         "tolerance": tolerance,
@@ -303,6 +347,7 @@ def export_model(
         "features_only_vs_vjp_graph": fwd_err,
         "multi_cotangent_vs_single": multi_err,
         "whole_graph_vs_parts": whole_err,
+        **({} if map_err is None else {"feature_map_mean_vs_features": map_err}),
         "runtime": f"onnxruntime {_ort_version()} CPU",
     }
     if not err <= limit:
@@ -322,6 +367,12 @@ def export_model(
             out,
             "export refused: the whole graph fed (image, cotangent) disagrees with "
             f"its (image, cotangent) -> input_grad part ({whole_err:.1e}); nothing written",
+        )
+    if map_err is not None and not map_err <= tolerance:
+        raise ModelError(
+            out,
+            f"export refused: the {FEATURE_MAP} output, averaged, disagrees with the features ({map_err:.1e}); "
+            "nothing written",
         )
     if not fwd_err <= tolerance:
         raise ModelError(

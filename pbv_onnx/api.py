@@ -89,6 +89,8 @@ def explain(
     images_root: PathLike | None = None,
     features_cache: PathLike | None = None,
     progress: bool = False,
+    pairs: Any = None,
+    map: str = "pixel",
     **options: Any,
 ) -> xr.Dataset:
     """The batch path `pbv-onnx explain` runs -> the explanations dataset (pair, role, color, y, x).
@@ -99,6 +101,10 @@ def explain(
     or "all"), or with the forced `reference`, and both are backpropagated by `method` along `path`
     (`options`: the path's, e.g. steps=, baseline=). Readouts and responses: datasets or files;
     relative image files resolve against `images_root`, else the responses file's folder.
+    `pairs` replaces channels/images/reference by a given list: a PAIRS.csv path, a table with
+    columns channel, object, optional reference, or (channel, object[, reference]) tuples. Where the
+    model allows, the shared maps come too (`shared_map`); `map` (pixel, shared, guided) is what
+    `write_report` draws.
     """
     from pbv_onnx.data.readouts import load_readouts
     from pbv_onnx.workflows.explain import make_study
@@ -118,6 +124,8 @@ def explain(
         method,
         path,
         save_inputs=save_inputs,
+        pairs=pairs,
+        map=map,
         **options,
     )
 
@@ -130,13 +138,15 @@ def write_report(
     scale: str = "run",
     summary: xr.Dataset | None = None,
     progress: bool = False,
+    map: str | None = None,
 ) -> Path:
     """Write an explanations dataset as a report folder, atomically: explanations.nc, one figure per
     pair, index.html (and the response panel, given `summary`: per channel mean_object and
-    mean_preferred). `smooth`: Gaussian sigma of the drawn maps; `scale`: run, channel or pair."""
+    mean_preferred). `smooth`: Gaussian sigma of the drawn maps; `scale`: run, channel or pair; `map`:
+    pixel, shared or guided (default: the result's own `map` attribute)."""
     from pbv_onnx.report.html import write_output
 
-    return write_output(res, out, summary, smooth, scale, force, progress=progress)
+    return write_output(res, out, summary, smooth, scale, force, progress=progress, map=map)
 
 
 def _responses(responses: xr.Dataset | PathLike) -> tuple[xr.Dataset, Path | None]:

@@ -108,3 +108,76 @@ def build_tiny_model(path: str | Path, seed: int = 0, arch: str = "tinycnn") -> 
     path = Path(path)
     onnx.save(model, str(path))
     return path
+
+
+def build_tiny_pooled_model(path: str | Path, seed: int = 0, feature_map: bool = True) -> Path:
+    """The tiny model with global average pooling at the cut (pool "avg"): features [N, 6], and, unless
+    `feature_map=False` (a pooled model exported before the format had it), the map before pooling
+    `feature_map` [N, 6, 8, 8] (reference: tiny_forward)."""
+    w = tiny_weights(seed)
+    fmap = "feature_map" if feature_map else "fmap"
+    n_pos = FEATURE_SHAPE[1] * FEATURE_SHAPE[2]
+    nodes = [
+        helper.make_node("Conv", ["image", "W1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[1, 1]),
+        helper.make_node("Relu", ["c1"], ["h1"]),
+        helper.make_node("Conv", ["h1", "W2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], [fmap]),
+        helper.make_node("GlobalAveragePool", [fmap], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["features"], axis=1),
+        # adjoint: the cotangent spread evenly over the positions, then as the unpooled model
+        helper.make_node("Unsqueeze", ["cotangent", "axes23"], ["cot4"]),
+        helper.make_node("Shape", [fmap], ["fshape"]),
+        helper.make_node("Expand", ["cot4", "fshape"], ["cotx"]),
+        helper.make_node("Mul", ["cotx", "inv_pos"], ["cotp"]),
+        helper.make_node("Greater", [fmap, "zero"], ["m2b"]),
+        helper.make_node("Cast", ["m2b"], ["m2"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["cotp", "m2"], ["g2"]),
+        helper.make_node(
+            "ConvTranspose", ["g2", "W2"], ["g1"], pads=[1, 1, 1, 1], strides=[2, 2], output_padding=[1, 1]
+        ),
+        helper.make_node("Greater", ["h1", "zero"], ["m1b"]),
+        helper.make_node("Cast", ["m1b"], ["m1"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["g1", "m1"], ["g1m"]),
+        helper.make_node("ConvTranspose", ["g1m", "W1"], ["input_grad"], pads=[1, 1, 1, 1], strides=[1, 1]),
+    ]
+    inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
+    inits += [
+        numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+        numpy_helper.from_array(np.array(1.0 / n_pos, np.float32), "inv_pos"),
+        numpy_helper.from_array(np.array([2, 3], np.int64), "axes23"),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", FEATURE_SHAPE[0]]),
+        helper.make_tensor_value_info("input_grad", TensorProto.FLOAT, ["N", 3, SIZE, SIZE]),
+    ]
+    if feature_map:
+        outputs.append(helper.make_tensor_value_info("feature_map", TensorProto.FLOAT, ["N", *FEATURE_SHAPE]))
+    graph = helper.make_graph(
+        nodes,
+        "tiny_pooled",
+        [
+            helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIZE, SIZE]),
+            helper.make_tensor_value_info("cotangent", TensorProto.FLOAT, ["N", FEATURE_SHAPE[0]]),
+        ],
+        outputs,
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = {
+        "format_version": 1,
+        "arch": "tinycnn",
+        "layer": "conv2",
+        "pool": "avg",
+        "feature_shape": [FEATURE_SHAPE[0]],
+        "preprocessing": PREPROCESSING.to_dict(),
+        "weights": {"source": "none", "seed": seed},
+        "versions": {"opset": 17},
+        "verification": {"note": "hand-built test model"},
+        "adjoint": "hand-written",
+    }
+    onnx.helper.set_model_props(model, {k: json.dumps(v) for k, v in meta.items()})
+    onnx.checker.check_model(model)
+    path = Path(path)
+    onnx.save(model, str(path))
+    return path

@@ -26,10 +26,14 @@ class Source:
     kind: str  # "human", "animal" or "object"
     origin: str  # "skimage", "matplotlib", "sklearn" or "shared"
     part: tuple[float, float, float, float] | None = None
+    family: str = ""  # the part's family: "face" (human faces and heads), "animal" (animal and bird heads), "" none
 
 
 # The catalogue: (file, category, kind, part box). Photos whose package needs a download, or
-# that are missing, are skipped when the demo is built.
+# that are missing, are skipped when the demo is built. Every real photograph these packages ship
+# is used once; left out: synthetic images (chessboard, color, logo, phantom), the horse silhouette,
+# motorcycle_right (the stereo twin of motorcycle_left: not a distinct photo) and microaneurysms
+# (102 px, a retina image like retina.jpg).
 SKIMAGE = [
     ("astronaut.png", "body", "human", (0.28, 0.04, 0.52, 0.31)),
     ("camera.png", "body", "human", (0.29, 0.12, 0.54, 0.42)),
@@ -39,6 +43,17 @@ SKIMAGE = [
     ("clock_motion.png", "object", "object", None),
     ("rocket.jpg", "object", "object", None),
     ("motorcycle_left.png", "object", "object", None),
+    # textures and scientific photographs: real, non-body, distinct photos
+    ("brick.png", "object", "object", None),
+    ("grass.png", "object", "object", None),
+    ("gravel.png", "object", "object", None),
+    ("moon.png", "object", "object", None),
+    ("hubble_deep_field.jpg", "object", "object", None),
+    ("retina.jpg", "object", "object", None),
+    ("cell.png", "object", "object", None),
+    ("ihc.png", "object", "object", None),
+    ("page.png", "object", "object", None),
+    ("text.png", "object", "object", None),
 ]
 MATPLOTLIB = [
     ("grace_hopper.jpg", "body", "human", (0.24, 0.14, 0.74, 0.58)),
@@ -64,6 +79,18 @@ SHARED = [
     ("hot_dog.jpg", "object", "object", None),
     ("missvickie_potato_chips.png", "object", "object", None),
 ]
+
+
+# The part families that planted objects borrow: human faces and heads, animal and bird heads.
+# The dragonfly's box is not a head of either kind, so it lends no part.
+FAMILIES = ("face", "animal")
+
+
+def family_of(name: str, kind: str) -> str:
+    """The part family of a body photo ("" for none)."""
+    if name == "dragonfly.png":
+        return ""
+    return {"human": "face", "animal": "animal"}.get(kind, "")
 
 
 def _skimage_loader(name: str) -> Callable[[], Image.Image]:
@@ -117,11 +144,12 @@ def available_sources(shared: Path | None = None, use_shared: bool = True) -> li
         (SKLEARN, "sklearn", _sklearn_loader),
     ):
         for name, cat, kind, part in table:
-            entries.append((Source(name, cat, kind, origin, part), loader(name)))
+            entries.append((Source(name, cat, kind, origin, part, family_of(name, kind)), loader(name)))
     if use_shared:
         folder = Path(shared) if shared is not None else default_shared()
         for name, cat, kind, part in SHARED:
-            entries.append((Source(name, cat, kind, "shared", part), _file_loader(folder / name)))
+            src = Source(name, cat, kind, "shared", part, family_of(name, kind))
+            entries.append((src, _file_loader(folder / name)))
     out = []
     for src, load in entries:
         try:

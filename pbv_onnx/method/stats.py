@@ -245,3 +245,55 @@ def channel_metrics(
         ds["n_by_category"] = (dims, n_cat)
         ds["r_critical_by_category"] = (dims, crit_cat)
     return ds
+
+
+def clustered_bootstrap(
+    values: np.ndarray,
+    groups: np.ndarray,
+    rng: np.random.Generator,
+    samples: int = 2000,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of the finite `values` and its percentile interval from a bootstrap that
+    resamples whole `groups` (e.g. source photos) with replacement, so related values move together.
+
+    Each resample's statistic is the mean over every value of the drawn groups (a group drawn twice
+    counts twice). NaN values are dropped first; (NaN, NaN, NaN) if none is left."""
+    v = np.asarray(values, np.float64).ravel()
+    g = np.asarray(groups).astype(str).ravel()
+    if v.shape != g.shape:
+        raise ValueError(f"values and groups differ in length ({v.size} vs {g.size})")
+    ok = np.isfinite(v)
+    v, g = v[ok], g[ok]
+    if v.size == 0:
+        return math.nan, math.nan, math.nan
+    ids = np.unique(g, return_inverse=True)[1].ravel()
+    n_g = int(ids.max()) + 1
+    sums = np.bincount(ids, weights=v, minlength=n_g)
+    counts = np.bincount(ids, minlength=n_g).astype(np.float64)
+    draws = rng.integers(0, n_g, (samples, n_g))
+    # times[s, g]: how often resample s drew group g
+    times = np.bincount((draws + n_g * np.arange(samples)[:, None]).ravel(), minlength=samples * n_g)
+    times = times.reshape(samples, n_g).astype(np.float64)
+    stat = (times @ sums) / (times @ counts)
+    tail = 100 * (1 - level) / 2
+    return float(v.mean()), float(np.percentile(stat, tail)), float(np.percentile(stat, 100 - tail))
+
+
+def binomial_two_sided(k: int, n: int) -> float:
+    """Exact two-sided p of k successes in n trials at p = 1/2: min(1, 2 P(X <= min(k, n - k)))."""
+    if n <= 0:
+        return 1.0
+    m = min(k, n - k)
+    tail = sum(math.comb(n, i) for i in range(m + 1)) / 2.0**n
+    return float(min(1.0, 2.0 * tail))
+
+
+def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """McNemar's test of two paired binary outcomes (e.g. two methods' pointing hits on the same pairs):
+    the exact binomial test on the discordant pairs. Returns {"a_only", "b_only", "n", "p"}."""
+    a, b = np.asarray(a, bool).ravel(), np.asarray(b, bool).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired outcomes differ in length ({a.size} vs {b.size})")
+    a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
+    return {"a_only": a_only, "b_only": b_only, "n": int(a.size), "p": binomial_two_sided(a_only, a_only + b_only)}

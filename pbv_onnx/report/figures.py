@@ -320,13 +320,15 @@ def save_pair_figure(
     predicted: tuple[float, float] = (float("nan"), float("nan")),
     method: str = "parallel",
     scale_note: str = "",
+    map: str = "pixel",
 ) -> Path:
-    """Write one pair figure; both overlays use the one colour scale `vmax` given."""
+    """Write one pair figure; both overlays use the one colour scale `vmax` given. `map` names the
+    maps drawn: pixel (the saliency), shared (the upsampled shared map) or guided (their product)."""
     vmax = float(vmax) if np.isfinite(vmax) and vmax > 0 else 1.0
     canvas = Image.new("RGB", pair_size(), WHITE)
     draw = ImageDraw.Draw(canvas)
     boxes = panel_boxes()
-    shared = panel_label(method)
+    shared = {"pixel": panel_label(method), "shared": "shared map", "guided": "guided (saliency x shared)"}[map]
     for role, img, smap, label in (
         ("ooc", ooc_image, ooc_map, f"object: {_short(ooc)}"),
         ("reference", ref_image, ref_map, f"reference: {_short(reference)}"),
@@ -335,11 +337,20 @@ def save_pair_figure(
         _panel(canvas, draw, boxes[role], img, label)
         _panel(canvas, draw, boxes[f"{role}_overlay"], _to_uint8(overlay(img, smap, vmax)), shared)
     sigma = "\u03a3" if _has_sigma(_font(7)) else "sum "
+    note = f" ({scale_note})" if scale_note else ""
     label: list[Run] = [
         (f"saliency {sigma}", 7, False, False, 0.0),
         ("c", 5, False, False, 0.25),
-        ("|G|" + (f" ({scale_note})" if scale_note else ""), 7, False, False, 0.0),
+        ("|G|" + note, 7, False, False, 0.0),
     ]
+    if map == "shared":
+        label = [("shared map M per pixel" + note, 7, False, False, 0.0)]
+    elif map == "guided":
+        label = [
+            (f"guided {sigma}", 7, False, False, 0.0),
+            ("c", 5, False, False, 0.25),
+            ("|G| x M" + note, 7, False, False, 0.0),
+        ]
     _colorbar(canvas, draw, boxes["colorbar"], vmax, label)
     head: list[Run] = [
         ("channel " + str(channel) + (f" ({region})" if region else "") + "    similarity ", 10, True, False, 0.0),

@@ -18,6 +18,7 @@ from pbv_onnx.base.errors import UsageError
 from pbv_onnx.method.display import shared_vmax
 from pbv_onnx.method.filters import gaussian_smooth
 from pbv_onnx.method.methods import describe
+from pbv_onnx.method.shared import DEFAULT_MAP, MAP_CHOICES
 from pbv_onnx.report import figures
 from pbv_onnx.runtime.images import Preprocessing, display_image, load_image
 
@@ -33,9 +34,25 @@ def check_display(smooth: float = 0.0, scale: str = "run") -> None:
         raise UsageError(None, f"smooth must be non-negative, not {smooth}", param="smooth")
 
 
-def display_maps(ds: xr.Dataset, smooth: float = 0.0) -> np.ndarray:
-    """The maps as drawn [pair, role, y, x]: the stored saliency, smoothed for display if asked."""
+def chosen_map(ds: xr.Dataset, map: str | None = None) -> str:
+    """The map a report of `ds` shows: `map`, else the result's own choice (attribute `map`), else pixel;
+    checked against what `ds` holds."""
+    choice = map if map is not None else str(ds.attrs.get("map", DEFAULT_MAP))
+    if choice not in MAP_CHOICES:
+        raise UsageError(None, f"map must be one of {', '.join(MAP_CHOICES)}, not {choice!r}", param="map")
+    if choice != "pixel" and "shared_map" not in ds:
+        why = ds.attrs.get("shared_map", "the result holds no shared_map")
+        raise UsageError(None, f"map {choice!r} needs the shared maps ({why})", param="map")
+    return choice
+
+
+def display_maps(ds: xr.Dataset, smooth: float = 0.0, map: str = DEFAULT_MAP) -> np.ndarray:
+    """The maps as drawn [pair, role, y, x]: the stored saliency (pixel), the upsampled shared map
+    (shared) or their product (guided), smoothed for display if asked."""
     maps = ds["saliency"].transpose("pair", "role", "y", "x").values
+    if map != "pixel":
+        shared = ds["shared_map"].transpose("pair", "role", "y", "x").values
+        maps = shared if map == "shared" else maps.astype(np.float64) * shared
     return gaussian_smooth(maps, smooth) if smooth > 0 else maps
 
 
@@ -77,19 +94,22 @@ def write_output(
     scale: str = "run",
     force: bool = False,
     progress: bool = False,
+    map: str | None = None,
 ) -> Path:
     """Write the whole output folder atomically: nothing appears unless everything was written.
 
-    `progress`: a bar over the pair figures on a terminal (the largest part of a big run after the
-    gradients)."""
+    `map`: the map the figures show (pixel, shared or guided; default: the result's attribute
+    `map`); explanations.nc holds the same maps whatever it is. `progress`: a bar over the pair
+    figures on a terminal (the largest part of a big run after the gradients)."""
     from tqdm.auto import tqdm
 
     check_display(smooth, scale)
+    choice = chosen_map(ds, map)
     spec = Preprocessing.from_dict(json.loads(ds.attrs["preprocessing"]))
-    maps = display_maps(ds, smooth)
+    maps = display_maps(ds, smooth, choice)
     vmax = colour_scales(ds, maps, scale)
     ds = ds.assign_coords(display_vmax=("pair", vmax))
-    ds.attrs.update(display_smooth_sigma=float(smooth), display_scale=scale)
+    ds.attrs.update(display_smooth_sigma=float(smooth), display_scale=scale, map=choice)
     out = Path(out)
 
     # each distinct image decoded and resized once, however many pairs show it
@@ -115,6 +135,7 @@ def write_output(
             predicted=(float(ds["predicted_ooc"].values[i]), float(ds["predicted_reference"].values[i])),
             method=str(ds["method"].values[i]),
             scale_note=f"{scale} scale",
+            map=choice,
         )
         return name
 
@@ -171,6 +192,18 @@ def _response_panel(ds: xr.Dataset, summary: xr.Dataset | None, folder: Path) ->
     return name
 
 
+_MAP_TEXT = {
+    "pixel": "pixel: the saliency, sum over colour of |input gradient|",
+    "shared": "shared: the similarity decomposed over the cut layer's positions, upsampled (shared_map)",
+    "guided": "guided: the saliency times the upsampled shared map",
+}
+
+_MAP_INTRO = {
+    "pixel": "the summed absolute input gradients of the channel's similarity-weighted features",
+    "shared": "the similarity decomposed over the positions of the cut layer, upsampled to the image",
+    "guided": "the summed absolute input gradients times the upsampled shared map",
+}
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
  color:#222;padding:0 1em}
@@ -200,6 +233,7 @@ def render_index(ds: xr.Dataset, files: list[str], panel: str | None) -> str:
         ("readouts", a["readouts"]),
         ("responses", a["responses"]),
         ("preferred category", a["preferred_category"]),
+        ("maps shown", _MAP_TEXT[a.get("map", DEFAULT_MAP)]),
         ("colour scale", f"{a['display_scale']} (shared by both maps of a pair; never per image)"),
         ("display smoothing", f"Gaussian sigma {a['display_smooth_sigma']} px (display only)"),
         ("pairs", str(ds.sizes["pair"])),
@@ -210,9 +244,9 @@ def render_index(ds: xr.Dataset, files: list[str], panel: str | None) -> str:
         "<title>pbv-onnx explanations</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>Shared-feature explanations</h1>",
-        '<p class="meta">Each figure: the object, its saliency map, the most similar preferred-category '
-        "reference and its map. Maps are the summed absolute input gradients of the channel's "
-        "similarity-weighted features; both maps of a pair share one colour scale.</p>",
+        '<p class="meta">Each figure: the object, its map, the most similar preferred-category '
+        f"reference and its map. Maps are {_MAP_INTRO[a.get('map', DEFAULT_MAP)]}; both maps of a pair "
+        "share one colour scale.</p>",
         "<table>" + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows) + "</table>",
         f'<p><a href="{NETCDF}">{NETCDF}</a> (raw input gradients and maps)</p>',
     ]

@@ -9,6 +9,7 @@ import xarray as xr
 
 from pbv_onnx.base.atomic import claim_output
 from pbv_onnx.method.methods import Attribution, resolve
+from pbv_onnx.method.shared import DEFAULT_MAP
 from pbv_onnx.method.similarity import DEFAULT_TOP_K
 from pbv_onnx.report import html as report
 from pbv_onnx.workflows import checkpoint
@@ -39,10 +40,13 @@ def run_explain(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
+    pairs: Any = None,
+    map: str = DEFAULT_MAP,
     **options: Any,
 ) -> xr.Dataset:
     """`pbv-onnx explain`: files in, the output folder `out` written atomically (explanations.nc,
-    figures, index.html); finished pairs checkpointed beside it until it is in place."""
+    figures, index.html); finished pairs checkpointed beside it until it is in place. `pairs`: a
+    PAIRS.csv (or table) of the pairs to explain; `map`: what the figures show (pixel, shared, guided)."""
     report.check_display(smooth, scale)
     attribution = resolve(method, path, **options)
     # Held for the whole run, before any computation: a second run into `out` is refused at once.
@@ -71,7 +75,9 @@ def run_explain(
             checkpoints=out,
             resume=resume,
             force=force,
+            pairs=pairs,
+            map=map,
         )
-        report.write_output(ds, out, ex.channel_summary(study), smooth, scale, force, progress=progress)
+        report.write_output(ds, out, ex.channel_summary(study), smooth, scale, force, progress=progress, map=map)
         checkpoint.discard(out)
     return ds

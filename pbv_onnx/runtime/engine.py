@@ -15,6 +15,7 @@ from pbv_onnx.runtime.layout import blocked_products, sample_shapes
 from pbv_onnx.runtime.modelfile import (
     COTANGENT,
     COTANGENTS,
+    FEATURE_MAP,
     FEATURES,
     IMAGE,
     INPUT_GRAD,
@@ -25,6 +26,7 @@ from pbv_onnx.runtime.modelfile import (
     multi_subgraph,
     read_info,
     read_model,
+    subgraph,
     vjp_subgraph,
 )
 from pbv_onnx.runtime.sessions import (
@@ -112,6 +114,10 @@ class Engine:
         self._vjp_sess = None
         self._vjp_cache = "off"
         self._fwd = None
+        self._map_sess = None
+        # pooled models exported since the format gained it output the map before pooling
+        self._map_output = next((o for o in graph.output if o.name == FEATURE_MAP), None)
+        self._map_shape: tuple[int, ...] | None = None
         self._multi_sess = None
         self._multi_shaped: dict[tuple[int, int], Any] = {}  # padded calls: one session per shape
         self._cuda_missing: str | None = None
@@ -158,6 +164,14 @@ class Engine:
         if self._fwd is None:
             self._fwd, _ = self._session(lambda: features_subgraph(self._proto).SerializeToString(), "features")
         return self._fwd
+
+    def _map_session(self):
+        """The image -> feature_map subgraph of a pooled model (the map before pooling)."""
+        if self._map_sess is None:
+            self._map_sess, _ = self._session(
+                lambda: subgraph(self._proto, [IMAGE], [FEATURE_MAP]).SerializeToString(), "feature_map"
+            )
+        return self._map_sess
 
     @property
     def _multi(self):
@@ -293,6 +307,57 @@ class Engine:
         if not out:
             return np.empty((0, *self.info.feature_shape), np.float32)
         return out[0] if len(out) == 1 else np.concatenate(out)  # one call: no copy
+
+    @property
+    def pooled(self) -> bool:
+        """Whether the features are pooled at the cut (the model's `pool` is not "none")."""
+        return self.info.pool != "none"
+
+    @property
+    def has_spatial_maps(self) -> bool:
+        """Whether `spatial_maps` can answer: unpooled models always, pooled ones with a `feature_map` output."""
+        return not self.pooled or self._map_output is not None
+
+    @property
+    def map_shape(self) -> tuple[int, ...]:
+        """The per-image shape of `spatial_maps`: the feature shape of an unpooled model, the pre-pool
+        map's ([C, h, w], or [T, D] for tokens) of a pooled one."""
+        if not self.pooled:
+            return tuple(self.info.feature_shape)
+        self._require_map()
+        if self._map_shape is None:
+            dims = self._map_output.type.tensor_type.shape.dim[1:]
+            if dims and all(d.HasField("dim_value") for d in dims):
+                self._map_shape = tuple(int(d.dim_value) for d in dims)
+            else:  # not declared in the graph: one forward pass on a blank image tells
+                blank = np.zeros((1, *self.info.input_shape), np.float32)
+                self._map_shape = tuple(self.spatial_maps(blank).shape[1:])
+        return self._map_shape
+
+    def _require_map(self) -> None:
+        if self._map_output is None:
+            raise ModelError(
+                self.path,
+                f"pooled model (pool {self.info.pool}) without the pre-pool output {FEATURE_MAP!r} (exported "
+                "before the format had it): re-export it for shared maps",
+            )
+
+    def spatial_maps(self, images: np.ndarray) -> np.ndarray:
+        """The latent map at the cut in its own layout, of preprocessed images [N, 3, H, W]: the map
+        before pooling [N, *map_shape] for a pooled model (its `feature_map` output), the features in
+        their own shape for an unpooled one. ModelError for a pooled model exported without it."""
+        if not self.pooled:
+            return self.feature_maps(images)
+        self._require_map()
+        images = self._check_images(images)
+        sess, bs = self._map_session(), self.batch_size
+        out = [
+            self._run(sess, [FEATURE_MAP], {IMAGE: self._padded(images[i : i + bs], bs)})[0][: len(images[i : i + bs])]
+            for i in range(0, len(images), bs)
+        ]
+        if not out:
+            return np.empty((0, *self.map_shape), np.float32)
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     def vjp(self, images: np.ndarray, cotangents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(features, J_phi(x)^T cotangent) per sample, in batches of `batch_size`.

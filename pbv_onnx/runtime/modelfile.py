@@ -24,6 +24,9 @@ IMAGE, COTANGENT, FEATURES, INPUT_GRAD = "image", "cotangent", "features", "inpu
 # ... and the multi-cotangent pair beside them: cotangents [N*K, ...] image-major -> input_grads.
 # Its default is an empty batch, so (image, cotangent) alone still runs the whole graph.
 COTANGENTS, INPUT_GRADS = "cotangents", "input_grads"
+# Pooled models (pool != "none") also output the map before pooling, [N, *map_shape] (the shared
+# map, docs/formats.md, needs it); older pooled models lack it and still work without shared maps.
+FEATURE_MAP = "feature_map"
 # Export defaults (export/, and the torch-free CLI's help): ScatterElements(reduction=add), needed
 # by the max-pool adjoint, is opset >= 16; verification limits, relative L2 against torch autograd:
 # features, and input_grad (raised to FLOOR_FACTOR x the fp32-vs-fp64 difference where larger).

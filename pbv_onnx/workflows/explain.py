@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections import OrderedDict
@@ -18,10 +19,21 @@ from pbv_onnx.data import responses as resp_io
 from pbv_onnx.method.display import display_map
 from pbv_onnx.method.methods import Attribution, resolve
 from pbv_onnx.method.saliency import hadamard_weights
+from pbv_onnx.method.shared import (
+    DEFAULT_MAP,
+    MAP_CHOICES,
+    channels_first,
+    latent_grid,
+    on_grid,
+    shared_maps,
+    upsample_map,
+)
 from pbv_onnx.method.similarity import DEFAULT_TOP_K, candidate_ids, rank_candidates, rank_order, ranked_scores
 from pbv_onnx.runtime.engine import Engine
 from pbv_onnx.runtime.images import load_batch
 from pbv_onnx.runtime.sessions import one_blas_thread
+
+_log = logging.getLogger(__name__)
 
 ROLES = ("ooc", "reference")
 COLORS = ("R", "G", "B")
@@ -453,6 +465,128 @@ def best_match(study: Study, channel, obj: ImageRef, mode: str, k: int) -> Pair:
     return Pair(channel, obj, refs[order[0]], float(s[order[0]]))
 
 
+def _row_image(study: Study, text: str, folder: Path | None) -> ImageRef | None:
+    """A stimulus id, else an image file (relative to the pairs file's folder, else as given), else None."""
+    if text in study.paths:
+        return ImageRef(text, study.paths[text], study.stimuli[text])
+    for p in ([folder / text] if folder is not None else []) + [Path(text)]:
+        if p.is_file():
+            resolved = p.resolve()
+            for sid, sp in study.paths.items():
+                if sp.resolve() == resolved:
+                    return ImageRef(sid, sp, study.stimuli[sid])
+            return ImageRef(text, p, None)
+    return None
+
+
+def pairs_from_rows(
+    study: Study, rows: Sequence, source: Path | None = None, mode: str = "top-k", k: int = DEFAULT_TOP_K
+) -> list[Pair]:
+    """The pairs a list asks for (data.pairs.PairRow: channel, object, reference or None for the
+    object's best match among the candidates), every row checked before any computation; errors
+    name `source` (the pairs file) and the row."""
+    from pbv_onnx.data.pairs import PairRow
+
+    name = source if source is not None else "pairs"
+    folder = source.parent if source is not None else None
+    by_text = {str(c): c for c in study.channels}
+    plan: list[tuple[PairRow, Any, ImageRef, ImageRef | None]] = []
+    for row in rows:
+        if row.channel not in by_text:
+            shown = ", ".join(list(by_text)[:8]) + (" ..." if len(by_text) > 8 else "")
+            raise InputDataError(
+                name, f"{row.where}: unknown channel {row.channel!r} (channels of {study.readouts_path}: {shown})"
+            )
+        refs = []
+        for role, text in (("object", row.object), ("reference", row.reference)):
+            if text is None:
+                refs.append(None)
+                continue
+            ref = _row_image(study, text, folder)
+            if ref is None:
+                raise InputDataError(
+                    name,
+                    f"{row.where}: {role} {text!r} is neither a stimulus id of {study.responses_path} "
+                    "nor an image file",
+                )
+            refs.append(ref)
+        plan.append((row, by_text[row.channel], refs[0], refs[1]))
+    # All features needed, computed in one pass, before any matching.
+    needed = [r for _, _, o, b in plan for r in (o, b) if r is not None]
+    for c in dict.fromkeys(c for _, c, _, b in plan if b is None):
+        needed += candidates(study, c, mode, k)
+    study.phi(needed)
+    pairs = []
+    for row, c, o, b in plan:
+        try:
+            if b is None:
+                pairs.append(best_match(study, c, o, mode, k))
+            else:
+                pairs.append(Pair(c, o, b, float(hadamard_weights(study.weight(c), *study.phi([o, b])).sum())))
+        except InputDataError as exc:
+            raise InputDataError(name, f"{row.where}: {exc.message}") from None
+    return pairs
+
+
+# -- shared maps ----------------------------------------------------------------------------
+
+
+def shared_map_support(engine: Engine) -> str | None:
+    """None where the model gives shared maps (docs/formats.md, `shared_map`), else why not, in one line."""
+    info = engine.info
+    if info.pool not in ("none", "avg"):
+        return f"{info.path}: pool {info.pool!r} has no decomposition of the similarity over positions"
+    if not engine.has_spatial_maps:
+        return (
+            f"{info.path}: pooled model without the pre-pool output 'feature_map' (exported before the "
+            "format had it); re-export it for shared maps"
+        )
+    if latent_grid(engine.map_shape) is None:
+        return f"{info.path}: features of shape {list(engine.map_shape)} have no spatial grid"
+    return None
+
+
+def check_map(engine: Engine, map: str) -> str | None:
+    """Check a display choice (`map`: pixel, shared or guided) against the model, before any
+    computation; returns why the model has no shared maps (None where it has them)."""
+    if map not in MAP_CHOICES:
+        raise UsageError(None, f"map must be one of {', '.join(MAP_CHOICES)}, not {map!r}", param="map")
+    why = shared_map_support(engine)
+    if why is not None and map != "pixel":
+        from pbv_onnx.base.errors import ModelError
+
+        raise ModelError(None, f"map {map!r} needs shared maps, which this model cannot give: {why}", param="map")
+    return why
+
+
+def latent_shared_maps(study: Study, pairs: Sequence[Pair]) -> np.ndarray:
+    """The shared maps M of every pair on the latent grid, float64 [P, 2 (object, reference), h, w];
+    the model must support them (`shared_map_support`). Pooled models: one forward pass per image
+    through the pre-pool output, a batch of distinct images at a time."""
+    eng = study.engine
+    shape = eng.map_shape
+    h, w, _ = latent_grid(shape)
+    out = np.empty((len(pairs), 2, h, w))
+
+    def put(i: int, weight: np.ndarray, a_o: np.ndarray, a_b: np.ndarray, pooled: bool) -> None:
+        m_o, m_b = shared_maps(weight, channels_first(a_o, shape), channels_first(a_b, shape), pooled)
+        out[i, 0], out[i, 1] = on_grid(m_o.reshape(-1), shape), on_grid(m_b.reshape(-1), shape)
+
+    if not eng.pooled:
+        for i, p in enumerate(pairs):
+            a = study.phi([p.ooc, p.reference])
+            put(i, channels_first(study.weight(p.channel), shape), a[0], a[1], False)
+        return out
+    for idx in _chunks(pairs, np.arange(len(pairs)), eng.batch_size):
+        part = [pairs[j] for j in idx]
+        refs = list({r.key: r for pr in part for r in (pr.ooc, pr.reference)}.values())
+        row = {r.key: n for n, r in enumerate(refs)}
+        maps = eng.spatial_maps(study.images([r.path for r in refs]))
+        for j, pr in zip(idx, part):
+            put(int(j), study.weight(pr.channel), maps[row[pr.ooc.key]], maps[row[pr.reference.key]], True)
+    return out
+
+
 # -- explaining -----------------------------------------------------------------------------
 
 
@@ -536,13 +670,16 @@ def explain(
     save_inputs: bool = False,
     options: dict | None = None,
     checkpoint=None,
+    map: str = DEFAULT_MAP,
     **path_options: Any,
 ) -> xr.Dataset:
     """Backpropagate every pair (in batches through the one engine) -> the labelled result.
 
     `method` (a name of method.methods.METHODS, or a resolved Attribution), `path` (default: the
     method's) and the path's options (e.g. steps=, baseline=, noise=, samples=, seed=) choose the
-    cotangent rule and the path; they are checked before any computation.
+    cotangent rule and the path; they are checked before any computation. Where the model allows,
+    the shared maps of every pair are computed too; `map` (pixel, shared or guided) is the map a
+    report of the result shows (attribute `map`).
 
     With a `checkpoint` (pbv_onnx.checkpoint.Checkpoints), pairs it already holds are not
     recomputed and each finished batch is saved to it.
@@ -550,6 +687,7 @@ def explain(
     attribution = resolve(method, path, **path_options)
     if not pairs:
         raise UsageError(None, "nothing to explain (no pairs)")
+    no_shared = check_map(study.engine, map)
     eng = study.engine
     spec = eng.info.preprocessing
     P = len(pairs)
@@ -589,7 +727,10 @@ def explain(
                     f"{checkpoint.folder}; rerun with resume=True to continue"
                 )
             raise
-        return to_dataset(study, pairs, grads, inputs, attribution, options or {})
+        if no_shared is not None:
+            _log.info(f"no shared maps: {no_shared}")
+        shared = None if no_shared is not None else latent_shared_maps(study, pairs)
+        return to_dataset(study, pairs, grads, inputs, attribution, options or {}, shared, map, no_shared)
 
 
 def to_dataset(
@@ -599,9 +740,13 @@ def to_dataset(
     inputs: np.ndarray | None,
     method: str | Attribution,
     options: dict,
+    shared: np.ndarray | None = None,
+    map: str = DEFAULT_MAP,
+    no_shared: str | None = None,
 ) -> xr.Dataset:
     """The explanations.nc layout: pair x role x color x y x x, per-pair coordinates, provenance
-    (the attribution's method label, rule, path and path options among the attributes)."""
+    (the attribution's method label, rule, path and path options among the attributes); with
+    `shared` (latent maps [P, 2, h, w]) the shared maps, latent and upsampled to the input size."""
     attribution = resolve(method)
     info = study.engine.info
     H, W = grads.shape[-2:]
@@ -641,6 +786,24 @@ def to_dataset(
             {"long_name": "sum over colour of |input_grad| (display map, unsmoothed)"},
         ),
     }
+    if shared is not None:
+        roles = "role ooc: M_o, the object's positions; role reference: M_b, the reference's"
+        data["shared_map_latent"] = (
+            ("pair", "role", "latent_y", "latent_x"),
+            np.asarray(shared, np.float64),
+            {"long_name": "shared map M on the latent grid: its sum over positions is the similarity", "roles": roles},
+        )
+        up = np.empty((len(pairs), 2, H, W), np.float32)
+        for i in range(0, len(pairs), 64):  # in parts: no float64 copy of every pair's image-sized maps
+            up[i : i + 64] = upsample_map(shared[i : i + 64], (H, W))
+        data["shared_map"] = (
+            ("pair", "role", "y", "x"),
+            up,
+            {
+                "long_name": "shared map M upsampled bilinearly to the input, times h*w/(H*W) (sums to the similarity)",
+                "roles": roles,
+            },
+        )
     if inputs is not None:
         data["image"] = (("pair", "role", "color", "y", "x"), inputs, {"long_name": "preprocessed network input"})
     from pbv_onnx.runtime.describe import describe_weights
@@ -658,8 +821,11 @@ def to_dataset(
         "preferred_category": study.preferred,
         **attribution.attrs(),
         "options": json.dumps(options, default=str),
+        "map": map,
         "pbv_onnx_version": _version(),
     }
+    if no_shared is not None:
+        attrs["shared_map"] = f"not computed: {no_shared}"
     return xr.Dataset(data, coords=coords, attrs=attrs)
 
 

@@ -8,7 +8,10 @@ from typing import Any, Sequence
 import numpy as np
 import xarray as xr
 
+from pbv_onnx.base.errors import UsageError
+from pbv_onnx.data.pairs import load_pairs
 from pbv_onnx.method.methods import Attribution, resolve
+from pbv_onnx.method.shared import DEFAULT_MAP
 from pbv_onnx.method.similarity import DEFAULT_TOP_K
 from pbv_onnx.workflows import checkpoint
 from pbv_onnx.workflows import explain as ex
@@ -28,20 +31,33 @@ def explain_study(
     checkpoints: str | os.PathLike | None = None,
     resume: bool = False,
     force: bool = False,
+    pairs: Any = None,
+    map: str = DEFAULT_MAP,
     **options: Any,
 ) -> xr.Dataset:
     """The explanations dataset of a study: pairs (given objects or each channel's top_objects, each
     with its best reference among the candidates, or the forced reference), backpropagated.
 
-    `checkpoints`: the output whose work folder keeps finished pairs (reused with `resume`).
+    `pairs`: instead, a given list of pairs: a PAIRS.csv path, a table with columns channel, object
+    and optional reference, or (channel, object[, reference]) tuples (no reference: the best match).
+    `map`: the map a report shows (pixel, shared or guided). `checkpoints`: the output whose work
+    folder keeps finished pairs (reused with `resume`).
     """
     attribution = resolve(method, path, **options)  # before any computation
-    pairs = ex.build_pairs(study, channels, images, top_objects, reference, candidates, top_k)
+    ex.check_map(study.engine, map)
+    if pairs is not None:
+        if channels or images or reference is not None:
+            raise UsageError(None, "pairs lists every pair: give no channel, image or reference with it", param="pairs")
+        rows, source = load_pairs(pairs)
+        todo = ex.pairs_from_rows(study, rows, source, candidates, top_k)
+    else:
+        todo = ex.build_pairs(study, channels, images, top_objects, reference, candidates, top_k)
     run_options = {
         "candidates": candidates,
         "top_k": top_k,
-        "top_objects": None if images else top_objects,
+        "top_objects": None if images or pairs is not None else top_objects,
         "reference": reference,
+        **({"pairs_file": str(source) if source is not None else "(given in memory)"} if pairs is not None else {}),
         **attribution.options,
         "batch_size": study.engine.batch_size,
         "device": study.engine.provider,
@@ -49,9 +65,9 @@ def explain_study(
     saved = None
     if checkpoints is not None:
         saved = checkpoint.Checkpoints(
-            checkpoints, ex.run_description(study, pairs, attribution, save_inputs), resume=resume, force=force
+            checkpoints, ex.run_description(study, todo, attribution, save_inputs), resume=resume, force=force
         )
-    return ex.explain(study, pairs, attribution, save_inputs=save_inputs, options=run_options, checkpoint=saved)
+    return ex.explain(study, todo, attribution, save_inputs=save_inputs, options=run_options, checkpoint=saved, map=map)
 
 
 def run_match(

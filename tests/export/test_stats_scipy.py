@@ -48,3 +48,44 @@ def test_critical_r_with_groups_uses_the_number_of_groups_as_n():
     t = stats.t.ppf(0.975, n - 2)
     plain = channel_metrics(pred, np.ones(n, bool), mean, None)
     assert float(plain["r_critical"].values[0]) == pytest.approx(t / np.sqrt(n - 2 + t * t), rel=1e-9)
+
+
+@pytest.mark.parametrize("a_only,b_only", [(0, 0), (0, 7), (3, 9), (12, 12), (20, 45), (1, 120)])
+def test_mcnemar_equals_scipy_exact_binomial_test(a_only, b_only):
+    from pbv_onnx.method.stats import mcnemar_exact
+
+    both = 5
+    a = np.array([True] * a_only + [False] * b_only + [True] * both + [False] * 4)
+    b = np.array([False] * a_only + [True] * b_only + [True] * both + [False] * 4)
+    t = mcnemar_exact(a, b)
+    n = a_only + b_only
+    ref = 1.0 if n == 0 else stats.binomtest(a_only, n, 0.5, alternative="two-sided").pvalue
+    assert (t["a_only"], t["b_only"]) == (a_only, b_only)
+    assert t["p"] == pytest.approx(ref, rel=1e-10)
+
+
+def test_clustered_bootstrap_matches_scipy_resampling_whole_groups():
+    """scipy.stats.bootstrap with paired (group sum, group size) arrays resamples groups: the same interval
+    of the pooled mean, up to Monte Carlo error."""
+    from pbv_onnx.method.stats import clustered_bootstrap
+
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 8, 25)
+    effects = rng.normal(0, 1, 25)
+    groups = np.repeat(np.arange(25), sizes)
+    values = effects[groups] + 0.3 * rng.normal(size=groups.size)
+    mean, lo, hi = clustered_bootstrap(values, groups, np.random.default_rng(1), 20000)
+    sums = np.bincount(groups, weights=values)
+    counts = np.bincount(groups).astype(float)
+    ref = stats.bootstrap(
+        (sums, counts),
+        lambda s, c, axis=-1: s.sum(axis=axis) / c.sum(axis=axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=20000,
+        method="percentile",
+        random_state=2,
+    ).confidence_interval
+    width = ref.high - ref.low
+    assert mean == pytest.approx(values.mean())
+    assert lo == pytest.approx(ref.low, abs=0.03 * width) and hi == pytest.approx(ref.high, abs=0.03 * width)

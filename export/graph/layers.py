@@ -1,0 +1,28 @@
+"""The tensors of an ONNX forward model one can cut at (for `pbv-onnx info --layers`)."""
+
+from __future__ import annotations
+
+from pbv_onnx.export.graph.builder import is_batch
+
+
+def list_layers(model, input_size: tuple[int, int] | None = None) -> list[tuple[str, str, tuple]]:
+    """(tensor name, op type, shape with the batch "N") of every float tensor that depends on the
+    image's values and has the batch axis first: shape computations and constants are skipped."""
+    import onnx
+
+    from pbv_onnx.export.graph.prepare import prepare
+
+    prep = prepare(model, None, input_size, whole=True)
+    back = {v: k for k, v in prep.renamed.items()}
+    out = []
+    for node in prep.model.graph.node:
+        for name in node.output:
+            shape = prep.shapes.get(name)
+            if not name or name not in prep.path or shape is None:
+                continue
+            if prep.dtypes.get(name) != onnx.TensorProto.FLOAT or not shape or shape[0] != "N":
+                continue
+            if any(is_batch(d) for d in shape[1:]):
+                continue
+            out.append((back.get(name, name), node.op_type, shape))
+    return out

@@ -1,0 +1,99 @@
+"""The ONNX-graph adjoint transform on torchvision CNNs: torch.onnx exports the truncated forward, the
+transform builds the gradient graph; features and input_grad against torch autograd in float64, and
+against the torch.fx export (export/adjoint.py) of the same network on the same images.
+
+Random weights with BatchNorm affines and statistics redrawn at order 1 (backbone.redraw_small_params),
+so an adjoint that ignored a BatchNorm scale could not pass. Bounds: float32 onnxruntime against float64
+torch, relative L2 per image: features 1e-4, input_grad 1e-3 (float32 rounding through ~20 layers is
+~1e-6..1e-5); the fx export is float32 too, so the two graphs agree to the same bound."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torchvision
+
+from pbv_onnx.export.backbone import redraw_small_params, truncate_for_graph
+from pbv_onnx.export.graph import build
+from pbv_onnx.runtime.modelfile import COTANGENT, FEATURES, IMAGE, INPUT_GRAD, vjp_subgraph
+
+FEATURE_TOL, GRAD_TOL = 1e-4, 1e-3
+CASES = [
+    ("mobilenet_v2", "features.18", "none", 64),
+    ("resnet18", "layer4", "avg", 64),
+    ("alexnet", "features", "none", 96),
+    ("vgg11", "features.10", "none", 64),
+]
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64).reshape(len(a), -1), np.asarray(b, np.float64).reshape(len(b), -1)
+    return float(max(np.linalg.norm(a[i] - b[i]) / np.linalg.norm(b[i]) for i in range(len(a))))
+
+
+def _onnx_forward(unpooled: torch.nn.Module, size: int) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            unpooled,
+            (torch.zeros(2, 3, size, size),),
+            buf,
+            dynamo=False,
+            opset_version=17,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "N"}, "y": {0: "N"}},
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _session(proto):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("arch,layer,pool,size", CASES, ids=[c[0] for c in CASES])
+def test_graph_transform_matches_torch_autograd_and_the_fx_export(arch, layer, pool, size, tmp_path):
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, arch)(weights=None).eval().requires_grad_(False)
+    redraw_small_params(net, seed=1)  # alexnet and vgg11 have no BatchNorm: nothing to redraw
+    unpooled, pooled = truncate_for_graph(net, layer, pool)
+    # torch.onnx.export restores the exported module's training flag on the whole tree: a wrapper
+    # left in training mode would put every BatchNorm in training mode after the export
+    unpooled.eval(), pooled.eval()
+    built = build(_onnx_forward(unpooled, size), pool=pool)
+    assert not any(m.training for m in net.modules())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
+    cot = rng.standard_normal((2, *built.feature_shape)).astype(np.float32)
+    feats, grad = _session(vjp_subgraph(built.model)).run([FEATURES, INPUT_GRAD], {IMAGE: x, COTANGENT: cot})
+
+    net64 = copy.deepcopy(pooled).double()
+    x64 = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+    y64 = net64(x64)
+    (y64 * torch.from_numpy(cot.astype(np.float64))).sum().backward()
+    assert _rel(feats, y64.detach().numpy()) < FEATURE_TOL
+    assert _rel(grad, x64.grad.numpy()) < GRAD_TOL
+
+    # the torch.fx export of the same network (same weights) on the same images
+    from pbv_onnx.export.pipeline import export_model
+    from pbv_onnx.runtime.images import Preprocessing
+
+    out = tmp_path / f"{arch}_fx.onnx"
+    export_model(
+        out, module=net, layer=layer, pool=pool, preprocessing=Preprocessing(resize=(size, size)),
+        progress=None, n_images=2,
+    )  # fmt: skip
+    fx = onnx.load(str(out))
+    fx_feats, fx_grad = _session(vjp_subgraph(fx)).run([FEATURES, INPUT_GRAD], {IMAGE: x, COTANGENT: cot})
+    assert _rel(feats, fx_feats) < FEATURE_TOL
+    assert _rel(grad, fx_grad) < GRAD_TOL

@@ -1,0 +1,153 @@
+"""The torch route through the ONNX-graph transform (`export --arch ... --adjoint graph|auto`): transformers
+and ConvNeXt against torch autograd in float64, random weights redrawn at order 1, and `auto` keeping the
+fx export where its adjoints cover the model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+
+from pbv_onnx.export import backbone
+from pbv_onnx.export.pipeline import export_model
+from pbv_onnx.runtime.engine import Engine
+from pbv_onnx.runtime.modelfile import read_info
+
+PBV = Path(sys.executable).parent / "pbv-onnx"
+
+
+def rel(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+def torch64(net, x: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Features and J^T c by torch autograd in float64: the independent reference."""
+    net64 = copy.deepcopy(net).double()
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+    y = net64(xt)
+    (g,) = torch.autograd.grad(y, xt, torch.from_numpy(c.astype(np.float64)))
+    return y.detach().numpy(), g.numpy()
+
+
+def check_against_torch(path: Path, module, layer: str, pool: str, size: int, bound: float) -> dict:
+    """The exported model's features and input_grad (Engine, fp32) vs torch float64 autograd; errors."""
+    _, net = backbone.truncate_for_graph(module, layer, pool)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
+    engine = Engine(path, device="cpu")
+    feats = engine.feature_maps(x)
+    c = rng.standard_normal(feats.shape).astype(np.float32)
+    _, grad = engine.vjp(x, c)
+    f64, g64 = torch64(net, x, c)
+    errors = {"features": rel(feats, f64), "input_grad": max(rel(grad[i], g64[i]) for i in range(len(x)))}
+    assert errors["features"] < 1e-4 and errors["input_grad"] < bound, errors
+    return errors
+
+
+@pytest.mark.parametrize("pool", ["cls", "avg"])
+def test_vit_b_16_through_the_graph_transform_matches_torch_autograd(tmp_path, pool):
+    torch.manual_seed(0)
+    vit = torchvision.models.vit_b_16(weights=None, image_size=64)  # 4x4 patches + class token
+    n = backbone.redraw_small_params(vit, seed=0)
+    assert n > 20
+    layer = "encoder.layers.encoder_layer_1"
+    out = tmp_path / f"vit_{pool}.onnx"
+    res = export_model(out, arch="vit_b_16", layer=layer, module=vit, pool=pool, resize="64x64", progress=None)
+    info = read_info(out)
+    assert info.feature_shape == (768,) and info.pool == pool
+    assert "ONNX-graph" in info.metadata["adjoint"]["method"]
+    assert {"MatMul", "Softmax"} <= set(info.metadata["adjoint"]["rules"])
+    ver = res.verification
+    assert ver["errors"]["ort_vs_torch32"]["features"] <= ver["tolerance"]
+    check_against_torch(out, vit, layer, pool, 64, 1e-3)
+
+
+def test_vit_token_features_unpooled(tmp_path):
+    torch.manual_seed(1)
+    vit = torchvision.models.vit_b_16(weights=None, image_size=32)
+    backbone.redraw_small_params(vit, seed=1)
+    layer = "encoder.layers.encoder_layer_0"
+    out = tmp_path / "vit_tokens.onnx"
+    export_model(out, arch="vit_b_16", layer=layer, module=vit, resize="32x32", adjoint="graph", progress=None)
+    assert read_info(out).feature_shape == (5, 768)  # [tokens, dim]
+    check_against_torch(out, vit, layer, "none", 32, 1e-3)
+
+
+def test_convnext_tiny_with_layer_scales_redrawn_matches_torch_autograd(tmp_path):
+    torch.manual_seed(0)
+    net = torchvision.models.convnext_tiny(weights=None)
+    scales = [p for name, p in net.named_parameters() if name.endswith("layer_scale")]
+    assert scales and float(scales[0].detach().abs().max()) < 1e-5  # torchvision's init: 1e-6, which would hide blocks
+    backbone.redraw_small_params(net, seed=0)
+    assert float(scales[0].detach().abs().min()) >= 1.0
+    out = tmp_path / "convnext.onnx"
+    export_model(out, arch="convnext_tiny", layer="features.3", module=net, resize="64x64", progress=None)
+    assert "ONNX-graph" in read_info(out).metadata["adjoint"]["method"]  # auto: fx does not cover it
+    check_against_torch(out, net, "features.3", "none", 64, 1e-3)
+
+
+def test_a_dropped_layer_scale_would_be_seen():
+    """Why the redraw: with torchvision's 1e-6 layer scales, ConvNeXt's blocks barely change the output."""
+    torch.manual_seed(0)
+    net = torchvision.models.convnext_tiny(weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    cut, _ = backbone.truncate_for_graph(net, "features.1", "none")
+    stem, _ = backbone.truncate_for_graph(net, "features.0", "none")
+    with torch.no_grad():
+        small = rel(cut(x).numpy(), stem(x).numpy().astype(np.float64))
+        backbone.redraw_small_params(net, seed=0)
+        large = rel(cut(x).numpy(), stem(x).numpy().astype(np.float64))
+    assert small < 1e-4 and large > 0.1, (small, large)
+
+
+def test_auto_keeps_the_fx_export_for_mobilenet_v2(tmp_path):
+    kw = dict(arch="mobilenet_v2", layer="features.4", weights="none", resize="64x64", n_images=2, progress=None)
+    auto, fx = tmp_path / "auto.onnx", tmp_path / "fx.onnx"
+    export_model(auto, adjoint="auto", **kw)
+    export_model(fx, adjoint="fx", **kw)
+    a, b = onnx.load(str(auto)), onnx.load(str(fx))
+    assert a.graph.SerializeToString() == b.graph.SerializeToString()
+    meta = {p.key: json.loads(p.value) for p in a.metadata_props}
+    assert "ONNX-graph" not in meta["adjoint"].get("method", "")
+    assert "redrawn" not in meta["weights"]  # today's random init, unchanged
+
+
+def test_cli_graph_route_records_the_redraw(tmp_path):
+    out = tmp_path / "effnet.onnx"
+    res = subprocess.run(
+        [str(PBV), "export", "--arch", "efficientnet_b0", "--layer", "features.2", "--weights", "none",
+         "--resize", "64x64", "--pool", "avg", "--adjoint", "graph", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    meta = read_info(out).metadata
+    assert meta["weights"]["source"] == "none" and meta["weights"]["redrawn_tensors"] > 0
+    assert "order-1" in meta["weights"]["redrawn"]
+    assert meta["feature_shape"] == [24]
+
+
+def test_onnx_file_route_of_a_torch_exported_resnet_matches_torch_autograd(tmp_path):
+    """The torch-free route (finite-difference verification) on a real network's ONNX file, checked here
+    against torch autograd in float64."""
+    from pbv_onnx.export.onnx_route import export_onnx, torch_forward_proto
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()  # torch.onnx exports eval mode
+    backbone.redraw_small_params(net, seed=0)
+    cut, _ = backbone.truncate_for_graph(net, "layer2", "none")
+    src = tmp_path / "resnet18_layer2.onnx"
+    onnx.save(torch_forward_proto(cut, (3, 64, 64), 17), str(src))
+    out = tmp_path / "r18.onnx"
+    res = export_onnx(src, out, pool="avg", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), progress=None)
+    errors = res.verification["errors"]["ort_vs_float64"]
+    assert errors["input_grad[gaussian]"] < 1e-2 and errors["features"] < 1e-5, errors
+    assert read_info(out).metadata["weights"]["source"] == "onnx"
+    check_against_torch(out, net, "layer2", "avg", 64, 1e-2)

@@ -1,0 +1,249 @@
+"""`pbv-onnx export --onnx` and `info --layers` in the torch-free environment: a hand-made ONNX CNN in,
+a verified pbv-onnx model out (checked here against a float64 numpy forward pass and central differences),
+and one-line refusals with their exit codes and nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from clirun import pbv, refused
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+SIZE = 32
+MEAN, STD = ("0.5", "0.4", "0.3"), ("0.25", "0.2", "0.3")
+
+
+def small_cnn(path, op: str = "Relu", seed: int = 0, input_shape=("batch", 3, SIZE, SIZE)):
+    """Conv(3->8, 3x3) -> `op` -> MaxPool 2x2 -> Conv(8->16, 3x3, stride 2) -> BatchNorm -> Relu, opset 17;
+    BatchNorm affines and statistics at order 1 (a wrong BatchNorm adjoint cannot hide); the weights."""
+    rng = np.random.default_rng(seed)
+    w = {
+        "w1": rng.standard_normal((8, 3, 3, 3)) / np.sqrt(27),
+        "b1": rng.normal(0, 0.1, 8),
+        "w2": rng.standard_normal((16, 8, 3, 3)) / np.sqrt(72),
+        "g": rng.uniform(0.5, 1.5, 16),
+        "beta": rng.normal(0, 0.2, 16),
+        "mu": rng.normal(0, 0.1, 16),
+        "var": rng.uniform(0.5, 2, 16),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["conv1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node(op, ["conv1"], ["act1"], name="act1"),
+        helper.make_node("MaxPool", ["act1"], ["pool1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["pool1", "w2"], ["conv2"], name="conv2", strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["conv2", "g", "beta", "mu", "var"], ["bn2"], name="bn2"),
+        helper.make_node("Relu", ["bn2"], ["out"], name="relu2"),
+    ]
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in w.items()]
+    graph = helper.make_graph(
+        nodes,
+        "small_cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return w
+
+
+def forward64(w: dict, x: np.ndarray, layer: str = "out") -> np.ndarray:
+    """The small CNN in float64 numpy (an independent reference: no ONNX evaluator)."""
+
+    def conv(x, k, stride, pad):
+        x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+        n, c, h, wd = x.shape
+        o, _, kh, kw = k.shape
+        ho, wo = (h - kh) // stride + 1, (wd - kw) // stride + 1
+        out = np.zeros((n, o, ho, wo))
+        for i in range(kh):
+            for j in range(kw):
+                patch = x[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride]
+                out += np.einsum("nchw,oc->nohw", patch, k[:, :, i, j])
+        return out
+
+    a = conv(x, w["w1"], 1, 1) + w["b1"][None, :, None, None]
+    if layer == "conv1":
+        return a
+    a = np.maximum(a, 0)
+    n, c, h, wd = a.shape
+    a = a.reshape(n, c, h // 2, 2, wd // 2, 2).max(axis=(3, 5))
+    a = conv(a, w["w2"], 2, 1)
+    s = w["g"] / np.sqrt(w["var"] + 1e-5)
+    a = (a - w["mu"][None, :, None, None]) * s[None, :, None, None] + w["beta"][None, :, None, None]
+    return np.maximum(a, 0)
+
+
+def export_args(src, out, *extra):
+    return ["export", "--onnx", src, "--resize", f"{SIZE}x{SIZE}", "--mean", *MEAN, "--std", *STD, "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx_route")
+    src = root / "small_cnn.onnx"
+    w = small_cnn(src)
+    out = root / "model.onnx"
+    res = pbv(*export_args(src, out))
+    assert res.returncode == 0, res.stderr
+    return src, out, w, res
+
+
+def test_export_onnx_writes_a_model_the_engine_runs_with_a_correct_gradient(exported):
+    from pbv_onnx.runtime.engine import Engine
+    from pbv_onnx.runtime.modelfile import read_info
+
+    src, out, w, _ = exported
+    info = read_info(out)
+    meta = info.metadata
+    assert info.arch == "small_cnn" and info.layer == "" and info.pool == "none"
+    assert info.feature_shape == (16, SIZE // 4, SIZE // 4)
+    assert meta["weights"] == {
+        "source": "onnx",
+        "file": "small_cnn.onnx",
+        "sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
+    }
+    assert "torch" not in meta["versions"]
+    assert meta["preprocessing"]["mean"] == [float(v) for v in MEAN]
+    assert meta["multi_cotangent"] is True and "Conv" in meta["adjoint"]["rules"]
+    ver = meta["verification"]
+    errors = ver["errors"]["ort_vs_float64"]
+    assert errors["features"] <= ver["tolerance"] and errors["input_grad[gaussian]"] <= ver["grad_tolerance"]
+
+    # independent of the export's own check: float64 numpy forward, and central differences of it
+    engine = Engine(out, device="cpu")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    feats = engine.feature_maps(x)
+    ref = forward64(w, x.astype(np.float64))
+    assert np.linalg.norm(feats - ref) / np.linalg.norm(ref) < 1e-5
+    c = rng.standard_normal(feats.shape).astype(np.float32)
+    _, grad = engine.vjp(x, c)
+    for i in range(2):
+        for _ in range(3):
+            u = rng.standard_normal(x.shape[1:])
+            t = 1e-7  # float64: rounding ~1e-9 relative; ReLU kinks and pool ties within reach are rare
+            xp, xm = x[i : i + 1].astype(np.float64) + t * u, x[i : i + 1].astype(np.float64) - t * u
+            fd = float(((forward64(w, xp) - forward64(w, xm)) * c[i]).sum() / (2 * t))
+            assert abs(float((u * grad[i]).sum()) - fd) <= 1e-3 * abs(fd) + 1e-4, (fd, float((u * grad[i]).sum()))
+
+
+def test_export_onnx_at_a_layer_with_pooling(tmp_path, exported):
+    from pbv_onnx.runtime.engine import Engine
+    from pbv_onnx.runtime.modelfile import read_info
+
+    src, _, w, _ = exported
+    out = tmp_path / "conv1_avg.onnx"
+    res = pbv(*export_args(src, out, "--layer", "conv1", "--pool", "avg", "--arch-name", "tiny"))
+    assert res.returncode == 0, res.stderr
+    info = read_info(out)
+    assert info.arch == "tiny" and info.layer == "conv1" and info.pool == "avg" and info.feature_shape == (8,)
+    x = np.random.default_rng(1).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    ref = forward64(w, x.astype(np.float64), "conv1").mean(axis=(2, 3))
+    got = Engine(out, device="cpu").features(x)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def test_info_layers_lists_the_tensors_one_can_cut_at(exported):
+    src = exported[0]
+    res = pbv("info", "--layers", src)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    rows = {line.split()[0]: line.split()[1] for line in lines[1:-1]}
+    for name, op in (("conv1", "Conv"), ("act1", "Relu"), ("pool1", "MaxPool"), ("bn2", "BatchNormalization")):
+        assert rows.get(name) == op, res.stdout
+    assert "out" in rows and "w1" not in rows  # weights are not cut points
+    js = json.loads(pbv("info", "--layers", "--json", src).stdout)
+    assert {"name", "op", "shape"} <= set(js[0])
+
+
+def test_refusals_are_one_line_with_their_exit_codes_and_write_nothing(tmp_path, exported):
+    src = exported[0]
+    out = tmp_path / "m.onnx"
+
+    def quiet(*args):  # progress lines off: the error is the only line
+        return pbv("-q", *args)
+
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not an onnx file\xff" * 10)
+    refused(quiet(*export_args(garbage, out)), 4, "garbage.onnx")
+    refused(quiet(*export_args(tmp_path / "missing.onnx", out)), 4, "missing.onnx", "not found")
+    two_d = tmp_path / "vector.onnx"
+    small_cnn(two_d, input_shape=("batch", 5, SIZE, SIZE))
+    refused(quiet(*export_args(two_d, out)), 4, "vector.onnx", "[N, 3, H, W]")
+    line = refused(quiet(*export_args(src, out, "--layer", "conv9")), 2, "small_cnn.onnx", "conv9", "info --layers")
+    assert "conv1" in line or "act1" in line  # a few valid names
+    bad = tmp_path / "selu.onnx"
+    small_cnn(bad, op="Selu")
+    refused(quiet(*export_args(bad, out)), 4, "selu.onnx", "Selu", "act1")
+    no_norm = ["export", "--onnx", src, "--resize", f"{SIZE}x{SIZE}", "--out", out]
+    refused(quiet(*no_norm), 2, "--mean", "--std")
+    refused(quiet(*export_args(src, out, "--weights", "none")), 2, "--weights")
+    assert not out.exists() and not list(tmp_path.glob("m.onnx*"))
+    out.write_bytes(b"keep")
+    refused(quiet(*export_args(src, out)), 6)
+    assert out.read_bytes() == b"keep"
+
+
+def test_a_wrong_adjoint_is_refused_by_the_finite_difference_check(tmp_path, exported, monkeypatch):
+    """A Relu adjoint that forgets its mask passes the gradient through unchanged: off by order 1."""
+    from pbv_onnx.base.errors import ModelError
+    from pbv_onnx.export.graph.rules import RULES, load_rules
+    from pbv_onnx.export.onnx_route import export_onnx
+
+    load_rules()
+    monkeypatch.setattr(RULES["Relu"], "vjp", lambda self, ctx, node, grads: [grads[0]])
+    out = tmp_path / "wrong.onnx"
+    with pytest.raises(ModelError, match="refused.*input_grad"):
+        export_onnx(exported[0], out, mean=(0.5,) * 3, std=(0.25,) * 3, n_images=2, progress=None)
+    assert not out.exists()
+
+
+def test_the_float64_copy_computes_in_float64():
+    """Erf (GELU's core) included: onnx's reference Erf rounds to float32, the copy's must not."""
+    from scipy.special import erf
+
+    from pbv_onnx.export.graph.fd import Forward64
+
+    nodes = [
+        helper.make_node("Mul", ["input", "k"], ["m"]),
+        helper.make_node("Erf", ["m"], ["e"]),
+        helper.make_node("Cast", ["e"], ["out"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "erf",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(0.7, np.float32), "k")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4))
+    y = Forward64(model)(x)
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y, erf(np.float64(np.float32(0.7)) * x), rtol=1e-14, atol=1e-15)
+
+
+def test_the_directional_probe_estimates_the_gradients_relative_error():
+    """For f(x) = A x (gradient of c . f exactly A^T c): a gradient 10% too large reads about 0.1."""
+    from pbv_onnx.export.graph.fd import directional_errors
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 48))
+    x = rng.standard_normal((3, 3, 4, 4))
+    c = rng.standard_normal((3, 5))
+    grad = (c @ a).reshape(3, 3, 4, 4)
+
+    def forward(z):
+        return z.reshape(len(z), -1) @ a.T
+
+    exact = directional_errors(forward, x, {"c": c}, {"c": grad}, n_directions=16)
+    scaled = directional_errors(forward, x, {"c": c}, {"c": 1.1 * grad}, n_directions=16)
+    assert exact["input_grad[c]"] < 1e-6
+    assert 0.09 < scaled["input_grad[c]"] < 0.12  # exact: a scaled gradient is off by 1.1/1 along every u
