@@ -18,6 +18,8 @@ def describe_weights(record: dict[str, Any] | None) -> str:
         return f"torchvision {record.get('name', '-')}" + _sha(record)
     if source == "module":
         return f"a {record.get('class', 'torch')} module given to the export"
+    if source == "onnx":
+        return f"the ONNX file {record.get('file', '-')}" + _sha(record)
     if not record:
         return "not recorded"
     return ", ".join(f"{k} {_text(v)}" for k, v in record.items() if v is not None)
@@ -34,6 +36,10 @@ def _text(value: Any) -> str:
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
         return f"{value[0]}x{value[1]}"
     return str(value)
+
+
+def _error(name: str, value: Any) -> str:
+    return f"{name} {value:.1e}" if isinstance(value, (int, float)) else f"{name} {_text(value)}"
 
 
 def describe_model(path: str | os.PathLike) -> dict[str, Any]:
@@ -69,9 +75,9 @@ def format_info(info: dict[str, Any]) -> str:
         "versions:           " + ", ".join(f"{k} {_text(v)}" for k, v in meta.get("versions", {}).items()),
     ]
     errors = ver.get("errors", {}) if isinstance(ver, dict) else {}
-    for name in ("ort_vs_torch32", "torch32_vs_torch64"):
-        if name in errors:
-            lines.append(f"{name + ':':<20}" + ", ".join(f"{k} {v:.1e}" for k, v in errors[name].items()))
+    for name in ("ort_vs_torch32", "torch32_vs_torch64", "ort_vs_float64"):
+        if isinstance(errors.get(name), dict):
+            lines.append(f"{name + ':':<20}" + ", ".join(_error(k, v) for k, v in errors[name].items()))
     if isinstance(ver, dict) and ver:
         lines.append(f"verified on:        {ver.get('inputs') or '-'}")
     elif ver:

@@ -134,6 +134,15 @@ def test_export_onnx_writes_a_model_the_engine_runs_with_a_correct_gradient(expo
             assert abs(float((u * grad[i]).sum()) - fd) <= 1e-3 * abs(fd) + 1e-4, (fd, float((u * grad[i]).sum()))
 
 
+def test_info_names_the_onnx_source_and_its_float64_verification(exported):
+    src, out, _, _ = exported
+    res = pbv("info", out)
+    assert res.returncode == 0, res.stderr
+    assert f"the ONNX file small_cnn.onnx (sha256 {hashlib.sha256(src.read_bytes()).hexdigest()})" in res.stdout
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("ort_vs_float64:"))
+    assert "features" in line and "input_grad[gaussian]" in line and "None" not in res.stdout
+
+
 def test_export_onnx_at_a_layer_with_pooling(tmp_path, exported):
     from pbv_onnx.runtime.engine import Engine
     from pbv_onnx.runtime.modelfile import read_info
