@@ -90,50 +90,33 @@ def export_cmd(
         raise UsageError(
             None, "pass exactly one of arch (a torchvision model) or onnx (an ONNX file)", ("arch", "onnx")
         )
+    # what both front ends take
+    common = dict(
+        layer=layer,
+        pool=pool,
+        resize=resize,
+        crop=crop,
+        mean=_triple(mean),
+        std=_triple(std),
+        seed=seed,
+        tolerance=tolerance,
+        grad_tolerance=grad_tolerance,
+        force=force,
+    )
     if onnx_file is not None:
         wrong = [name for name, given in (("weights", weights), ("adjoint", adjoint != "auto")) if given]
         if wrong:
             raise UsageError(None, f"{' and '.join(wrong)} apply to arch, not to onnx", (*wrong, "arch", "onnx"))
         from pbv_onnx.export.onnx_route import export_onnx
 
-        export_onnx(
-            onnx_file,
-            out,
-            layer=layer,
-            pool=pool,
-            resize=resize,
-            crop=crop,
-            mean=_triple(mean),
-            std=_triple(std),
-            arch_name=arch_name,
-            tolerance=tolerance,
-            grad_tolerance=grad_tolerance,
-            seed=seed,
-            force=force,
-        )
+        export_onnx(onnx_file, out, arch_name=arch_name, **common)
         return
     if layer is None:
         raise UsageError(None, "arch needs layer (the module path to cut at, e.g. features.18)", ("arch", "layer"))
     if arch_name is not None:
         raise UsageError(None, "arch_name applies to onnx (arch names the model itself)", ("arch_name", "onnx"))
     export = _export_module()
-    export.export_model(
-        out,
-        arch=arch,
-        layer=layer,
-        weights=weights,
-        seed=seed,
-        pool=pool,
-        resize=resize,
-        crop=crop,
-        mean=_triple(mean),
-        std=_triple(std),
-        opset=opset,
-        tolerance=tolerance,
-        grad_tolerance=grad_tolerance,
-        force=force,
-        adjoint=adjoint,
-    )
+    export.export_model(out, arch=arch, weights=weights, opset=opset, adjoint=adjoint, **common)
 
 
 def _triple(value):

@@ -57,6 +57,8 @@ def _log(msg: str) -> None:
 
 @dataclass
 class ExportResult:
+    """What an export wrote (both routes)."""
+
     path: Path
     feature_shape: tuple[int, ...]
     verification: dict
@@ -429,23 +431,46 @@ def export_onnx(
 
     import onnx
 
+    versions = {
+        "onnx_opset": _opset(proto),
+        "source_opset": _opset(model),
+        "source_producer": f"{model.producer_name} {model.producer_version}".strip() or None,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "pbv_onnx": pbv_onnx.__version__,
+    }
+    weights = {"source": "onnx", "file": path.name, "sha256": file_sha256(path)}
+    head = {"arch": arch_name or path.stem, "layer": layer or "", "pool": pool, "weights": weights}
+    worst_text = f"worst error {errors[worst]:.1e} in {worst}, limit {limits[worst]:.1e}"
+    return finish(proto, built, out, force, head, spec, versions, verification, worst_text, t0, say)
+
+
+def finish(
+    proto,
+    built,
+    out: Path,
+    force: bool,
+    head: dict,
+    spec: Preprocessing,
+    versions: dict,
+    verification: dict,
+    worst_text: str,
+    t0: float,
+    say: Callable[[str], None],
+) -> ExportResult:
+    """Both routes' last step: the model's metadata (head: arch, layer, pool, weights), the atomic
+    write, one line on what was written."""
     adjoint, fp32 = rules_of(built)
+    feature_shape = tuple(built.feature_shape)
     meta = {
         "format_version": FORMAT_VERSION,
-        "arch": arch_name or path.stem,
-        "layer": layer or "",
-        "pool": pool,
+        "arch": head["arch"],
+        "layer": head["layer"],
+        "pool": head["pool"],
         "feature_shape": list(feature_shape),
         "preprocessing": spec.to_dict(),
-        "weights": {"source": "onnx", "file": path.name, "sha256": file_sha256(path)},
-        "versions": {
-            "onnx_opset": _opset(proto),
-            "source_opset": _opset(model),
-            "source_producer": f"{model.producer_name} {model.producer_version}".strip() or None,
-            "onnx": onnx.__version__,
-            "numpy": np.__version__,
-            "pbv_onnx": pbv_onnx.__version__,
-        },
+        "weights": head["weights"],
+        "versions": versions,
         "verification": verification,
         "adjoint": adjoint,
         MULTI_COTANGENT: True,
@@ -453,10 +478,7 @@ def export_onnx(
     }
     write_model(proto, meta, out, force)
     seconds = time.perf_counter() - t0
-    say(
-        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; worst error {errors[worst]:.1e} in {worst}, "
-        f"limit {limits[worst]:.1e}; {seconds:.0f} s)"
-    )
+    say(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; {worst_text}; {seconds:.0f} s)")
     return ExportResult(path=out, feature_shape=feature_shape, verification=verification, seconds=seconds)
 
 
@@ -576,61 +598,27 @@ def export_torch_graph(
         got = _session(fd_feature_map_graph(proto)).run([FEATURE_MAP], {IMAGE: x})[0]
         extra["feature_map_vs_torch32"] = max(verify.rel_l2(a, b) for a, b in zip(got, fmap))
     checks = consistency(proto, x, feature_shape, seed)
-    what, err, limit = verify.worst(errors, tolerance, grad_tolerance)
     verification = {
         "reference": "torch autograd (float32 and float64) of the truncated network",
-        "tolerance": tolerance,
-        "grad_tolerance": grad_tolerance,
-        "floor_factor": verify.FLOOR_FACTOR,
-        "rule": "ort_vs_torch32: features <= tolerance; input_grad <= "
-        "max(grad_tolerance, floor_factor * torch32_vs_torch64)",
-        "limits": verify.limits(errors, tolerance, grad_tolerance),
-        "metric": "relative L2 ||a-b||/||b||, worst sample",
-        "n_images": int(len(x)),
-        "inputs": inputs_desc,
-        "cotangents": cotangents,
-        "errors": errors,
+        **verify.torch_record(errors, cotangents, tolerance, grad_tolerance, len(x), inputs_desc),
         **extra,
         **checks,
         "runtime": f"onnxruntime {_ort_version()} CPU",
     }
-    if not err <= limit:
-        raise ModelError(
-            out,
-            f"export refused: onnxruntime differs from torch autograd in {what} "
-            f"by {err:.2e} relative L2 (limit {limit:.1e}); nothing written",
-        )
+    what, err, limit = verify.refuse_beyond_limits(out, errors, tolerance, grad_tolerance)
     if not extra.get("feature_map_vs_torch32", 0.0) <= tolerance:
         raise ModelError(
             out,
             f"export refused: feature_map differs from torch by {extra['feature_map_vs_torch32']:.1e}; nothing written",
         )
     refuse_inconsistent(out, checks, tolerance)
-    adjoint, fp32 = rules_of(built)
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "arch": arch,
-        "layer": layer or "",
-        "pool": pool,
-        "feature_shape": list(feature_shape),
-        "preprocessing": spec.to_dict(),
-        "weights": weights_record,
-        "versions": {
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "onnx_opset": _opset(proto),
-            "onnx": onnx.__version__,
-            "pbv_onnx": pbv_onnx.__version__,
-        },
-        "verification": verification,
-        "adjoint": adjoint,
-        MULTI_COTANGENT: True,
-        FP32_ONLY_KEY: fp32,
+    versions = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "onnx_opset": _opset(proto),
+        "onnx": onnx.__version__,
+        "pbv_onnx": pbv_onnx.__version__,
     }
-    write_model(proto, meta, out, force)
-    seconds = time.perf_counter() - t0
-    say(
-        f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; worst error {err:.1e} in {what}, "
-        f"limit {limit:.1e}; {seconds:.0f} s)"
-    )
-    return ExportResult(path=out, feature_shape=feature_shape, verification=verification, seconds=seconds)
+    head = {"arch": arch, "layer": layer or "", "pool": pool, "weights": weights_record}
+    worst_text = f"worst error {err:.1e} in {what}, limit {limit:.1e}"
+    return finish(proto, built, out, force, head, spec, versions, verification, worst_text, t0, say)

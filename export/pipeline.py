@@ -7,7 +7,6 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +20,7 @@ from pbv_onnx.base.atomic import atomic_file, check_writable
 from pbv_onnx.base.errors import ModelError, UsageError
 from pbv_onnx.export import backbone, verify
 from pbv_onnx.export.adjoint import VJPModule, describe, fp32_table
+from pbv_onnx.export.onnx_route import ExportResult
 from pbv_onnx.runtime.engine import COTANGENT, COTANGENTS, FEATURES, IMAGE, INPUT_GRAD, INPUT_GRADS
 from pbv_onnx.runtime.fp16 import FP32_ONLY_KEY
 from pbv_onnx.runtime.images import Preprocessing
@@ -29,7 +29,6 @@ from pbv_onnx.runtime.modelfile import (
     DEFAULT_OPSET,
     DEFAULT_TOLERANCE,
     FEATURE_MAP,
-    FLOOR_FACTOR,
     FORMAT_VERSION,
     MULTI_COTANGENT,
     features_subgraph,
@@ -42,14 +41,6 @@ from pbv_onnx.runtime.sessions import session_options
 
 def _log(msg: str) -> None:
     logging.getLogger(__name__).info(msg)
-
-
-@dataclass
-class ExportResult:
-    path: Path
-    feature_shape: tuple[int, ...]
-    verification: dict
-    seconds: float
 
 
 def to_onnx(vjp: nn.Module, input_shape: tuple[int, ...], feature_shape: tuple[int, ...], opset: int) -> bytes:
@@ -295,13 +286,10 @@ def export_model(
     if adjoint == "graph":
         from pbv_onnx.export import onnx_route
 
-        done = onnx_route.export_torch_graph(
+        return onnx_route.export_torch_graph(
             out, net_module, arch, layer, pool, spec, weights_record, seed, opset, tolerance, grad_tolerance,
             force, n_images, images, progress,
         )  # fmt: skip
-        return ExportResult(
-            path=done.path, feature_shape=done.feature_shape, verification=done.verification, seconds=done.seconds
-        )
     with torch.no_grad():
         feature_shape = tuple(net(torch.zeros((1, *input_shape))).shape[1:])
 
@@ -331,31 +319,15 @@ def export_model(
     if pool != "none":  # the map before pooling, averaged, is the features
         fmap = _session(model_bytes).run([FEATURE_MAP], {IMAGE: x, COTANGENT: cot0})[0]
         map_err = verify.rel_l2(fmap.reshape(*fmap.shape[:2], -1).mean(-1), fwd_only)
-    what, err, limit = verify.worst(errors, tolerance, grad_tolerance)
     verification = {
-        "tolerance": tolerance,
-        "grad_tolerance": grad_tolerance,
-        "floor_factor": FLOOR_FACTOR,
-        "rule": "ort_vs_torch32: features <= tolerance; input_grad <= "
-        "max(grad_tolerance, floor_factor * torch32_vs_torch64)",
-        "limits": verify.limits(errors, tolerance, grad_tolerance),
-        "metric": "relative L2 ||a-b||/||b||, worst sample",
-        "n_images": int(len(x)),
-        "inputs": inputs_desc,
-        "cotangents": cotangents,
-        "errors": errors,
+        **verify.torch_record(errors, cotangents, tolerance, grad_tolerance, len(x), inputs_desc),
         "features_only_vs_vjp_graph": fwd_err,
         "multi_cotangent_vs_single": multi_err,
         "whole_graph_vs_parts": whole_err,
         **({} if map_err is None else {"feature_map_mean_vs_features": map_err}),
         "runtime": f"onnxruntime {_ort_version()} CPU",
     }
-    if not err <= limit:
-        raise ModelError(
-            out,
-            f"export refused: onnxruntime differs from torch autograd in {what} "
-            f"by {err:.2e} relative L2 (limit {limit:.1e}); nothing written",
-        )
+    what, err, limit = verify.refuse_beyond_limits(out, errors, tolerance, grad_tolerance)
     if not multi_err <= tolerance:
         raise ModelError(
             out,

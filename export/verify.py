@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pbv_onnx.base.errors import ModelError
 from pbv_onnx.method.stats import rel_l2
 from pbv_onnx.runtime.engine import COTANGENT, FEATURES, IMAGE, INPUT_GRAD
 from pbv_onnx.runtime.images import Preprocessing, load_batch, real_photos
@@ -122,3 +123,33 @@ def worst(errors: dict, tolerance: float, grad_tolerance: float) -> tuple[str, f
     ort = errors["ort_vs_torch32"]
     key = max(ort, key=lambda k: ort[k] / lim[k])
     return key, ort[key], lim[key]
+
+
+def torch_record(errors: dict, cotangents, tolerance: float, grad_tolerance: float, n_images: int, inputs: str) -> dict:
+    """The model's `verification` metadata for a check against torch autograd (both routes write it)."""
+    return {
+        "tolerance": tolerance,
+        "grad_tolerance": grad_tolerance,
+        "floor_factor": FLOOR_FACTOR,
+        "rule": "ort_vs_torch32: features <= tolerance; input_grad <= "
+        "max(grad_tolerance, floor_factor * torch32_vs_torch64)",
+        "limits": limits(errors, tolerance, grad_tolerance),
+        "metric": "relative L2 ||a-b||/||b||, worst sample",
+        "n_images": int(n_images),
+        "inputs": inputs,
+        "cotangents": cotangents,
+        "errors": errors,
+    }
+
+
+def refuse_beyond_limits(out, errors: dict, tolerance: float, grad_tolerance: float) -> tuple[str, float, float]:
+    """Raise ModelError (nothing written) when onnxruntime differs from torch autograd beyond its
+    limit; else the worst quantity (name, error, limit)."""
+    what, err, limit = worst(errors, tolerance, grad_tolerance)
+    if not err <= limit:
+        raise ModelError(
+            out,
+            f"export refused: onnxruntime differs from torch autograd in {what} "
+            f"by {err:.2e} relative L2 (limit {limit:.1e}); nothing written",
+        )
+    return what, err, limit

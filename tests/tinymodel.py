@@ -20,6 +20,22 @@ FEATURE_SHAPE = (6, SIZE // 2, SIZE // 2)
 PREPROCESSING = Preprocessing(resize=(SIZE, SIZE), crop=None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
+def _conv_relu_adjoint(fmap: str, g: str) -> list:
+    """The tiny network's hand-written adjoint, from the cotangent `g` of its last ReLU map `fmap`."""
+    return [
+        helper.make_node("Greater", [fmap, "zero"], ["m2b"]),
+        helper.make_node("Cast", ["m2b"], ["m2"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [g, "m2"], ["g2"]),
+        helper.make_node(
+            "ConvTranspose", ["g2", "W2"], ["g1"], pads=[1, 1, 1, 1], strides=[2, 2], output_padding=[1, 1]
+        ),
+        helper.make_node("Greater", ["h1", "zero"], ["m1b"]),
+        helper.make_node("Cast", ["m1b"], ["m1"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["g1", "m1"], ["g1m"]),
+        helper.make_node("ConvTranspose", ["g1m", "W1"], ["input_grad"], pads=[1, 1, 1, 1], strides=[1, 1]),
+    ]
+
+
 def tiny_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """n standard-normal images and cotangents for the tiny model, drawn from `rng` in that order."""
     x = rng.standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
@@ -63,16 +79,7 @@ def build_tiny_model(path: str | Path, seed: int = 0, arch: str = "tinycnn") -> 
         helper.make_node("Conv", ["h1", "W2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
         helper.make_node("Relu", ["c2"], ["features"]),
         # adjoint
-        helper.make_node("Greater", ["features", "zero"], ["m2b"]),
-        helper.make_node("Cast", ["m2b"], ["m2"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["cotangent", "m2"], ["g2"]),
-        helper.make_node(
-            "ConvTranspose", ["g2", "W2"], ["g1"], pads=[1, 1, 1, 1], strides=[2, 2], output_padding=[1, 1]
-        ),
-        helper.make_node("Greater", ["h1", "zero"], ["m1b"]),
-        helper.make_node("Cast", ["m1b"], ["m1"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["g1", "m1"], ["g1m"]),
-        helper.make_node("ConvTranspose", ["g1m", "W1"], ["input_grad"], pads=[1, 1, 1, 1], strides=[1, 1]),
+        *_conv_relu_adjoint("features", "cotangent"),
     ]
     inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
     inits.append(numpy_helper.from_array(np.zeros((), np.float32), "zero"))
@@ -129,16 +136,7 @@ def build_tiny_pooled_model(path: str | Path, seed: int = 0, feature_map: bool =
         helper.make_node("Shape", [fmap], ["fshape"]),
         helper.make_node("Expand", ["cot4", "fshape"], ["cotx"]),
         helper.make_node("Mul", ["cotx", "inv_pos"], ["cotp"]),
-        helper.make_node("Greater", [fmap, "zero"], ["m2b"]),
-        helper.make_node("Cast", ["m2b"], ["m2"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["cotp", "m2"], ["g2"]),
-        helper.make_node(
-            "ConvTranspose", ["g2", "W2"], ["g1"], pads=[1, 1, 1, 1], strides=[2, 2], output_padding=[1, 1]
-        ),
-        helper.make_node("Greater", ["h1", "zero"], ["m1b"]),
-        helper.make_node("Cast", ["m1b"], ["m1"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["g1", "m1"], ["g1m"]),
-        helper.make_node("ConvTranspose", ["g1m", "W1"], ["input_grad"], pads=[1, 1, 1, 1], strides=[1, 1]),
+        *_conv_relu_adjoint(fmap, "cotp"),
     ]
     inits = [numpy_helper.from_array(v, k) for k, v in w.items()]
     inits += [
