@@ -215,6 +215,23 @@ figcaption{font-size:.85em;color:#444}.meta{color:#555;font-size:.9em}nav a{marg
 """
 
 
+def _readout_fit(ds: xr.Dataset) -> str:
+    """One line on how well the explained channels' readouts predict held-out preferred images."""
+    if "readout_r_cv" not in ds:
+        return "not recorded"
+    per_channel = dict(zip(ds["channel"].values.astype(str), ds["readout_r_cv"].values.astype(float)))
+    r = np.array(list(per_channel.values()))
+    if not np.isfinite(r).any():
+        return "not recorded"
+    folds = ds.attrs.get("readout_cv_folds_by") or "stimulus (related stimuli may be split)"
+    return (
+        f"held-out r on preferred images, mean over the {len(r)} explained channels "
+        f"{figures.format_number(float(np.nanmean(r)), 2)} (range {figures.format_number(float(np.nanmin(r)), 2)} "
+        f"to {figures.format_number(float(np.nanmax(r)), 2)}; folds by {folds}). A readout that does not predict "
+        "held-out images gives maps that show what the two images share in the backbone, not the channel"
+    )
+
+
 def render_index(ds: xr.Dataset, files: list[str], panel: str | None) -> str:
     """An offline, self-contained HTML page: relative links only, no external assets."""
     e = html.escape
@@ -231,6 +248,7 @@ def render_index(ds: xr.Dataset, files: list[str], panel: str | None) -> str:
         ("weights", a.get("weights", "not recorded")),
         ("method", describe(a)),
         ("readouts", a["readouts"]),
+        ("readout fit", _readout_fit(ds)),
         ("responses", a["responses"]),
         ("preferred category", a["preferred_category"]),
         ("maps shown", _MAP_TEXT[a.get("map", DEFAULT_MAP)]),
@@ -261,7 +279,9 @@ def render_index(ds: xr.Dataset, files: list[str], panel: str | None) -> str:
     for r, cs in by_region.items():
         out.append(f'<h2 id="region-{e(_slug(r))}">Region {e(r)}</h2>')
         for c in cs:
-            out.append(f'<h3 id="channel-{e(_slug(c))}">Channel {e(c)}</h3>')
+            r = ds["readout_r_cv"].values[ds["channel"].values.astype(str) == c][0] if "readout_r_cv" in ds else None
+            fit = "" if r is None else f" <small>(readout: held-out r {figures.format_number(float(r), 2)})</small>"
+            out.append(f'<h3 id="channel-{e(_slug(c))}">Channel {e(c)}{fit}</h3>')
             for i in np.flatnonzero(ds["channel"].values.astype(str) == c):
                 f = files[i]
                 cap = (

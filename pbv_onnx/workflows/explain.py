@@ -160,6 +160,12 @@ class Study:
         t = self.tables
         return float(t.mean[t.mean_row[channel], t.mean_col[ref.stimulus]])
 
+    def readout_r(self, channel) -> float:
+        """The channel's cross-validated r on held-out preferred images (NaN when the readouts lack it)."""
+        if "r_cv_preferred" not in self.readouts:
+            return float("nan")
+        return float(self.readouts["r_cv_preferred"].sel(channel=channel).values)
+
     def predicted(self, channel, ref: ImageRef) -> float:
         return float(self.weight(channel) @ self.phi([ref])[0].astype(np.float64) + self.bias(channel))
 
@@ -763,6 +769,9 @@ def to_dataset(
         "recorded_ooc": [study.recorded(p.channel, p.ooc) for p in pairs],
         "recorded_reference": [study.recorded(p.channel, p.reference) for p in pairs],
         "method": [attribution.label] * len(pairs),
+        # how well the channel's readout predicts held-out preferred images: a map is only as
+        # channel-specific as its readout (README, validation)
+        "readout_r_cv": [study.readout_r(p.channel) for p in pairs],
     }
     coords: dict[str, Any] = {
         "pair": np.arange(len(pairs)),
@@ -817,6 +826,9 @@ def to_dataset(
         "feature_shape": json.dumps(list(info.feature_shape)),
         "preprocessing": json.dumps(info.preprocessing.to_dict()),
         "readouts": str(study.readouts_path),
+        # what readout_r_cv's folds kept whole ("group": related stimuli never split; "" for readouts
+        # fitted before grouped folds existed)
+        "readout_cv_folds_by": str(study.readouts.attrs.get("cv_folds_by", "")),
         "responses": str(study.responses_path),
         "preferred_category": study.preferred,
         **attribution.attrs(),

@@ -477,3 +477,31 @@ def test_an_outside_image_path_gets_nan_recorded_responses(study_files, tmp_path
     # a recorded stimulus given by its path is recognised as that stimulus
     ds2 = ex.build_pairs(study, channels=["3"], images=[str(study_files["images"] / "o03.png")])
     assert ds2[0].ooc.label == "o03"
+
+
+def test_each_pair_carries_its_readouts_held_out_r_and_the_report_states_it(study_files, tmp_path):
+    study = open_(study_files)
+    r = np.linspace(-0.2, 0.6, len(CHANNELS))
+    study.readouts = study.readouts.assign(r_cv_preferred=("channel", r))
+    study.readouts.attrs["cv_folds_by"] = "group"
+    pairs = ex.build_pairs(study, top_k_objects=1)
+    ds = ex.explain(study, pairs)
+    expected = [r[CHANNELS.index(int(c))] for c in ds["channel"].values]
+    np.testing.assert_allclose(ds["readout_r_cv"].values, expected)
+    assert ds.attrs["readout_cv_folds_by"] == "group"
+    out = tmp_path / "expl"
+    report.write_output(ds, out, ex.channel_summary(study))
+    html = (out / "index.html").read_text()
+    shown = np.unique(expected)
+    assert f"mean over the {len(pairs)} explained channels {np.mean(expected):.2f}" in html
+    assert f"range {shown.min():.2f} to {shown.max():.2f}; folds by group" in html
+    assert f"(readout: held-out r {expected[0]:.2f})" in html
+
+
+def test_readouts_without_held_out_r_are_reported_as_not_recorded(study_files, tmp_path):
+    study = open_(study_files)
+    study.readouts = study.readouts.drop_vars("r_cv_preferred", errors="ignore")
+    ds = ex.explain(study, ex.build_pairs(study, top_k_objects=1))
+    assert np.isnan(ds["readout_r_cv"].values).all()
+    report.write_output(ds, tmp_path / "expl", ex.channel_summary(study))
+    assert "<td>not recorded</td>" in (tmp_path / "expl" / "index.html").read_text().replace("\n", "")
