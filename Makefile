@@ -83,6 +83,8 @@ BENCH_ARGS ?=
 bench: $(VENV)/export/.done $(VENV)/runtime/.done $(VENV)/core/.done
 	$(EXPORT_PY) bench/run.py $(BENCH_ARGS)
 	$(RUNTIME_PY) bench/fit_speed.py
+	@if [ -f $(DEMO)/readouts.nc ]; then $(EXPORT_PY) bench/memory_study.py; \
+	  else echo "bench/memory_study.py skipped: it measures the demo's study (make demo first)"; fi
 
 # On a machine with an NVIDIA GPU and onnxruntime-gpu (bench/gpu_check.sh says what it needs)
 gpu-check:

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from pbv_onnx.cli.app import app, progress
-from pbv_onnx.cli.options import BATCH_SIZE, DEVICE, FEATURES, IMAGES, MODEL
+from pbv_onnx.cli.options import DEVICE, FEATURES, IMAGES, MODEL
 from pbv_onnx.method import methods
 from pbv_onnx.method.shared import DEFAULT_MAP, MAP_CHOICES
 from pbv_onnx.method.similarity import CANDIDATE_MODES, DEFAULT_TOP_K
@@ -133,7 +133,12 @@ def explain(
     images: Optional[Path] = IMAGES,
     features: Optional[Path] = FEATURES,
     device: str = DEVICE,
-    batch_size: int = BATCH_SIZE,
+    batch_size: int = typer.Option(
+        ex.DEFAULT_EXPLAIN_BATCH,
+        "--batch-size",
+        help="Images per onnxruntime call (a gradient pass keeps its batch's activations: 4 keeps memory low "
+        "on CPU; on CUDA 16 or more is faster).",
+    ),
     smooth: float = typer.Option(0.0, "--smooth", help="Gaussian sigma (pixels) for the displayed maps only."),
     scale: str = typer.Option(
         "run",

@@ -33,7 +33,7 @@ def run_explain(
     images_root: str | os.PathLike | None = None,
     features_cache: str | os.PathLike | None = None,
     device: str = "auto",
-    batch_size: int = 16,
+    batch_size: int = ex.DEFAULT_EXPLAIN_BATCH,
     smooth: float = 0.0,
     scale: str = "run",
     save_inputs: bool = False,

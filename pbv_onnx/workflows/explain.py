@@ -38,6 +38,10 @@ _log = logging.getLogger(__name__)
 ROLES = ("ooc", "reference")
 COLORS = ("R", "G", "B")
 DEFAULT_TOP_OBJECTS = 3
+# Images per onnxruntime call in `explain`: a gradient pass keeps every activation of its batch, so
+# on CPU 4 images peak at half the memory of 16 and run no slower (bench/memory_study.py,
+# docs/performance.md); on CUDA larger batches pay (pass batch_size=16 or more).
+DEFAULT_EXPLAIN_BATCH = 4
 # Preprocessed images a study keeps (least recently used out first): 256 MB holds ~430 images of
 # 224x224, enough for a lab's objects and references, so each file is decoded once per run.
 IMAGE_CACHE_BYTES = 256 * 2**20

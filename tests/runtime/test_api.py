@@ -147,7 +147,11 @@ def test_stimulus_features_carry_the_model_and_fit_like_the_cli(engine, study, t
 # -- explain -------------------------------------------------------------------------------------
 
 
-def test_explain_of_datasets_is_what_the_cli_writes(engine, study, tmp_path):
+def test_explain_of_datasets_is_what_the_cli_writes(tiny_model, study, tmp_path):
+    from pbv_onnx.workflows.explain import DEFAULT_EXPLAIN_BATCH
+
+    # the CLI's explain runs its engine at its own default batch size, recorded in the options
+    engine = pbv.Engine(tiny_model, device="cpu", batch_size=DEFAULT_EXPLAIN_BATCH)
     out = tmp_path / "out"
     args = [
         "explain",
