@@ -36,6 +36,27 @@ def _conv_relu_adjoint(fmap: str, g: str) -> list:
     ]
 
 
+def _save(model, path: str | Path, arch: str, pool: str, feature_shape: list[int], seed: int) -> Path:
+    """The tiny model's metadata (as the export stage writes it), checked and saved."""
+    meta = {
+        "format_version": 1,
+        "arch": arch,
+        "layer": "conv2",
+        "pool": pool,
+        "feature_shape": feature_shape,
+        "preprocessing": PREPROCESSING.to_dict(),
+        "weights": {"source": "none", "seed": seed},
+        "versions": {"opset": 17},
+        "verification": {"note": "hand-built test model"},
+        "adjoint": "hand-written",
+    }
+    onnx.helper.set_model_props(model, {k: json.dumps(v) for k, v in meta.items()})
+    onnx.checker.check_model(model)
+    path = Path(path)
+    onnx.save(model, str(path))
+    return path
+
+
 def tiny_batch(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """n standard-normal images and cotangents for the tiny model, drawn from `rng` in that order."""
     x = rng.standard_normal((n, 3, SIZE, SIZE)).astype(np.float32)
@@ -98,23 +119,7 @@ def build_tiny_model(path: str | Path, seed: int = 0, arch: str = "tinycnn") -> 
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    meta = {
-        "format_version": 1,
-        "arch": arch,
-        "layer": "conv2",
-        "pool": "none",
-        "feature_shape": list(FEATURE_SHAPE),
-        "preprocessing": PREPROCESSING.to_dict(),
-        "weights": {"source": "none", "seed": seed},
-        "versions": {"opset": 17},
-        "verification": {"note": "hand-built test model"},
-        "adjoint": "hand-written",
-    }
-    onnx.helper.set_model_props(model, {k: json.dumps(v) for k, v in meta.items()})
-    onnx.checker.check_model(model)
-    path = Path(path)
-    onnx.save(model, str(path))
-    return path
+    return _save(model, path, arch, "none", list(FEATURE_SHAPE), seed)
 
 
 def build_tiny_pooled_model(path: str | Path, seed: int = 0, feature_map: bool = True) -> Path:
@@ -162,20 +167,4 @@ def build_tiny_pooled_model(path: str | Path, seed: int = 0, feature_map: bool =
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    meta = {
-        "format_version": 1,
-        "arch": "tinycnn",
-        "layer": "conv2",
-        "pool": "avg",
-        "feature_shape": [FEATURE_SHAPE[0]],
-        "preprocessing": PREPROCESSING.to_dict(),
-        "weights": {"source": "none", "seed": seed},
-        "versions": {"opset": 17},
-        "verification": {"note": "hand-built test model"},
-        "adjoint": "hand-written",
-    }
-    onnx.helper.set_model_props(model, {k: json.dumps(v) for k, v in meta.items()})
-    onnx.checker.check_model(model)
-    path = Path(path)
-    onnx.save(model, str(path))
-    return path
+    return _save(model, path, "tinycnn", "avg", [FEATURE_SHAPE[0]], seed)
