@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 import warnings
@@ -16,11 +15,11 @@ import torchvision
 from torch import nn
 
 import pbv_onnx
-from pbv_onnx.base.atomic import atomic_file, check_writable
+from pbv_onnx.base.atomic import check_writable
 from pbv_onnx.base.errors import ModelError, UsageError
 from pbv_onnx.export import backbone, verify
 from pbv_onnx.export.adjoint import VJPModule, describe, fp32_table
-from pbv_onnx.export.onnx_route import ExportResult
+from pbv_onnx.export.onnx_route import ExportResult, write_model
 from pbv_onnx.runtime.engine import COTANGENT, COTANGENTS, FEATURES, IMAGE, INPUT_GRAD, INPUT_GRADS
 from pbv_onnx.runtime.fp16 import FP32_ONLY_KEY
 from pbv_onnx.runtime.images import Preprocessing
@@ -33,7 +32,6 @@ from pbv_onnx.runtime.modelfile import (
     MULTI_COTANGENT,
     features_subgraph,
     multi_subgraph,
-    read_info,
     vjp_subgraph,
 )
 from pbv_onnx.runtime.sessions import session_options
@@ -373,13 +371,7 @@ def export_model(
         MULTI_COTANGENT: True,
         FP32_ONLY_KEY: fp32_table(vjp.rules),
     }
-    del proto.metadata_props[:]
-    for key, value in meta.items():
-        proto.metadata_props.add(key=key, value=json.dumps(value))
-    proto.producer_name = "pbv-onnx export"
-    with atomic_file(out, force) as tmp:
-        onnx.save(proto, str(tmp))
-        read_info(tmp)  # the file reads back as a pbv-onnx model
+    write_model(proto, meta, out, force)
     seconds = time.perf_counter() - t0
     say(
         f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; worst error {err:.1e} in {what}, "

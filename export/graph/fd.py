@@ -159,23 +159,14 @@ def _cut_model(model, cut: str):
     import onnx
     from onnx import helper
 
-    producer = {o: n for n in model.graph.node for o in n.output}
-    if cut not in producer:
+    from pbv_onnx.export.graph.prepare import ancestors
+
+    if not any(cut in n.output for n in model.graph.node):
         raise ValueError(f"no node computes tensor {cut!r}")
-    needed, stack = set(), [cut]
-    keep: set[int] = set()
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        node = producer.get(name)
-        if node is not None and id(node) not in keep:
-            keep.add(id(node))
-            stack.extend(i for i in node.input if i)
+    needed = ancestors(model.graph.node, [cut])
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    nodes = [n for n in model.graph.node if id(n) in keep]
+    nodes = [n for n in model.graph.node if any(o in needed for o in n.output if o)]
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     del out.graph.output[:]

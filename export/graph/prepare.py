@@ -172,17 +172,8 @@ def prepare(
             shape_dep.update(o for o in node.output if o)
 
     # only what the cut needs
-    producer = {o: n for n in nodes for o in n.output if o}
     roots = [rn(o) for o in outputs] if whole else [cut]
-    needed, stack = set(), list(roots)
-    while stack:
-        t = stack.pop()
-        if t in needed:
-            continue
-        needed.add(t)
-        node = producer.get(t)
-        if node is not None:
-            stack.extend(i for i in node.input if i)
+    needed = ancestors(nodes, roots)
     nodes = [n for n in nodes if any(o in needed for o in n.output)]
     if cut not in data:
         raise UsageError(label, f"tensor {cut!r} does not depend on the image", "layer")
@@ -221,17 +212,8 @@ def prepare(
     fwd.ir_version = model.ir_version
 
     kept = list(fwd.graph.node)  # the graph's own node objects (make_graph copied them)
-    needed_kept = set()
-    stack = list(roots)
+    needed_kept = ancestors(kept, roots)
     prod = {o: n for n in kept for o in n.output if o}
-    while stack:
-        t = stack.pop()
-        if t in needed_kept:
-            continue
-        needed_kept.add(t)
-        node = prod.get(t)
-        if node is not None:
-            stack.extend(i for i in node.input if i)
     path = {t for t in data if t in needed_kept}
     consumers: dict[str, list] = {}
     for n in kept:
@@ -252,6 +234,21 @@ def prepare(
         renamed=renamed,
         folded=len(nodes) - len(kept),
     )
+
+
+def ancestors(nodes, roots) -> set[str]:
+    """The tensors `roots` are computed from (themselves included), through `nodes`."""
+    producer = {o: n for n in nodes for o in n.output if o}
+    needed, stack = set(), list(roots)
+    while stack:
+        t = stack.pop()
+        if t in needed:
+            continue
+        needed.add(t)
+        node = producer.get(t)
+        if node is not None:
+            stack.extend(i for i in node.input if i)
+    return needed
 
 
 def _constant_value(node) -> np.ndarray:
