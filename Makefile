@@ -50,7 +50,7 @@ TEST_MODELS := $(BUILD)/models/resnet18_avg.onnx \
   $(if $(wildcard $(WEIGHTS)),$(BUILD)/models/mobilenet_v2-features.18.onnx)
 
 # re-exported when the export code changes (the graph it writes is what the runtime tests test)
-EXPORT_SRC := $(wildcard export/*.py) pbv_onnx/runtime/modelfile.py
+EXPORT_SRC := $(wildcard export/*.py export/graph/*.py) pbv_onnx/runtime/modelfile.py
 
 models: $(TEST_MODELS)
 

@@ -35,24 +35,19 @@ EXPORT_ENV = ROOT / ".venv" / "export"
 CORE_ENV = ROOT / ".venv" / "core"  # `pip install .`: what a rig machine installs
 MNV2_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet.pth"
 
-# name, arch, layer, weights, repeats[, adjoint route]: "fx" (export/adjoint.py, the default) or "graph"
-# (torch.onnx forward + the ONNX-graph transform, export/graph/). Random weights of the graph route get
-# their small parameters redrawn at order 1, as its export does (backbone.redraw_small_params).
+# name, arch, layer, weights, repeats: torch.onnx forward + the ONNX-graph transform (export/graph/), as
+# `pbv-onnx export --arch` builds it (random weights with their small parameters redrawn at order 1 by
+# backbone.load_backbone, as the export has them).
 BACKBONES = [
     ("mobilenet_v2", "mobilenet_v2", "features.18", "shared", 15),
     ("alexnet", "alexnet", "features", "none", 21),
     ("resnet50", "resnet50", "layer4", "none", 7),
     ("vgg16", "vgg16", "features.29", "none", 7),
-    ("vit_b_16", "vit_b_16", "encoder", "none", 5, "graph"),
-    ("swin_t", "swin_t", "permute", "none", 5, "graph"),
-    ("convnext_tiny", "convnext_tiny", "features", "none", 5, "graph"),
-    ("efficientnet_b0", "efficientnet_b0", "features", "none", 7, "graph"),
-    ("densenet121", "densenet121", "features", "none", 5, "graph"),
-    # today's four CNNs through the graph transform: the fx adjoints retire when these match the rows above
-    ("mobilenet_v2_graph", "mobilenet_v2", "features.18", "shared", 15, "graph"),
-    ("alexnet_graph", "alexnet", "features", "none", 21, "graph"),
-    ("resnet50_graph", "resnet50", "layer4", "none", 7, "graph"),
-    ("vgg16_graph", "vgg16", "features.29", "none", 7, "graph"),
+    ("vit_b_16", "vit_b_16", "encoder", "none", 5),
+    ("swin_t", "swin_t", "permute", "none", 5),
+    ("convnext_tiny", "convnext_tiny", "features", "none", 5),
+    ("efficientnet_b0", "efficientnet_b0", "features", "none", 7),
+    ("densenet121", "densenet121", "features", "none", 5),
 ]
 
 
@@ -71,25 +66,23 @@ def _images(spec, n: int) -> tuple[np.ndarray, str]:
     return smooth_images(n, spec.input_size, spec), f"{n} smooth synthetic images"
 
 
-def _source_hash(route: str = "fx") -> str:
+def _source_hash() -> str:
     h = hashlib.sha256()
-    files = ["export/adjoint.py", "export/pipeline.py", "export/backbone.py"]
-    if route == "graph":
-        files = ["export/backbone.py", "export/onnx_route.py"] + sorted(
-            str(p.relative_to(ROOT)) for p in (ROOT / "export" / "graph").glob("*.py")
-        )
+    files = ["export/backbone.py", "export/onnx_route.py"] + sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "export" / "graph").glob("*.py")
+    )
     for rel in files:
         h.update((ROOT / rel).read_bytes())
     return h.hexdigest()[:12]
 
 
-def build_graph_model(arch: str, layer: str, weights: str, threads: int):
-    """The graph route's (torch net, unverified exported model): torch.onnx forward + the ONNX-graph
-    transform, cached by source hash like build_model."""
+def build_model(arch: str, layer: str, weights: str, threads: int):
+    """(truncated torch net, path of an unverified exported model): torch.onnx forward + the ONNX-graph
+    transform, cached by source hash. Parity is the tests' and the export's job; here only speed is
+    measured (a rough parity number is still printed for the timed outputs)."""
     import torch
 
     from pbv_onnx.export import backbone, onnx_route
-    from pbv_onnx.export.pipeline import undo_initializer_dedup
     from pbv_onnx.runtime.fp16 import FP32_ONLY_KEY
     from pbv_onnx.runtime.modelfile import FORMAT_VERSION, MULTI_COTANGENT
 
@@ -99,19 +92,18 @@ def build_graph_model(arch: str, layer: str, weights: str, threads: int):
         spec = backbone.build_preprocessing(None, "224x224", None, (0.5,) * 3, (0.5,) * 3)
     else:
         bb = backbone.load_backbone(arch, "none", 0)
-        backbone.redraw_small_params(bb.model, 0)
         spec = backbone.build_preprocessing(None, "224x224")
     cut, net = backbone.truncate_for_graph(bb.model, layer, "none")
     CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{arch}-{layer}-{weights}-graph-{_source_hash('graph')}.onnx"
-    for stale in CACHE.glob(f"{arch}-{layer}-{weights}-graph-*.onnx"):
+    path = CACHE / f"{arch}-{layer}-{weights}-{_source_hash()}.onnx"
+    for stale in CACHE.glob(f"{arch}-{layer}-{weights}-*.onnx"):  # built by older export code
         if stale != path:
             stale.unlink()
     if not path.is_file():
         import onnx
 
         forward = onnx_route.torch_forward_proto(cut, (3, *spec.input_size), 17)
-        undo_initializer_dedup(forward)
+        onnx_route.undo_initializer_dedup(forward)
         built = onnx_route.run_transform(forward, None, "none", tuple(spec.input_size), None)
         adjoint, fp32 = onnx_route.rules_of(built)
         proto = built.model
@@ -127,63 +119,6 @@ def build_graph_model(arch: str, layer: str, weights: str, threads: int):
             "adjoint": adjoint,
             MULTI_COTANGENT: True,
             FP32_ONLY_KEY: fp32,
-            "verification": "none (benchmark build)",
-        }
-        for key, value in meta.items():
-            proto.metadata_props.add(key=key, value=json.dumps(value))
-        tmp = path.with_suffix(".tmp")
-        onnx.save(proto, str(tmp))
-        tmp.replace(path)
-    return net, path
-
-
-def build_model(arch: str, layer: str, weights: str, threads: int, route: str = "fx"):
-    """(truncated torch net, path of an unverified exported model) - cached by source hash.
-
-    Parity is the tests' and the export's job; here only speed is measured (a rough parity
-    number is still printed for the timed outputs)."""
-    if route == "graph":
-        return build_graph_model(arch, layer, weights, threads)
-    import torch
-
-    from pbv_onnx.export import backbone
-    from pbv_onnx.export.adjoint import VJPModule, describe, fp32_table
-    from pbv_onnx.export.pipeline import DEFAULT_OPSET, vjp_proto
-    from pbv_onnx.runtime.fp16 import FP32_ONLY_KEY
-    from pbv_onnx.runtime.modelfile import FORMAT_VERSION, MULTI_COTANGENT
-
-    torch.set_num_threads(threads)
-    if weights == "shared":
-        bb = backbone.load_backbone(arch, str(MNV2_WEIGHTS))
-        spec = backbone.build_preprocessing(None, "224x224", None, (0.5,) * 3, (0.5,) * 3)
-    else:
-        bb = backbone.load_backbone(arch, "none", 0)
-        spec = backbone.build_preprocessing(None, "224x224")
-    net = backbone.truncate(bb.model, layer, "none")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"{arch}-{layer}-{weights}-{_source_hash()}.onnx"
-    for stale in CACHE.glob(f"{arch}-{layer}-{weights}-*.onnx"):  # built by older export code
-        if stale != path:
-            stale.unlink()
-    if not path.is_file():
-        import onnx
-
-        input_shape = (3, *spec.input_size)
-        vjp = VJPModule(net, input_shape)
-        with torch.no_grad():
-            feature_shape = tuple(net(torch.zeros((1, *input_shape))).shape[1:])
-        proto = vjp_proto(vjp, input_shape, feature_shape, DEFAULT_OPSET)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "arch": arch,
-            "layer": layer,
-            "pool": "none",
-            "feature_shape": list(feature_shape),
-            "preprocessing": spec.to_dict(),
-            "weights": bb.weights,
-            "adjoint": describe(vjp.rules),
-            MULTI_COTANGENT: True,
-            FP32_ONLY_KEY: fp32_table(vjp.rules),
             "verification": "none (benchmark build)",
         }
         for key, value in meta.items():
@@ -225,14 +160,14 @@ def _paired(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
-def bench_backbone(name, arch, layer, weights, repeats, n_images, threads, route: str = "fx") -> dict:
+def bench_backbone(name, arch, layer, weights, repeats, n_images, threads) -> dict:
     import torch
 
     from pbv_onnx.export.verify import rel_l2
     from pbv_onnx.runtime.engine import Engine
 
     t0 = time.perf_counter()
-    net, path = build_model(arch, layer, weights, threads, route)
+    net, path = build_model(arch, layer, weights, threads)
     build_s = time.perf_counter() - t0
     eng = Engine(path, device="cpu", batch_size=n_images, threads=threads)
     x, desc = _images(eng.info.preprocessing, n_images)
@@ -277,7 +212,6 @@ def bench_backbone(name, arch, layer, weights, repeats, n_images, threads, route
         "name": name,
         "arch": arch,
         "layer": layer,
-        "adjoint": route,
         "weights": "shared real (file)" if weights == "shared" else "random (seed 0)",
         "feature_shape": list(eng.info.feature_shape),
         "images": desc,
@@ -583,11 +517,6 @@ def env_sizes() -> dict:
     }
 
 
-def _route(row: dict) -> str:
-    """' (graph)' for a model built by the ONNX-graph transform; nothing for the fx adjoints."""
-    return " (graph)" if row.get("adjoint") == "graph" else ""
-
-
 def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
@@ -608,7 +537,7 @@ def markdown(results: dict) -> str:
     ]
     for r in results["backbones"]:
         lines.append(
-            f"| {r['arch']} {r['layer']}{_route(r)} | {r['weights']} | {r['torch_vjp']:.3f} | {r['ort_vjp']:.3f} | "
+            f"| {r['arch']} {r['layer']} | {r['weights']} | {r['torch_vjp']:.3f} | {r['ort_vjp']:.3f} | "
             f"{r['ort_forward']:.3f} | **{r['ort_over_torch']:.2f}** | **{r['ort_over_2fwd']:.2f}** | "
             f"{r['ort_over_2fwd_beside_torch']:.2f} | "
             f"{r['grad_rel_l2_vs_torch']:.1e} | {r['repeats']} / {r['ort_repeats']} | "
@@ -630,7 +559,7 @@ def markdown(results: dict) -> str:
         ]
         for r in same:
             lines.append(
-                f"| {r['arch']} {r['layer']}{_route(r)} | {r['torch_forward']:.3f} | {r['torch_over_2fwd']:.2f} | "
+                f"| {r['arch']} {r['layer']} | {r['torch_forward']:.3f} | {r['torch_over_2fwd']:.2f} | "
                 f"{r['ort_over_2fwd_beside_torch']:.2f} | {r['ort_fwd_over_torch_fwd']:.2f} | "
                 f"{r['ort_over_torch']:.2f} |"
             )
@@ -723,11 +652,11 @@ def main() -> None:
         },
         "backbones": [],
     }
-    for name, arch, layer, weights, repeats, *route in BACKBONES:
+    for name, arch, layer, weights, repeats in BACKBONES:
         if args.only and name not in args.only:
             continue
         results["backbones"].append(
-            bench_backbone(name, arch, layer, weights, 1 if args.quick else repeats, args.images, args.threads, *route)
+            bench_backbone(name, arch, layer, weights, 1 if args.quick else repeats, args.images, args.threads)
         )
     if not args.skip_explain and MNV2_WEIGHTS.is_file():
         _, model = build_model("mobilenet_v2", "features.18", "shared", args.threads)

@@ -73,12 +73,6 @@ def export_cmd(
         help=f"Largest relative L2 error of input_grad (raised to {FLOOR_FACTOR:g}x the fp32 floor "
         "where that is larger).",
     ),
-    adjoint: str = typer.Option(
-        "auto",
-        "--adjoint",
-        help="With --arch: fx (hand-written adjoints of the torch.fx graph), graph (the ONNX-graph "
-        "transform; transformers, ConvNeXt, ...) or auto (fx where it covers the model, else graph).",
-    ),
     arch_name: Optional[str] = typer.Option(
         None, "--arch-name", help="With --onnx: the backbone name recorded in the model (default: the file's stem)."
     ),
@@ -104,9 +98,8 @@ def export_cmd(
         force=force,
     )
     if onnx_file is not None:
-        wrong = [name for name, given in (("weights", weights), ("adjoint", adjoint != "auto")) if given]
-        if wrong:
-            raise UsageError(None, f"{' and '.join(wrong)} apply to arch, not to onnx", (*wrong, "arch", "onnx"))
+        if weights:
+            raise UsageError(None, "weights apply to arch, not to onnx", ("weights", "arch", "onnx"))
         from pbv_onnx.export.onnx_route import export_onnx
 
         export_onnx(onnx_file, out, arch_name=arch_name, **common)
@@ -116,7 +109,7 @@ def export_cmd(
     if arch_name is not None:
         raise UsageError(None, "arch_name applies to onnx (arch names the model itself)", ("arch_name", "onnx"))
     export = _export_module()
-    export.export_model(out, arch=arch, weights=weights, opset=opset, adjoint=adjoint, **common)
+    export.export_model(out, arch=arch, weights=weights, opset=opset, **common)
 
 
 def _triple(value):

@@ -4,7 +4,7 @@ verified, described, written atomically.
 `export_onnx` takes an ONNX file from any exporter and needs no torch: it verifies against central
 finite differences of a float64 copy of the forward graph (export/graph/fd.py). `export_torch_graph`
 takes a torchvision backbone (torch imported inside it), exports its truncated forward with
-torch.onnx and verifies against torch autograd as the fx route does. Both share the transform, the
+torch.onnx and verifies against torch autograd. Both share the transform, the
 consistency checks of the graph's parts, the metadata and the atomic write.
 """
 
@@ -189,11 +189,11 @@ def rules_of(built) -> tuple[dict, dict]:
     """The `adjoint` and `fp32_only` metadata of a transformed graph (from the rules it used)."""
     from pbv_onnx.export.graph.transform import describe, fp32_table
 
-    return describe(built.rules), fp32_table(built.rules)
+    return describe(built.rules, built.patterns), fp32_table([*built.rules, *built.patterns])
 
 
 def consistency(proto, x: np.ndarray, feature_shape: tuple[int, ...], seed: int = 0, k: int = 2) -> dict[str, float]:
-    """The checks the fx route makes of the graph's parts, as the Engine runs them: the features-only
+    """The checks of the graph's parts, as the Engine runs them: the features-only
     subgraph vs the VJP graph's features, K cotangents per image in one call vs one call each, and the
     whole graph fed (image, cotangent) vs its (image, cotangent) -> input_grad part."""
     from pbv_onnx.export.graph.fd import rel_l2
@@ -537,6 +537,25 @@ def torch_forward_proto(cut, input_shape: tuple[int, ...], opset: int):
     return onnx.load_from_string(buf.getvalue())
 
 
+def undo_initializer_dedup(proto) -> None:
+    """Turn `Identity(initializer)` nodes back into initializers, in place.
+
+    torch.onnx replaces initializers with equal values (e.g. BatchNorm weights that are all ones) by
+    Identity nodes; onnxruntime's Conv+BatchNorm fusion then drops Identity outputs that the adjoint
+    still reads. Such parameters are per-channel vectors, so copying them is cheap."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    keep = []
+    for node in proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = proto.graph.initializer.add()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+        else:
+            keep.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+
+
 def export_torch_graph(
     out: str | Path,
     module,
@@ -556,8 +575,8 @@ def export_torch_graph(
 ) -> ExportResult:
     """Export a torch `module` cut at module `layer` through the ONNX-graph transform: torch.onnx exports
     the truncated forward, the transform adds the gradient graph, torch autograd (float32 and float64)
-    verifies it as the fx route's export does. Random weights (weights_record source "none") get their
-    small parameters redrawn at order 1 first (backbone.redraw_small_params), recorded in the metadata."""
+    verifies it. Random weights come redrawn at order 1 from backbone.load_backbone (recorded in
+    weights_record)."""
     import onnx
     import torch
     import torchvision
@@ -570,16 +589,10 @@ def export_torch_graph(
     _check_options(pool, tolerance, grad_tolerance)
     module = module.eval().requires_grad_(False)
     weights_record = dict(weights_record)
-    if weights_record.get("source") == "none":
-        n = backbone.redraw_small_params(module, seed)
-        weights_record["redrawn"] = backbone.REDRAWN
-        weights_record["redrawn_tensors"] = n
     cut, net = backbone.truncate_for_graph(module, layer, pool)
     input_shape = (3, *spec.input_size)
     say(f"exporting the forward pass up to {layer or 'the output'} with torch.onnx (opset {opset})")
     forward = torch_forward_proto(cut, input_shape, opset)
-    from pbv_onnx.export.pipeline import undo_initializer_dedup
-
     undo_initializer_dedup(forward)
     say(f"building the gradient graph (ONNX-graph transform, pool {pool})")
     built = run_transform(forward, None, pool, tuple(spec.input_size), None)

@@ -5,11 +5,22 @@ Note: `transform` here is the function; the module is `pbv_onnx.export.graph.tra
 with importlib or `from pbv_onnx.export.graph.transform import ...`)."""
 
 from pbv_onnx.export.graph.layers import list_layers
-from pbv_onnx.export.graph.rules import RULES, GraphRule, UnsupportedOp, load_rules, register
+from pbv_onnx.export.graph.rules import (
+    PATTERNS,
+    RULES,
+    GraphPattern,
+    GraphRule,
+    UnsupportedOp,
+    load_rules,
+    register,
+    register_pattern,
+)
 from pbv_onnx.export.graph.transform import build, describe, fp32_table, transform
 
 __all__ = [
+    "PATTERNS",
     "RULES",
+    "GraphPattern",
     "GraphRule",
     "UnsupportedOp",
     "build",
@@ -18,5 +29,6 @@ __all__ = [
     "list_layers",
     "load_rules",
     "register",
+    "register_pattern",
     "transform",
 ]

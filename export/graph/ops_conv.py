@@ -53,7 +53,7 @@ def to_blocked(ctx, t: str, shape) -> str:
     [N, C, H, W] with C in whole blocks of onnxruntime's NCHWc layout (16): that layout is entered only
     through a Conv, and a graph input (the cotangent) or a ConvTranspose output read raw by a residual
     Add or a mask product keeps those, and every later gradient, in plain NCHW with layout conversions
-    around each (export/adjoint.py's to_blocked, measured there)."""
+    around each (measured: docs/performance.md)."""
     if ctx.multi or shape is None or len(shape) != 4 or isinstance(shape[1], str) or int(shape[1]) % 16:
         return t
     c = int(shape[1])

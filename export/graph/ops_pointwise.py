@@ -17,7 +17,9 @@ _X = (3, 5, 4)  # the examples' input [N, 3, 5, 4]
 
 
 def _slope(t: float) -> float:
-    """A power of two s with s * |y - t| >= 1 for every float32 y != t (see export/adjoint.py)."""
+    """A power of two s with s * |y - t| >= 1 for every float32 y != t: near t, |y - t| is at least the
+    float spacing just below |t|, 2^(e - 25) for |t| in [2^(e-1), 2^e), and s * y - s * t is exact
+    (Sterbenz); far from t it is large. For t = 0: every normal float32 y > 0."""
     return 2.0**126 if t == 0 else 2.0 ** (25 - math.frexp(abs(t))[1])
 
 
@@ -152,7 +154,7 @@ def clamp_mask(ctx, y: str, hi: float, c: int) -> str:
     """(0 < y < hi) as 0/1 for y = Clip(x, 0, hi) [N, C, H, W], in two passes instead of three (ReLU6):
     z = (y == 0), then u = y * 2^-e + z, with 2^-e scaling hi into [0.5, 1), and the mask is
     (u < hi * 2^-e), since y = 0 lifts u to 1. The scaling is a 1x1 depthwise Conv, so onnxruntime
-    fuses the Add of z and the final step into it (export/adjoint.py's clamp_mask). Exact: the scale is
+    fuses the Add of z and the final step into it (measured: docs/performance.md). Exact: the scale is
     a power of two, z is 0 wherever y is not 0 (for y >= the least normal float32)."""
     scale = 2.0 ** -math.frexp(hi)[1]
     z = ctx.forward("HardSigmoid", [y], alpha=-_slope(0.0), beta=1.0)  # (y <= 0), i.e. y == 0
@@ -202,11 +204,14 @@ class PReluRule(GraphRule):
 @register
 class SigmoidRule(_Unary):
     op_type = "Sigmoid"
-    description = "Sigmoid: g * y (1 - y)"
+    description = "Sigmoid: g * y (1 - y), 1 - y as HardSigmoid(y; -1, 1) (kept in onnxruntime's blocked layout)"
 
     def derivative(self, ctx, node):
+        # 1 - y as an activation, exact for y in [0, 1]: Sub(1, y), with its scalar operand, converts y
+        # out of onnxruntime's blocked layout (fuse_silu.one_minus)
         y = node.output[0]
-        return ctx.forward("Mul", [y, ctx.forward("Sub", [ctx.const(np.float32(1)), y])])
+        one_minus = ctx.forward("HardSigmoid", [y], alpha=-1.0, beta=1.0, _shape=ctx.shape(y))
+        return ctx.forward("Mul", [y, one_minus])
 
 
 @register
@@ -225,10 +230,10 @@ class ErfRule(_Unary):
     description = "Erf: g * 2/sqrt(pi) exp(-x^2)"
 
     def derivative(self, ctx, node):
+        # (2/sqrt pi) / exp(x^2): the negation folded into the Div, three passes (exp(x^2) = inf gives 0, the limit)
         x = node.input[0]
-        sq = ctx.forward("Mul", [x, x])
-        e = ctx.forward("Exp", [ctx.forward("Neg", [sq])])
-        return ctx.forward("Mul", [e, ctx.const(np.float32(2.0 / math.sqrt(math.pi)))])
+        e = ctx.forward("Exp", [ctx.forward("Mul", [x, x])])
+        return ctx.forward("Div", [ctx.const(np.float32(2.0 / math.sqrt(math.pi))), e])
 
 
 @register

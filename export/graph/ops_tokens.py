@@ -15,6 +15,7 @@ import onnx
 from onnx import helper
 
 from pbv_onnx.export.graph.builder import broadcast_shapes
+from pbv_onnx.export.graph.fuse_gelu import gelu_derivative
 from pbv_onnx.export.graph.ops_shape import attr, const_ints, is_static, norm_axis, reshape_to, shaped
 from pbv_onnx.export.graph.rules import GraphRule, example_model, example_weights, register, unsupported
 
@@ -522,10 +523,9 @@ class Gelu(GraphRule):
             right = f("Mul", f("Mul", f("Sub", c(1.0), f("Mul", t, t)), du), x)
             d = f("Mul", f("Add", f("Add", t, c(1.0)), right), c(0.5))
         else:
-            # y = x Phi(x): y' = Phi(x) + x phi(x) = (1 + erf(x / sqrt 2) + 2 x phi(x)) / 2
-            e = f("Erf", f("Mul", x, c(1 / math.sqrt(2))))
-            xpdf2 = f("Mul", f("Mul", x, f("Exp", f("Mul", f("Mul", x, x), c(-0.5)))), c(2 / math.sqrt(2 * math.pi)))
-            d = f("Mul", f("Add", f("Add", e, c(1.0)), xpdf2), c(0.5))
+            # y = x Phi(x): y' = Phi(x) + x phi(x), as the Erf-written GELU's pattern makes it
+            u = f("Mul", x, c(1 / math.sqrt(2)))
+            d = gelu_derivative(ctx, u, f("Add", f("Erf", u), c(1.0)), ctx.shape(x))
         return [ctx.mul(g, d, ctx.shape(x))]
 
     @classmethod

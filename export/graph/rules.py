@@ -6,7 +6,7 @@ checks it on against float64 finite differences. docs/adjoint-transform.md says 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -81,12 +81,74 @@ def register(cls: type[GraphRule]) -> type[GraphRule]:
     return cls
 
 
-# The modules holding rules; load_rules imports them (each registers its classes on import).
-RULE_MODULES = ("ops_conv", "ops_pointwise", "ops_shape", "ops_tokens")
+class GraphPattern:
+    """A chain of forward nodes ending at one node (the root, of type `root_op`) whose adjoint costs
+    fewer full-size passes emitted as one than node by node (SiLU: x * Sigmoid(x)). Tried, in
+    registration order, before the root's own rule; the chain's inner nodes then get cotangents only
+    from readers outside the chain, so their rules still run for those (the chain rule sums paths)."""
+
+    name: ClassVar[str] = ""
+    root_op: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    fp32_only: ClassVar[dict[str, tuple[int, ...]]] = {}
+
+    def match(self, ctx: Ctx, node: onnx.NodeProto) -> Any | None:
+        """What vjp needs about the chain ending at `node`, or None where it is not this pattern."""
+        raise NotImplementedError
+
+    def vjp(self, ctx: Ctx, node: onnx.NodeProto, match: Any, grads: list[str | None]) -> dict[str, str]:
+        """Emit the chain's adjoint from its root's output cotangents (`grads`, as GraphRule.vjp gets);
+        return {forward tensor: its cotangent through the chain}, for tensors the chain reads."""
+        raise NotImplementedError
+
+    @classmethod
+    def examples(cls) -> list[onnx.ModelProto]:
+        """Small float32 forward models (as GraphRule.examples) in which the pattern matches."""
+        return []
+
+    def __repr__(self) -> str:
+        return f"<graph pattern {self.name}>"
+
+
+PATTERNS: dict[str, type[GraphPattern]] = {}
+
+
+def register_pattern(cls: type[GraphPattern]) -> type[GraphPattern]:
+    """Class decorator: add a pattern to the registry (by name; several may share a root op)."""
+    if not cls.name or not cls.root_op:
+        raise ValueError(f"graph pattern {cls.__name__} needs a name and a root_op")
+    if not cls.description or "\n" in cls.description:
+        raise ValueError(f"graph pattern {cls.__name__} needs a one-line description")
+    other = PATTERNS.get(cls.name)
+    if other is not None and other.__qualname__ != cls.__qualname__:
+        raise ValueError(f"graph pattern {cls.__name__} claims {cls.name!r}, already {other.__name__}'s")
+    PATTERNS[cls.name] = cls
+    return cls
+
+
+def patterns_by_root() -> dict[str, list[GraphPattern]]:
+    """Root op type -> instances of the patterns ending at it, in registration order."""
+    out: dict[str, list[GraphPattern]] = {}
+    for cls in PATTERNS.values():
+        out.setdefault(cls.root_op, []).append(cls())
+    return out
+
+
+# The modules holding rules and patterns; load_rules imports them (each registers its classes on import).
+RULE_MODULES = (
+    "ops_conv",
+    "ops_pointwise",
+    "ops_shape",
+    "ops_tokens",
+    "fuse_strided",
+    "fuse_silu",
+    "fuse_gelu",
+    "fuse_tokens",
+)
 
 
 def load_rules() -> dict[str, type[GraphRule]]:
-    """Import every rule module (each registers its rules) and return the registry."""
+    """Import every rule module (each registers its rules and patterns) and return the rule registry."""
     import importlib
 
     for mod in RULE_MODULES:

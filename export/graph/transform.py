@@ -13,7 +13,7 @@ from pbv_onnx.base.errors import ModelError, UsageError
 from pbv_onnx.export.graph.builder import Ctx, Emitter, is_batch
 from pbv_onnx.export.graph.ops_conv import to_blocked
 from pbv_onnx.export.graph.prepare import Prepared, prepare
-from pbv_onnx.export.graph.rules import GraphRule, load_rules, rule_for, unsupported
+from pbv_onnx.export.graph.rules import GraphPattern, GraphRule, load_rules, patterns_by_root, rule_for, unsupported
 from pbv_onnx.runtime.fp16 import FP32_ONLY_KEY
 from pbv_onnx.runtime.modelfile import (
     COTANGENT,
@@ -45,17 +45,23 @@ class Built:
     model: Any  # onnx.ModelProto
     prep: Prepared
     rules: list[GraphRule]
+    patterns: list[GraphPattern]  # those that matched somewhere
     feature_shape: tuple[int, ...]
     map_shape: tuple[int, ...]  # the cut tensor's shape without the batch (= feature_shape when pool none)
 
 
-def describe(rules) -> dict[str, Any]:
-    """The model's `adjoint` metadata: the method, and each rule's description by op type."""
-    return {"method": METHOD, "rules": {r.op_type: r.description for r in rules}}
+def describe(rules, patterns=()) -> dict[str, Any]:
+    """The model's `adjoint` metadata: the method, each rule's description by op type, and each
+    pattern's that matched by name."""
+    out = {"method": METHOD, "rules": {r.op_type: r.description for r in rules}}
+    if patterns:
+        out["patterns"] = {p.name: p.description for p in patterns}
+    return out
 
 
 def fp32_table(rules) -> dict[str, list[int]]:
-    """ONNX op type -> float inputs kept in float32 in a float16 copy, over the given rules."""
+    """ONNX op type -> float inputs kept in float32 in a float16 copy, over the given rules (and
+    patterns)."""
     table: dict[str, set[int]] = {}
     for rule in rules:
         for op, inputs in rule.fp32_only.items():
@@ -98,11 +104,12 @@ def build(model, cut: str | None = None, pool: str = "none", input_size: tuple[i
     ctx0 = Ctx(prep, out, multi=False)
     feats, map_shape, feature_shape = _pool_forward(ctx0, prep, cut, pool)
     grads_out = []
+    patterns, matched = patterns_by_root(), {}
     for multi, cot in ((False, COTANGENT), (True, COTANGENTS)):
         ctx = Ctx(prep, out, multi=multi, cotangent=cot)
         g = _pool_adjoint(ctx, cot, pool, map_shape)
         g = to_blocked(ctx, g, ("N", *map_shape))
-        grads_out.append(_backward(ctx, prep, rules, g))
+        grads_out.append(_backward(ctx, prep, rules, g, patterns, matched))
 
     nodes = list(prep.model.graph.node) + out.nodes
     nodes.append(helper.make_node("Identity", [feats], [FEATURES], name="features"))
@@ -131,9 +138,10 @@ def build(model, cut: str | None = None, pool: str = "none", input_size: tuple[i
     result = helper.make_model(graph, opset_imports=[helper.make_opsetid("", prep.opset)])
     result.ir_version = prep.model.ir_version or 8
     used = [rules[k] for k in sorted(rules)]
+    used_patterns = [matched[k] for k in sorted(matched)]
     meta = {
-        "adjoint": describe(used),
-        FP32_ONLY_KEY: fp32_table(used),
+        "adjoint": describe(used, used_patterns),
+        FP32_ONLY_KEY: fp32_table([*used, *used_patterns]),
         MULTI_COTANGENT: True,
         "feature_shape": list(feature_shape),
         "pool": pool,
@@ -142,7 +150,62 @@ def build(model, cut: str | None = None, pool: str = "none", input_size: tuple[i
     for key, value in meta.items():
         result.metadata_props.add(key=key, value=json.dumps(value))
     result.producer_name = "pbv-onnx graph adjoint"
-    return Built(model=result, prep=prep, rules=used, feature_shape=feature_shape, map_shape=map_shape)
+    keep_batch_axis(result)
+    return Built(
+        model=result, prep=prep, rules=used, patterns=used_patterns, feature_shape=feature_shape, map_shape=map_shape
+    )
+
+
+def keep_batch_axis(proto) -> int:
+    """Tell shape inference, in place, that a Resize scaling its batch axis by 1 keeps it: ONNX
+    infers that axis unknown, and onnxruntime keeps a product in its blocked layout only where it
+    can prove both operands' shapes equal (a mask carries the symbolic N), so every mask product
+    after an un-pooling (the tiled MaxPool adjoint's nearest Resize) ran in the plain layout with
+    layout conversions around it (vgg16's one-per-image graph: 15 conversions more without this).
+    Each such output gets a value_info with its input's batch axis; repeated until nothing
+    changes, since a restored axis can reach further Resizes. Returns how many were annotated."""
+    from onnx import numpy_helper
+
+    from pbv_onnx.runtime.layout import inferred_types
+
+    consts = {t.name: t for t in proto.graph.initializer}
+    consts.update(
+        {
+            n.output[0]: n.attribute[0].t
+            for n in proto.graph.node
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+        }
+    )
+    resizes = []
+    for node in proto.graph.node:
+        if node.op_type == "Resize" and len(node.input) >= 3 and node.input[2] in consts:
+            scales = numpy_helper.to_array(consts[node.input[2]])
+            if scales.size and scales[0] == 1.0:
+                resizes.append(node)
+    if not resizes:
+        return 0
+    # the graph inputs' named axes (N, NK): shape inference names unknown axes unk__*, not these
+    named = {d.dim_param for i in proto.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+    done: set[str] = set()
+    outputs = {o.name for o in proto.graph.output}  # their types are the exporter's to declare
+    while True:
+        shapes = inferred_types(proto)
+        added = 0
+        for node in resizes:
+            src, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+            if node.output[0] in done | outputs or src is None or out is None or not src.shape.dim:
+                continue
+            batch = src.shape.dim[0]
+            if batch.dim_param not in named:
+                continue
+            info = proto.graph.value_info.add()
+            info.name = node.output[0]
+            info.type.tensor_type.CopyFrom(out)
+            info.type.tensor_type.shape.dim[0].CopyFrom(batch)
+            done.add(node.output[0])
+            added += 1
+        if not added:
+            return len(done)
 
 
 def _original_name(prep: Prepared, name: str) -> str:
@@ -186,8 +249,11 @@ def _pool_adjoint(ctx: Ctx, cot: str, pool: str, map_shape: tuple[int, ...]) -> 
     return ctx.emit("Pad", [g, ctx.const(np.array([0, 0, 0, 0, t - 1, 0], np.int64))])
 
 
-def _backward(ctx: Ctx, prep: Prepared, rules: dict[str, GraphRule], g_cut: str) -> str:
-    """Emit one backward pass from the cut's cotangent; returns the image's gradient."""
+def _backward(ctx: Ctx, prep: Prepared, rules: dict[str, GraphRule], g_cut: str, patterns=None, matched=None) -> str:
+    """Emit one backward pass from the cut's cotangent; returns the image's gradient. `patterns`: root
+    op type -> GraphPattern instances tried before the node's rule; those that match go into `matched`."""
+    patterns = patterns or {}
+    matched = matched if matched is not None else {}
     grads: dict[str, list[str]] = {prep.cut: [g_cut]}
     ctx.set_shape(g_cut, prep.shapes[prep.cut])
     for node in reversed(list(prep.model.graph.node)):
@@ -196,12 +262,21 @@ def _backward(ctx: Ctx, prep: Prepared, rules: dict[str, GraphRule], g_cut: str)
         gs = [_total(ctx, grads.pop(o, None), prep.shapes.get(o)) if o else None for o in node.output]
         if all(g is None for g in gs):
             continue
-        ins = rules[node.op_type].vjp(ctx, node, gs)
-        if len(ins) != len(node.input):
-            raise ModelError(
-                None, f"adjoint rule {node.op_type} returned {len(ins)} gradients for {len(node.input)} inputs"
-            )
-        for name, g in zip(node.input, ins):
+        contributions = None
+        for pattern in patterns.get(node.op_type, ()):
+            m = pattern.match(ctx, node)
+            if m is not None:
+                contributions = list(pattern.vjp(ctx, node, m, gs).items())
+                matched[pattern.name] = pattern
+                break
+        if contributions is None:
+            ins = rules[node.op_type].vjp(ctx, node, gs)
+            if len(ins) != len(node.input):
+                raise ModelError(
+                    None, f"adjoint rule {node.op_type} returned {len(ins)} gradients for {len(node.input)} inputs"
+                )
+            contributions = list(zip(node.input, ins))
+        for name, g in contributions:
             if g is None or not ctx.on_path(name):
                 continue
             if ctx.shape(g) is None:

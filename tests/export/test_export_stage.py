@@ -14,7 +14,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from pbv_onnx.base.errors import ModelError, OutputError, UsageError
-from pbv_onnx.export import adjoint, export_model
+from pbv_onnx.export import export_model
 from pbv_onnx.export.backbone import build_preprocessing
 from pbv_onnx.runtime.images import preprocess
 
@@ -38,10 +38,10 @@ def test_runtime_preprocessing_equals_torchvision_transforms(resize, crop):
 
 
 def test_a_wrong_adjoint_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
-    def relu_passes_everything(self, node, gm):  # a deliberately wrong ReLU adjoint
-        return adjoint.Adjoint([node.args[0]], lambda v: (torch.relu(v), None), lambda g, xs, y, s, layout: [g])
+    from pbv_onnx.export.graph.rules import RULES, load_rules
 
-    monkeypatch.setattr(adjoint.ReLURule, "build", relu_passes_everything)
+    load_rules()  # a deliberately wrong ReLU adjoint: the gradient passes unmasked
+    monkeypatch.setattr(RULES["Relu"], "vjp", lambda self, ctx, node, grads: [grads[0]])
     out = tmp_path / "bad.onnx"
     with pytest.raises(ModelError, match="export refused"):
         export_model(out, module=tiny_cnn(), resize="33x33", progress=None, n_images=2)
@@ -115,11 +115,14 @@ def test_info_says_random_weights_plainly_and_shows_no_none(resnet18_model):
 
 
 def test_unsupported_operation_is_named(tmp_path):
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU())
-    with pytest.raises(ModelError, match="GELU"):  # the fx adjoints have no GELU ...
-        export_model(tmp_path / "g.onnx", module=net, resize="16x16", progress=None, adjoint="fx")
-    # ... so adjoint="auto" (the default) takes the ONNX-graph transform, where GELU is Erf, Mul and Add
-    export_model(tmp_path / "g.onnx", module=net, resize="16x16", progress=None, n_images=2)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SELU())  # torch.onnx writes Selu: no adjoint rule
+    with pytest.raises(ModelError, match="Selu") as err:
+        export_model(tmp_path / "s.onnx", module=net, resize="16x16", progress=None, n_images=2)
+    assert err.value.exit_code == 4 and "\n" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+    # GELU (Erf, Mul and Add in the ONNX graph) has rules
+    export_model(tmp_path / "g.onnx", module=nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU()), resize="16x16",
+                 progress=None, n_images=2)  # fmt: skip
 
 
 def test_weights_file_must_match_the_architecture(tmp_path):
@@ -159,8 +162,10 @@ def test_cli_spelling_writes_metadata_and_info_reads_it(mnv2_model):
     text = run_cli("info", str(mnv2_model)).stdout
     assert "mobilenet_v2" in text and info["sha256"] in text
     # the adjoint rules that built the graph, and the float16 needs assembled from them
-    assert {"Conv2d", "BatchNorm2d", "Hardtanh"} <= set(meta["adjoint"]["rules"])
-    assert "MaxPool2d" not in meta["adjoint"]["rules"] and meta["fp32_only"] == {"HardSigmoid": [0]}
+    # torch.onnx folds each BatchNorm into its Conv; ReLU6 is Clip
+    assert {"Conv", "Clip", "Add"} <= set(meta["adjoint"]["rules"])
+    assert "strided_depthwise_phases" in meta["adjoint"]["patterns"]
+    assert "MaxPool" not in meta["adjoint"]["rules"] and meta["fp32_only"] == {"HardSigmoid": [0]}
 
 
 def test_fp16_reads_the_models_own_fp32_table_and_falls_back_for_older_models(tiny_cnn_model):

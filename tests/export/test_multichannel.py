@@ -17,7 +17,7 @@ from test_parity import _resnet_trunk, assert_parity, autograd_vjp, photos, seed
 from torch import nn
 
 from pbv_onnx.base.errors import ModelError
-from pbv_onnx.export import adjoint, export_model
+from pbv_onnx.export import export_model
 from pbv_onnx.export.verify import rel_l2, smooth_images
 from pbv_onnx.runtime.engine import Engine
 
@@ -172,11 +172,23 @@ def test_folded_batchnorm_and_tiled_maxpool_match_torch_with_exact_ties(tiled_mo
 
 
 def test_a_wrong_multi_cotangent_layout_is_refused(tmp_path, monkeypatch):
-    def k_major(g, t, layout):  # right for K = 1, pairs rows with the wrong images for K > 1
-        n = t.shape[0]
-        return (g.reshape(-1, n, *g.shape[1:]) * t.reshape(1, n, *t.shape[1:])).reshape(g.shape)
+    from pbv_onnx.export.graph.builder import Ctx, broadcast_shapes
 
-    monkeypatch.setattr(adjoint, "kmul", k_major)
+    image_major = Ctx.mul
+
+    def k_major(self, g, t, g_shape=None):  # right for K = 1, pairs rows with the wrong images for K > 1
+        ts, gs = self.shape(t), tuple(g_shape if g_shape is not None else self.shape(g) or ())
+        if not self.multi or not ts or ts[0] != "N" or len(gs) != len(ts):
+            return image_major(self, g, t, g_shape)
+        n = self.forward("Shape", [t], start=0, end=1)
+        rest = self.const(np.array([int(d) for d in gs[1:]], np.int64))
+        shape = self.emit("Concat", [self.const(np.array([-1], np.int64)), n, rest], axis=0)
+        view = self.emit("Reshape", [g, shape])
+        prod = self.emit("Mul", [view, self.emit("Unsqueeze", [t, self.const(np.array([0], np.int64))])])
+        out = self.emit("Reshape", [prod, self.const(np.array([-1, *gs[1:]], np.int64))])
+        return self.set_shape(out, broadcast_shapes(gs, ts))
+
+    monkeypatch.setattr(Ctx, "mul", k_major)
     out = tmp_path / "bad.onnx"
     with pytest.raises(ModelError, match="K cotangents per image"):
         export_model(out, module=tiny_cnn(), resize="33x33", progress=None, n_images=2)
@@ -267,11 +279,12 @@ def test_the_k_per_image_pass_runs_in_the_blocked_layout(fixture, request, tmp_p
 
 
 def test_strided_depthwise_adjoints_go_phase_by_phase_in_the_k_per_image_pass(tmp_path):
-    """The K-per-image pass takes a stride-2 depthwise adjoint as four small depthwise convs, one
-    per output phase, and keeps the phases through masks, BatchNorm and widening 1x1 adjoints
-    (summing two phase gradients phase by phase) until another rule reads them: no zero-upsampled
-    gradient, one 2x2 interleave. Exact against one cotangent per call and torch autograd; the
-    one-per-image pass keeps its zero insertion (phases measured slower there)."""
+    """The K-per-image pass takes a stride-2 depthwise adjoint that a widening 1x1 conv feeds through
+    BatchNorm and ReLU6 as four small depthwise convs, one per output phase, kept through the masks,
+    BatchNorm and the 1x1 adjoint, and interleaved once on the 1x1's input channels (the pattern
+    strided_depthwise_phases); the side branch's strided depthwise conv, read straight from the stem,
+    keeps its zero insertion. Exact against one cotangent per call and torch autograd; the
+    one-per-image pass keeps its zero insertions (phases measured slower there)."""
     from pbv_onnx.runtime.modelfile import multi_subgraph, vjp_subgraph
 
     out = tmp_path / "phases.onnx"
@@ -295,23 +308,18 @@ def test_strided_depthwise_adjoints_go_phase_by_phase_in_the_k_per_image_pass(tm
 
     proto = onnx.load(str(out))
 
-    def transposed_kernels(graph) -> list:
-        return sorted(
-            tuple(a.ints)
-            for n in graph.node
-            if n.op_type == "ConvTranspose"
-            for a in n.attribute
-            if a.name == "kernel_shape"
-        )
+    def transposed_kernels(graph) -> list:  # the kernels' spatial sizes, from their weights
+        dims = {t.name: tuple(t.dims) for t in graph.initializer}
+        return sorted(dims[n.input[1]][2:] for n in graph.node if n.op_type == "ConvTranspose")
 
-    assert transposed_kernels(multi_subgraph(proto).graph) == [(2, 2)]  # one interleave, at the stem
+    assert transposed_kernels(multi_subgraph(proto).graph) == [(1, 1), (2, 2)]  # the side's zeros, one interleave
     assert transposed_kernels(vjp_subgraph(proto).graph) == [(1, 1), (1, 1)]  # two zero insertions
 
 
 def test_unpooling_keeps_the_batch_axis_so_the_masks_after_it_stay_blocked(pooled_model, tmp_path):
     """Both max-pool adjoints hand the one-per-image pass a gradient with the symbolic batch axis
     N (the scatter-add into zeros made from the pool's input; the nearest upsampling as a Resize
-    with constant scales, which pipeline.keep_batch_axis annotates), so onnxruntime can prove the
+    with constant scales, which export/graph/transform.keep_batch_axis annotates), so onnxruntime can prove the
     ReLU masks after them equal in shape to the gradients and keeps those products in its NCHWc
     layout. Before, every mask after an un-pooling was converted out of that layout and the
     product back in (vgg16: 36 layout conversions, 15 now); the export checked parity as ever."""
@@ -354,7 +362,7 @@ def test_keep_batch_axis_annotates_resizes_that_keep_the_batch_axis():
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    from pbv_onnx.export.pipeline import keep_batch_axis
+    from pbv_onnx.export.graph.transform import keep_batch_axis
 
     def scales(name, v):
         return numpy_helper.from_array(np.array(v, np.float32), name)

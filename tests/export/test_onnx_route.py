@@ -1,11 +1,9 @@
-"""The torch route through the ONNX-graph transform (`export --arch ... --adjoint graph|auto`): transformers
-and ConvNeXt against torch autograd in float64, random weights redrawn at order 1, and `auto` keeping the
-fx export where its adjoints cover the model."""
+"""The torch route through the ONNX-graph transform (`export --arch ...`): transformers and ConvNeXt
+against torch autograd in float64, random weights redrawn at order 1."""
 
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +74,7 @@ def test_vit_token_features_unpooled(tmp_path):
     backbone.redraw_small_params(vit, seed=1)
     layer = "encoder.layers.encoder_layer_0"
     out = tmp_path / "vit_tokens.onnx"
-    export_model(out, arch="vit_b_16", layer=layer, module=vit, resize="32x32", adjoint="graph", progress=None)
+    export_model(out, arch="vit_b_16", layer=layer, module=vit, resize="32x32", progress=None)
     assert read_info(out).feature_shape == (5, 768)  # [tokens, dim]
     check_against_torch(out, vit, layer, "none", 32, 1e-3)
 
@@ -90,7 +88,7 @@ def test_convnext_tiny_with_layer_scales_redrawn_matches_torch_autograd(tmp_path
     assert float(scales[0].detach().abs().min()) >= 1.0
     out = tmp_path / "convnext.onnx"
     export_model(out, arch="convnext_tiny", layer="features.3", module=net, resize="64x64", progress=None)
-    assert "ONNX-graph" in read_info(out).metadata["adjoint"]["method"]  # auto: fx does not cover it
+    assert "ONNX-graph" in read_info(out).metadata["adjoint"]["method"]
     check_against_torch(out, net, "features.3", "none", 64, 1e-3)
 
 
@@ -108,23 +106,11 @@ def test_a_dropped_layer_scale_would_be_seen():
     assert small < 1e-4 and large > 0.1, (small, large)
 
 
-def test_auto_keeps_the_fx_export_for_mobilenet_v2(tmp_path):
-    kw = dict(arch="mobilenet_v2", layer="features.4", weights="none", resize="64x64", n_images=2, progress=None)
-    auto, fx = tmp_path / "auto.onnx", tmp_path / "fx.onnx"
-    export_model(auto, adjoint="auto", **kw)
-    export_model(fx, adjoint="fx", **kw)
-    a, b = onnx.load(str(auto)), onnx.load(str(fx))
-    assert a.graph.SerializeToString() == b.graph.SerializeToString()
-    meta = {p.key: json.loads(p.value) for p in a.metadata_props}
-    assert "ONNX-graph" not in meta["adjoint"].get("method", "")
-    assert "redrawn" not in meta["weights"]  # today's random init, unchanged
-
-
 def test_cli_graph_route_records_the_redraw(tmp_path):
     out = tmp_path / "effnet.onnx"
     res = subprocess.run(
         [str(PBV), "export", "--arch", "efficientnet_b0", "--layer", "features.2", "--weights", "none",
-         "--resize", "64x64", "--pool", "avg", "--adjoint", "graph", "--out", str(out)],
+         "--resize", "64x64", "--pool", "avg", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr

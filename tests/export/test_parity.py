@@ -51,8 +51,15 @@ def assert_parity(engine: Engine, reference: nn.Module, x: np.ndarray, seed: int
 
 
 def seeded(builder, seed):
+    """The network `export --weights none --seed seed` exports: the builder's init under that seed,
+    then the small parameters redrawn at order 1 as the export does (backbone.redraw_small_params)."""
+    from pbv_onnx.export.backbone import redraw_small_params
+
     torch.manual_seed(seed)
-    return builder(weights=None).eval()
+    net = builder(weights=None).eval()
+    with torch.no_grad():
+        redraw_small_params(net, seed)
+    return net
 
 
 def test_mobilenet_v2_real_weights_on_real_photos(mnv2_model):

@@ -42,7 +42,7 @@ def test_pooled_model_outputs_the_pre_pool_map(resnet18_avg_model):
     assert fmap.shape == ref.shape == (3, *eng.map_shape)
     assert rel_l2(fmap, ref) < 1e-5
     assert rel_l2(eng.features(x), ref.mean((2, 3))) < 1e-5
-    assert eng.info.metadata["verification"]["feature_map_mean_vs_features"] < 1e-6
+    assert eng.info.metadata["verification"]["feature_map_vs_torch32"] < 1e-5
 
 
 def test_unpooled_model_has_no_extra_output(resnet18_model):

@@ -32,8 +32,7 @@ def test_committed_results_render_each_backbone_with_torchs_own_ratios():
     same = _table(text, "The same ratios for torch")
     assert len(main) == len(same) == len(results["backbones"]) > 0
     for row, other, r in zip(main, same, results["backbones"]):
-        # rows built by the ONNX-graph transform are labelled as such
-        name = f"| {r['arch']} {r['layer']}{' (graph)' if r.get('adjoint') == 'graph' else ''} |"
+        name = f"| {r['arch']} {r['layer']} |"
         assert row.startswith(name) and other.startswith(name)
         cells = [c.strip() for c in other.strip("|").split("|")][1:]
         assert cells == [

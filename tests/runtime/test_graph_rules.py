@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from pbv_onnx.export.graph import RULES, UnsupportedOp, build, load_rules, transform
+from pbv_onnx.export.graph import PATTERNS, RULES, UnsupportedOp, build, load_rules, transform
 from pbv_onnx.export.graph.fd import Forward64, directional_errors, rel_l2
 from pbv_onnx.export.graph.rules import example_model, example_weights
 from pbv_onnx.runtime.modelfile import (
@@ -29,6 +29,7 @@ from pbv_onnx.runtime.modelfile import (
 
 load_rules()
 CASES = [(op, i) for op in sorted(RULES) for i in range(len(RULES[op].examples()))]
+PATTERN_CASES = [(name, i) for name in sorted(PATTERNS) for i in range(len(PATTERNS[name].examples()))]
 # float32 graph against float64 central differences (step 1e-6 ||x||): rounding of float32
 # activations gives ~1e-6 relative; kinks within the step are rare on random inputs.
 FD_TOL = 2e-4
@@ -75,7 +76,8 @@ def _image_model(model):
 
 def check_model(model, pool: str = "none", seed: int = 0, n: int = 2, k: int = 3) -> dict:
     """Transform `model` and measure it: features vs float64, input_grad vs central differences,
-    K-per-image vs one-at-a-time, the whole graph vs its parts. Returns the errors."""
+    K-per-image vs one-at-a-time, the whole graph vs its parts. Returns the errors (and, under
+    "patterns", the names of the patterns that matched)."""
     built = build(model, pool=pool)
     proto = built.model
     onnx.checker.check_model(proto)
@@ -99,6 +101,7 @@ def check_model(model, pool: str = "none", seed: int = 0, n: int = 2, k: int = 3
     )
     whole = _session(proto).run([INPUT_GRAD], {IMAGE: x, COTANGENT: c})[0]
     errors["whole"] = rel_l2(whole, grad)
+    errors["patterns"] = [p.name for p in built.patterns]
     return errors
 
 
@@ -114,6 +117,19 @@ def test_rule_against_finite_differences(op, i):
 
 def test_every_rule_has_examples():
     assert not [op for op in RULES if not RULES[op].examples()]
+    assert not [name for name in PATTERNS if not PATTERNS[name].examples()]
+
+
+@pytest.mark.parametrize("name,i", PATTERN_CASES, ids=[f"{name}-{i}" for name, i in PATTERN_CASES])
+def test_pattern_against_finite_differences(name, i):
+    """Each pattern on its examples: it matches there, and the graph it emits passes the rules' checks."""
+    model, _ = _image_model(PATTERNS[name].examples()[i])
+    errors = check_model(model, seed=i)
+    assert name in errors["patterns"], errors
+    assert errors["features"] < EXACT, errors
+    assert errors["input_grad[c]"] < FD_TOL, errors
+    assert errors["multi"] < EXACT, errors
+    assert errors["features_only"] < EXACT and errors["whole"] < EXACT, errors
 
 
 def _cnn(pool_last: bool = False):

@@ -42,7 +42,7 @@ def test_the_cli_and_the_export_stage_install_inside_pbv_onnx(wheel):
     for module in (
         "pbv_onnx/cli/main.py",
         "pbv_onnx/export/pipeline.py",
-        "pbv_onnx/export/adjoint.py",
+        "pbv_onnx/export/graph/transform.py",
         "pbv_onnx/runtime/engine.py",
         "pbv_onnx/demo/build.py",
     ):
