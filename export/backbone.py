@@ -80,16 +80,19 @@ def _is_file_spec(weights: str) -> bool:
     return os.sep in weights or "/" in weights or weights.endswith((".pth", ".pt")) or Path(weights).exists()
 
 
-def load_backbone(arch: str, weights: str, seed: int = 0) -> Backbone:
-    """`weights`: a torchvision weights name, a state_dict file, or 'none' (seeded random init)."""
+def load_backbone(arch: str, weights: str, seed: int = 0, redraw: bool = True) -> Backbone:
+    """`weights`: a torchvision weights name, a state_dict file, or 'none' (seeded random init, its small
+    parameters redrawn at order 1 unless `redraw` is False: the builder's own init, as a sanity check's
+    randomised blocks take it)."""
     build = _builder(arch)
     if weights.lower() == "none":
         torch.manual_seed(seed)  # the random init is reproducible: same seed, same weights
         model = build(weights=None)
-        # tiny or constant parameters would hide a wrong adjoint from verification: order 1 instead
-        with torch.no_grad():
-            n = redraw_small_params(model, seed)
-        record = {"source": "none", "seed": seed, "redrawn": REDRAWN, "redrawn_tensors": n}
+        record = {"source": "none", "seed": seed}
+        if redraw:  # tiny or constant parameters would hide a wrong adjoint from verification
+            with torch.no_grad():
+                n = redraw_small_params(model, seed)
+            record.update(redrawn=REDRAWN, redrawn_tensors=n)
         spec = None
     elif _is_file_spec(weights):
         path = Path(weights)

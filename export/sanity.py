@@ -50,7 +50,8 @@ def export_cascade(
     out_dir.mkdir(parents=True, exist_ok=True)
     trained = backbone.load_backbone(arch, weights)
     state = trained.model.state_dict()
-    fresh = backbone.load_backbone(arch, "none", seed).model.state_dict()
+    # the builder's own init (Adebayo et al.'s re-initialisation), not the export's order-1 redraw
+    fresh = backbone.load_backbone(arch, "none", seed, redraw=False).model.state_dict()
     spec = export_options.pop("preprocessing", None) or backbone.build_preprocessing(
         trained.preprocessing,
         export_options.pop("resize", None),

@@ -21,7 +21,16 @@ import torchvision
 
 from pbv_onnx.export.backbone import redraw_small_params, truncate_for_graph
 from pbv_onnx.export.graph import build
-from pbv_onnx.runtime.modelfile import COTANGENT, FEATURES, IMAGE, INPUT_GRAD, vjp_subgraph
+from pbv_onnx.runtime.modelfile import (
+    COTANGENT,
+    COTANGENTS,
+    FEATURES,
+    IMAGE,
+    INPUT_GRAD,
+    INPUT_GRADS,
+    multi_subgraph,
+    vjp_subgraph,
+)
 
 FEATURE_TOL, GRAD_TOL = 1e-4, 1e-3
 CASES = [
@@ -82,3 +91,46 @@ def test_graph_transform_matches_torch_autograd(arch, layer, pool, size):
     (y64 * torch.from_numpy(cot.astype(np.float64))).sum().backward()
     assert _rel(feats, y64.detach().numpy()) < FEATURE_TOL
     assert _rel(grad, x64.grad.numpy()) < GRAD_TOL
+
+
+# Networks whose adjoints run through patterns (export/graph/fuse_*.py): the patterns expected to match,
+# and how many phase interleaves the K-per-image pass holds (mobilenet_v2's four stride-2 depthwise
+# convs at 64 x 64: 32 -> 16 -> 8 -> 4 -> 2; efficientnet_b0's strided depthwise convs follow SiLU).
+PATTERN_CASES = [
+    ("mobilenet_v2", "features.18", {"strided_depthwise_phases"}, 4),
+    ("efficientnet_b0", "features", {"silu", "squeeze_excitation"}, 0),
+]
+
+
+@pytest.mark.parametrize("arch,layer,patterns,interleaves", PATTERN_CASES, ids=[c[0] for c in PATTERN_CASES])
+def test_pattern_networks_match_torch_autograd_in_both_passes(arch, layer, patterns, interleaves):
+    """Features, one cotangent per image and K per image against torch autograd in float64, and the K
+    pass against the one-per-image pass (the patterns may apply to one pass only)."""
+    torch.manual_seed(0)
+    net = getattr(torchvision.models, arch)(weights=None).eval().requires_grad_(False)
+    redraw_small_params(net, seed=1)
+    unpooled, _ = truncate_for_graph(net, layer, "none")
+    unpooled.eval()
+    size, n, k = 64, 2, 3
+    built = build(_onnx_forward(unpooled, size))
+    assert patterns <= {p.name for p in built.patterns}
+    multi = multi_subgraph(built.model)
+    assert sum(node.op_type == "ConvTranspose" and "interleave" in node.input[1] for node in multi.graph.node) == (
+        interleaves
+    )
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 3, size, size)).astype(np.float32)
+    cots = rng.standard_normal((n, k, *built.feature_shape)).astype(np.float32)
+    grads = _session(multi).run([INPUT_GRADS], {IMAGE: x, COTANGENTS: cots.reshape(n * k, *built.feature_shape)})[0]
+    grads = grads.reshape(n, k, 3, size, size)
+    one = _session(vjp_subgraph(built.model))
+    net64 = copy.deepcopy(unpooled).double()
+    for j in range(k):
+        x64 = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+        y64 = net64(x64)
+        (y64 * torch.from_numpy(cots[:, j].astype(np.float64))).sum().backward()
+        feats, single = one.run([FEATURES, INPUT_GRAD], {IMAGE: x, COTANGENT: cots[:, j]})
+        assert _rel(feats, y64.detach().numpy()) < FEATURE_TOL
+        assert _rel(single, x64.grad.numpy()) < GRAD_TOL
+        assert _rel(grads[:, j], x64.grad.numpy()) < GRAD_TOL
+        assert _rel(grads[:, j], single) < 1e-5

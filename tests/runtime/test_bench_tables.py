@@ -41,6 +41,7 @@ def test_committed_results_render_each_backbone_with_torchs_own_ratios():
             f"{r['ort_over_2fwd_beside_torch']:.2f}",
             f"{r['ort_fwd_over_torch_fwd']:.2f}",
             f"{r['ort_over_torch']:.2f}",
+            f"{(r['ort_vjp'] - r['ort_forward']) / (r['torch_vjp'] - r['torch_forward']):.2f}",
         ]
         # the yardsticks are measured, not derived from each other: torch's forward alone is
         # faster than its forward + VJP, and the ratio of forwards agrees with the times in the row
