@@ -32,7 +32,8 @@ POOLS = ("none", "avg", "cls")
 METHOD = (
     "ONNX-graph adjoint transform (export/graph/): the forward graph up to the cut, shape computations "
     "folded for the fixed input size, then one registered rule per op type emits each node's adjoint as "
-    "plain ONNX ops, in reverse topological order, gradients of a tensor read by several nodes summed; "
+    "plain ONNX ops, in reverse topological order, gradients of a tensor read by several nodes summed "
+    "(of a tensor split whole by scalar Gathers, as attention's q, k, v, concatenated); "
     "two backward passes read one forward pass: cotangent [N, ...] one per image and cotangents "
     "[N*K, ...] K per image, image-major (forward activations K-tiled)"
 )
@@ -256,10 +257,21 @@ def _backward(ctx: Ctx, prep: Prepared, rules: dict[str, GraphRule], g_cut: str,
     matched = matched if matched is not None else {}
     grads: dict[str, list[str]] = {prep.cut: [g_cut]}
     ctx.set_shape(g_cut, prep.shapes[prep.cut])
+    splits = _splits(ctx, prep)
+    parts: dict[str, dict[int, str | None]] = {}
     for node in reversed(list(prep.model.graph.node)):
         if not any(o in prep.path for o in node.output):
             continue
         gs = [_total(ctx, grads.pop(o, None), prep.shapes.get(o)) if o else None for o in node.output]
+        if node.op_type == "Gather" and node.input[0] in splits:
+            split = node.input[0]
+            axis, index = splits[split]
+            parts.setdefault(split, {})[index[id(node)]] = gs[0]
+            if len(parts[split]) == len(index):  # the last reader in reverse order: one Concat for all
+                g = _join_split(ctx, parts.pop(split), axis, prep.shapes[split])
+                if g is not None:
+                    grads.setdefault(split, []).append(g)
+            continue
         if all(g is None for g in gs):
             continue
         contributions = None
@@ -286,6 +298,49 @@ def _backward(ctx: Ctx, prep: Prepared, rules: dict[str, GraphRule], g_cut: str,
     if total is None:
         raise unsupported(prep.producer[prep.cut], "no gradient reaches the image")
     return total
+
+
+def _splits(ctx: Ctx, prep: Prepared) -> dict[str, tuple[int, dict[int, int]]]:
+    """Tensors split whole by their readers: every reader a Gather of one constant scalar index along one
+    static axis, each index read once (attention's q, k, v = qkv[0], qkv[1], qkv[2]). Their cotangent is
+    one Concat of the parts' cotangents (missing ones as zeros), where the Gather rule would pad each part
+    back to full size and sum the three: {tensor: (axis, {id(reader): index})}."""
+    out = {}
+    for name, readers in prep.consumers.items():
+        shape = prep.shapes.get(name)
+        if name == prep.cut or not ctx.on_path(name) or shape is None or len(readers) < 2:
+            continue
+        axes, index = set(), {}
+        for r in readers:
+            idx = ctx.value(r.input[1]) if r.op_type == "Gather" and r.input[0] == name else None
+            if idx is None or np.asarray(idx).ndim != 0:
+                break
+            axis = int(next((a.i for a in r.attribute if a.name == "axis"), 0)) % len(shape)
+            axes.add(axis)
+            index[id(r)] = int(idx) % int(shape[axis]) if not is_batch(shape[axis]) else -1
+        else:
+            if len(axes) == 1 and -1 not in index.values():
+                axis = axes.pop()
+                if sorted(index.values()) == list(range(int(shape[axis]))):
+                    out[name] = (axis, index)
+    return out
+
+
+def _join_split(ctx: Ctx, parts: dict[int, str | None], axis: int, shape) -> str | None:
+    """The cotangent of a split tensor from its parts' (None: no cotangent reached that part)."""
+    if all(g is None for g in parts.values()):
+        return None
+    some = next(g for g in parts.values() if g is not None)
+    zeros = None
+    pieces = []
+    for i in range(len(parts)):
+        g = parts[i]
+        if g is None:  # zeros shaped like a part that has one (all parts share a shape)
+            zeros = zeros or ctx.emit("Mul", [some, ctx.const(np.float32(0))])
+            g = zeros
+        pieces.append(ctx.emit("Unsqueeze", [g, ctx.const(np.array([axis], np.int64))]))
+    out = ctx.emit("Concat", pieces, axis=axis)
+    return ctx.set_shape(out, shape)
 
 
 def _total(ctx: Ctx, gs: list[str] | None, shape) -> str | None:

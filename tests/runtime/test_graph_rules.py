@@ -171,6 +171,29 @@ def test_pooled_model_outputs_the_map():
     np.testing.assert_allclose(feats, fmap.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("k_read", [True, False], ids=["whole", "k's shape only"])
+def test_a_tensor_split_by_gathers_gets_one_concat(k_read):
+    """q, k, v = t[0], t[1], t[2] (attention's split of one [3, ...] tensor): their cotangents join by one
+    Concat, not three full-size Pads and a Sum; a part no gradient reaches (k read only for its shape) is
+    zeros. Against finite differences, K per image against one at a time."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2, 3]),  # [3, N, 5, 4]
+        *[helper.make_node("Gather", ["t", f"i{j}"], [f"p{j}"], axis=0) for j in range(3)],
+    ]
+    if k_read:
+        nodes.append(helper.make_node("Mul", ["p0", "p1"], ["qk"]))
+    else:
+        nodes += [helper.make_node("Shape", ["p1"], ["s1"]), helper.make_node("Reshape", ["p0", "s1"], ["qk"])]
+    nodes.append(helper.make_node("Add", ["qk", "p2"], ["y"]))
+    model = example_model(nodes, (3, 5, 4), {f"i{j}": np.int64(j) for j in range(3)}, name="split")
+    errors = check_model(model)
+    assert errors["input_grad[c]"] < FD_TOL and errors["multi"] < EXACT and errors["whole"] < EXACT, errors
+    adj = [n for n in build(model).model.graph.node if n.name.startswith("adj/")]
+    made = {o: n.op_type for n in adj for o in n.output}
+    joins = [n for n in adj if n.op_type == "Concat" and all(made.get(i) == "Unsqueeze" for i in n.input)]
+    assert "Pad" not in made.values() and len(joins) == 2  # one per backward pass
+
+
 def test_unsupported_op_on_the_path_is_named():
     nodes = [helper.make_node("Softsign", ["x"], ["s"], name="the_softsign"), helper.make_node("Relu", ["s"], ["y"])]
     with pytest.raises(UnsupportedOp) as err:
