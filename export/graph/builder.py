@@ -239,13 +239,6 @@ class Ctx:
         """The forward nodes (up to the cut) that read `name`; the cut tensor also counts as read."""
         return self.prep.consumers.get(name, [])
 
-    def batch_axis(self, name: str) -> int | None:
-        """The axis of a forward tensor holding the batch (None if it has none)."""
-        for i, d in enumerate(self.shape(name) or ()):
-            if is_batch(d):
-                return i
-        return None
-
     # -- the K-tiling -----------------------------------------------------------------------------
     def k(self) -> str:
         """K = rows of the pass's cotangent / images, an int64 [1] tensor."""
