@@ -588,7 +588,6 @@ def export_torch_graph(
     out = check_writable(out, force)
     _check_options(pool, tolerance, grad_tolerance)
     module = module.eval().requires_grad_(False)
-    weights_record = dict(weights_record)
     cut, net = backbone.truncate_for_graph(module, layer, pool)
     input_shape = (3, *spec.input_size)
     say(f"exporting the forward pass up to {layer or 'the output'} with torch.onnx (opset {opset})")

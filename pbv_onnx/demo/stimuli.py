@@ -277,6 +277,27 @@ def plan_stimuli(
         x0, y0, side, flip = crop
         return dict(kind=src.kind, source=src.name, group=src.name, crop_x0=x0, crop_y0=y0, crop_size=side, flip=flip)
 
+    def twins(roles: tuple[str, str], sid: str, free: str, src: Source, crop, parts: list) -> list[Stimulus]:
+        """An object with pasted parts [(part, paste box), at most two] and its part-free copy, each naming
+        the other as its pair."""
+        return [
+            Stimulus(
+                me,
+                "object",
+                role,
+                file=f"stimuli/{me}.png",
+                pair=twin,
+                feather=fe,
+                **crop_cols(src, crop),
+                **{
+                    k: v
+                    for j, (p, box) in enumerate(parts)
+                    for k, v in part_cols(p, box, f"masks/{me}{'-part2' if j else ''}.png", "2" if j else "").items()
+                },
+            )
+            for role, me, twin in ((roles[0], sid, free), (roles[1], free, sid))
+        ]
+
     for i in range(counts.body):
         src, (w, h) = bodies[i % len(bodies)]
         box = _part_box(src, w, h) if src.part is not None else None
@@ -307,20 +328,7 @@ def plan_stimuli(
         crop = _crop(rng, w, h, 1 + i // len(objects), None)
         p = part(families[(i // len(objects)) % len(families)], counts.part_px)
         (box,) = _place(rng, size, [(p["w"], p["h"])], [[]])
-        sid, free = f"planted{i:03d}", f"partfree{i:03d}"
-        for role, me, twin in (("planted", sid, free), ("partfree", free, sid)):
-            out.append(
-                Stimulus(
-                    me,
-                    "object",
-                    role,
-                    file=f"stimuli/{me}.png",
-                    pair=twin,
-                    feather=fe,
-                    **crop_cols(src, crop),
-                    **part_cols(p, box, f"masks/{me}.png"),
-                )
-            )
+        out += twins(("planted", "partfree"), f"planted{i:03d}", f"partfree{i:03d}", src, crop, [(p, box)])
     for i in range(counts.swap):
         src, (w, h) = objects[i % len(objects)]
         crop = _crop(rng, w, h, 1 + i // len(objects), None)
@@ -329,21 +337,8 @@ def plan_stimuli(
         # the parts apart, and for each part a "shifted" reference box that overlaps neither part
         sizes = [(p1["w"], p1["h"]), (p2["w"], p2["h"])] * 2
         box1, box2, shift1, shift2 = _place(rng, size, sizes, [[], [0], [0, 1], [0, 1]])
-        sid, free = f"swap{i:03d}", f"swapfree{i:03d}"
-        for role, me, twin in (("swap", sid, free), ("swap_partfree", free, sid)):
-            out.append(
-                Stimulus(
-                    me,
-                    "object",
-                    role,
-                    file=f"stimuli/{me}.png",
-                    pair=twin,
-                    feather=fe,
-                    **crop_cols(src, crop),
-                    **part_cols(p1, box1, f"masks/{me}.png"),
-                    **part_cols(p2, box2, f"masks/{me}-part2.png", slot="2"),
-                )
-            )
+        sid = f"swap{i:03d}"
+        out += twins(("swap", "swap_partfree"), sid, f"swapfree{i:03d}", src, crop, [(p1, box1), (p2, box2)])
         for p, box, shifted in ((p1, box1, shift1), (p2, box2, shift2)):
             for align, where in (("aligned", box), ("shifted", shifted)):
                 rid = f"ref{i:03d}-{p['src'].family}-{align}"
