@@ -395,9 +395,16 @@ def export_onnx(
         fmap = _session(fd_feature_map_graph(proto)).run([FEATURE_MAP], {IMAGE: x})[0]
         errors["feature_map"] = max(fd.rel_l2(a, b) for a, b in zip(fmap, fmap64))
     fd_err = fd.directional_errors(
-        lambda z: fd.pool_features(forward(z), pool), x, cots, grads, n_directions=n_directions, seed=seed
+        lambda z: fd.pool_features(forward(z), pool),
+        x,
+        cots,
+        grads,
+        n_directions=n_directions,
+        seed=seed,
+        scale_kind="gaussian",
     )
     steps = fd_err.pop("steps")
+    floored = fd_err.pop("floored")
     errors.update(fd_err)
     checks = consistency(proto, x, feature_shape, seed)
     limits = {k: (grad_tolerance if k.startswith("input_grad") else tolerance) for k in errors}
@@ -409,7 +416,9 @@ def export_onnx(
         "rule": "ort_vs_float64: features (and feature_map) <= tolerance; input_grad: the directional "
         "derivatives u . input_grad vs central differences of c . features, <= grad_tolerance",
         "limits": limits,
-        "metric": "relative L2 ||a-b||/||b||, worst image (input_grad: over its directions)",
+        "metric": "relative L2 ||a-b||/||b||, worst image (input_grad: over its directions; a cotangent's "
+        f"||b|| taken at least {fd.FLOOR:g} x a Gaussian cotangent's per unit of cotangent norm)",
+        "floored": floored,
         "n_images": int(len(x)),
         "inputs": inputs_desc,
         "cotangents": list(cots),
@@ -476,6 +485,8 @@ def finish(
         MULTI_COTANGENT: True,
         FP32_ONLY_KEY: fp32,
     }
+    if built.prep.rebatched:  # the file fixed its batch size: what was rewritten to free it
+        meta["batch_free"] = {"rewrites": len(built.prep.rebatched), "notes": built.prep.rebatched}
     write_model(proto, meta, out, force)
     seconds = time.perf_counter() - t0
     say(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; {worst_text}; {seconds:.0f} s)")

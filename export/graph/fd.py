@@ -21,6 +21,8 @@ import numpy as np
 # (mobilenet_v2's float32 graph: 5.4e-3 at every step from 1e-7 to 1e-10, its own float32 rounding).
 DEFAULT_STEP = 1e-8
 DEFAULT_DIRECTIONS = 6
+# the least scale a cotangent's derivatives are judged at, against a Gaussian cotangent's of the same norm
+FLOOR = 0.1
 _CHUNK = 8  # images per reference-evaluator call (memory of float64 activations)
 
 
@@ -64,6 +66,9 @@ def to_float64(model):
                 for a in node.attribute:
                     if a.name == "to" and a.i == TensorProto.FLOAT:
                         a.i = TensorProto.DOUBLE
+            if node.op_type == "ConstantOfShape" and not any(a.name == "value" for a in node.attribute):
+                # no value: float32 zeros by default (torch.export writes Swin's attention mask so)
+                node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.zeros(1))))
             if node.op_type == "Constant":
                 # value_float(s) make float32: rewrite them as a double tensor
                 for a in list(node.attribute):
@@ -136,22 +141,36 @@ class Forward64:
             model = _cut_model(model, cut)
         self.pool = pool
         self._eval = ReferenceEvaluator(to_float64(model), new_ops=_float64_ops())
-        self._chunk = _CHUNK
+        d0 = next(i for i in model.graph.input if i.name == self.image).type.tensor_type.shape.dim[0]
+        # a graph exported at a fixed batch size may hard-code it (a Reshape [1, -1] runs at batch 3 and
+        # merges the images): it runs at that size, chunks filled up to it
+        fixed = int(d0.dim_value) if d0.HasField("dim_value") and d0.dim_value > 0 else None
+        self._chunk, self._pad = (fixed, True) if fixed else (_CHUNK, False)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Pooled features of images `x` [N, 3, H, W] in float64."""
         x = np.asarray(x, np.float64)
-        parts = []
-        for i in range(0, len(x), self._chunk):
+        parts, i = [], 0
+        while i < len(x):
+            part = x[i : i + self._chunk]
+            if self._pad and len(part) < self._chunk:  # filled with copies of its last image, dropped after
+                part = np.concatenate([part, np.repeat(part[-1:], self._chunk - len(part), axis=0)])
             try:
-                y = self._eval.run([self.cut], {self.image: x[i : i + self._chunk]})[0]
+                y = self._eval.run([self.cut], {self.image: part})[0]
             except Exception:
-                if self._chunk == 1:
+                if not self._fall_back():
                     raise
-                self._chunk = 1  # a graph exported for batch 1 may hard-code it (reshapes): one at a time
-                return np.concatenate(parts + [self(x[i:])])
-            parts.append(pool_features(np.asarray(y, np.float64), self.pool))
+                continue
+            parts.append(pool_features(np.asarray(y, np.float64)[: len(x) - i], self.pool))
+            i += self._chunk
         return np.concatenate(parts)
+
+    def _fall_back(self) -> bool:
+        """After a failed run of a graph without a fixed batch size: one image at a time."""
+        if self._pad or self._chunk == 1:
+            return False
+        self._chunk = 1
+        return True
 
 
 def _cut_model(model, cut: str):
@@ -190,10 +209,16 @@ def directional_errors(
     n_directions: int = DEFAULT_DIRECTIONS,
     step: float = DEFAULT_STEP,
     seed: int = 0,
+    scale_kind: str | None = None,
 ) -> dict:
     """Compare u . grads[kind][i] with the central difference of cotangents[kind][i] . forward(x_i + t u)
     for `n_directions` Gaussian unit directions u per image (one set of perturbed forward passes serves
-    every cotangent). Returns per kind the worst image's relative L2 over its directions, and the steps."""
+    every cotangent). Returns per kind the worst image's relative L2 over its directions, and the steps.
+
+    With `scale_kind` (a Gaussian cotangent), another kind's error is relative to at least FLOOR times
+    the derivatives that kind gives per unit of cotangent norm: a cotangent the image cannot move along
+    (the features of a normalised output, whose norm is fixed) has derivatives of float32 rounding's
+    size, which a relative error alone would call wrong. Kinds the floor applied to are in "floored"."""
     rng = np.random.default_rng(seed + 3)
     n = len(x)
     x64 = np.asarray(x, np.float64)
@@ -205,12 +230,30 @@ def directional_errors(
     minus = (x64[:, None] - tt * u).reshape(-1, *x.shape[1:])
     f_plus = forward(plus).reshape(n, n_directions, -1)
     f_minus = forward(minus).reshape(n, n_directions, -1)
-    result: dict = {}
+    fds, ads, norms = {}, {}, {}
     for kind, c in cotangents.items():
         c64 = np.asarray(c, np.float64).reshape(n, 1, -1)
-        fd = ((f_plus - f_minus) * c64).sum(axis=2) / (2 * t[:, None])  # [n, d]
+        fds[kind] = ((f_plus - f_minus) * c64).sum(axis=2) / (2 * t[:, None])  # [n, d]
         g = np.asarray(grads[kind], np.float64).reshape(n, 1, -1)
-        ad = (u.reshape(n, n_directions, -1) * g).sum(axis=2)
-        result[f"input_grad[{kind}]"] = max(rel_l2(ad[i], fd[i]) for i in range(n))
+        ads[kind] = (u.reshape(n, n_directions, -1) * g).sum(axis=2)
+        norms[kind] = np.linalg.norm(c64.reshape(n, -1), axis=1)
+    result: dict = {}
+    floored = []
+    for kind in cotangents:
+        worst = 0.0
+        for i in range(n):
+            num = float(np.linalg.norm(ads[kind][i] - fds[kind][i]))
+            den = float(np.linalg.norm(fds[kind][i]))
+            if scale_kind is not None and kind != scale_kind and norms[scale_kind][i] > 0:
+                per_norm = float(np.linalg.norm(fds[scale_kind][i])) / float(norms[scale_kind][i])
+                floor = FLOOR * per_norm * float(norms[kind][i])
+                if floor > den:
+                    den = floor
+                    if kind not in floored:
+                        floored.append(kind)
+            worst = max(worst, num / den if den > 0 else (0.0 if num == 0 else float("inf")))
+        result[f"input_grad[{kind}]"] = worst
     result["steps"] = [float(v) for v in t]
+    if scale_kind is not None:
+        result["floored"] = floored
     return result

@@ -87,9 +87,21 @@ def _static4(shape) -> tuple[int, int, int] | None:
     return int(shape[1]), int(shape[2]), int(shape[3])
 
 
-def _is_squeeze(node, x: str) -> bool:
-    """Whether node is GlobalAveragePool(x) (the squeeze of a squeeze-excitation block)."""
-    return node.op_type == "GlobalAveragePool" and node.input[0] == x
+def _is_squeeze(ctx, node, x: str) -> bool:
+    """Whether node is GlobalAveragePool(x), or ReduceMean(x) over H and W keeping them (as torch.export
+    writes it): the squeeze of a squeeze-excitation block."""
+    if not node.input or node.input[0] != x:
+        return False
+    if node.op_type == "GlobalAveragePool":
+        return True
+    keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+    if node.op_type != "ReduceMean" or keepdims != 1:
+        return False
+    axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = ctx.value(node.input[1])
+        axes = None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
+    return axes is not None and sorted(a % 4 for a in axes) == [2, 3]
 
 
 @register_pattern
@@ -128,7 +140,7 @@ class SqueezeExcitationPattern(GraphPattern):
                 return None  # read outside the chain: leave it to the rules
             if id(p) in members:
                 continue
-            if _is_squeeze(p, x):
+            if _is_squeeze(ctx, p, x):
                 if pool is not None and pool is not p:
                     return None
                 pool = p
@@ -234,4 +246,8 @@ class SqueezeExcitationPattern(GraphPattern):
         nodes = [helper.make_node("Identity", ["x"], ["h"]), *se, helper.make_node("Mul", ["h", "e"], ["m"]),
                  helper.make_node("Add", ["m", "h"], ["y"])]  # fmt: skip
         out.append(example_model(nodes, _X, inits, name="se_residual"))
+        # the squeeze as ReduceMean over H and W (opset 18: axes an input), as torch.export writes it
+        mean = helper.make_node("ReduceMean", ["h", "hw"], ["p"], keepdims=1)
+        nodes = [helper.make_node("Identity", ["x"], ["h"]), mean, *se[1:], helper.make_node("Mul", ["e", "h"], ["y"])]
+        out.append(example_model(nodes, _X, {**inits, "hw": np.array([-1, -2], np.int64)}, name="se_mean", opset=18))
         return out

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from pbv_onnx.export.graph.builder import is_batch
 from pbv_onnx.export.graph.rules import GraphRule, UnsupportedOp, example_model, example_weights, register, unsupported
 
 
@@ -435,7 +436,10 @@ class Slice(GraphRule):
 @register
 class Gather(GraphRule):
     op_type = "Gather"
-    description = "Gather (constant indices): one token padded back, a range padded, else a one-hot MatMul"
+    description = (
+        "Gather (constant indices): one token padded back, a range padded, else a one-hot MatMul; indices "
+        "b * S + C on a batch-major flattening (as_strided): per image, the same"
+    )
 
     @shaped
     def vjp(self, ctx, node, grads):
@@ -446,7 +450,10 @@ class Gather(GraphRule):
             raise unsupported(node, "indices that depend on the image have no adjoint")
         idx = ctx.value(node.input[1])
         if idx is None:
-            raise unsupported(node, "indices must be constant for the adjoint")
+            strided = _batch_strided(ctx, node)
+            if strided is None:
+                raise unsupported(node, "indices must be constant for the adjoint")
+            return [_strided_vjp(ctx, g, *strided), None]
         idx = np.asarray(idx).astype(np.int64)
         shape = list(ctx.shape(x))
         rank = len(shape)
@@ -483,13 +490,83 @@ class Gather(GraphRule):
                 name=name,
             )
 
+        def as_strided(c, name):  # flat[b * 12 + c]: torch.export's as_strided over a batch-major flattening
+            mk = helper.make_node
+            nodes = [
+                mk("Reshape", ["x", "flat"], ["xf"]),
+                mk("Shape", ["x"], ["n1"], start=0, end=1),
+                mk("Squeeze", ["n1", "zero1"], ["n"]),
+                mk("Range", ["zero", "n", "one"], ["b"]),
+                mk("Mul", ["b", "stride"], ["bs"]),
+                mk("Unsqueeze", ["bs", "tail_axes"], ["bs2"]),
+                mk("Add", ["bs2", "c"], ["i"]),
+                mk("Gather", ["xf", "i"], ["y"], axis=0),
+            ]
+            inits = {
+                "flat": _i64(-1),
+                "zero1": _i64(0),
+                "zero": np.int64(0),
+                "one": np.int64(1),
+                "stride": np.int64(12),
+                "tail_axes": np.arange(1, c.ndim, dtype=np.int64),
+                "c": c,
+            }
+            return example_model(nodes, [4, 3], inits, name=name)
+
         return [
             ga(np.int64(0), 1, name="gather_cls"),  # the class token: scalar index on the token axis
             ga(np.int64(-1), -1, name="gather_last"),
             ga(_i64(1, 2, 3), 1, name="gather_range"),
             ga(_i64(4, 0, 0, 2), 1, name="gather_perm_repeat"),
             ga(np.array([[0, 2], [2, 1]], np.int64), 2, shape=(2, 3), name="gather_2d"),
+            as_strided(np.arange(12, dtype=np.int64).reshape(1, 4, 3), "gather_as_strided_identity"),
+            as_strided(np.array([[[0, 7], [7, 11], [3, 1]]], np.int64), "gather_as_strided_repeat"),
         ]
+
+
+def _batch_strided(ctx, node) -> tuple[str, int, np.ndarray] | None:
+    """(x, S, C) where node gathers, along axis 0 of x [N*S, ...], indices b * S + C for image b (C
+    constant, in [0, S)): torch.export's as_strided over a batch-major flattening. Read from the indices'
+    values at the probe's two batch sizes; None when they have another form."""
+    x = node.input[0]
+    pair = ctx.prep.batch_values.get(node.input[1])
+    shape = ctx.shape(x)
+    if pair is None or not shape or norm_axis(attr(node, "axis", 0), len(shape)) != 0:
+        return None
+    d = shape[0]
+    if not is_batch(d):
+        return None
+    rows = 1 if d == "N" else int(str(d).split("*", 1)[1])
+    i2, i3 = (np.asarray(v).astype(np.int64) for v in pair)
+    if i2.ndim == 0 or i2.shape[0] != 2 or i3.shape != (3, *i2.shape[1:]):
+        return None
+    c = i2[:1]
+    for v in (i2, i3):
+        b = np.arange(len(v)).reshape(-1, *([1] * (v.ndim - 1)))
+        if not np.array_equal(v, b * rows + c):
+            return None
+    if c.min() < 0 or c.max() >= rows:
+        return None
+    return x, rows, c[0]
+
+
+def _strided_vjp(ctx, g: str, x: str, rows: int, c: np.ndarray) -> str:
+    """The cotangent of x [N*S, ...] from g [N, *C.shape, ...]: per image, g scattered back to rows C."""
+    shape = list(ctx.shape(x))
+    rest = [int(v) for v in shape[1:]]
+    flat = c.reshape(-1)
+    m = flat.size
+    g = ctx.emit("Reshape", [g, ctx.const(np.array([-1, m, *rest], np.int64), "shape")], _shape=("N", m, *rest))
+    if not np.array_equal(flat, np.arange(rows)):  # else the identity (torch.flatten as as_strided)
+        onehot = np.zeros((m, rows))
+        np.add.at(onehot, (np.arange(m), flat), 1.0)  # repeated rows accumulate
+        if rest:
+            perm = [0, *range(2, 2 + len(rest)), 1]
+            g = ctx.emit("Transpose", [g], perm=perm)
+        g = ctx.emit("MatMul", [g, ctx.const(onehot, "onehot")])
+        if rest:
+            g = ctx.emit("Transpose", [g], perm=[int(i) for i in np.argsort(perm)])
+    return ctx.emit("Reshape", [g, ctx.const(np.array([-1, *rest], np.int64), "shape")], _shape=tuple(shape))
 
 
 @register

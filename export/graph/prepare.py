@@ -27,6 +27,11 @@ RESERVED = (IMAGE, COTANGENT, COTANGENTS, FEATURES, INPUT_GRAD, INPUT_GRADS, FEA
 SHAPE_ONLY = ("Shape", "Size")
 # The batch sizes the forward graph is evaluated at to tell batch axes and batch-free shape values.
 _PROBE = (2, 3)
+_SMALL = 1 << 20  # elements: larger integer tensors are not kept at both batch sizes
+
+
+class BatchFixedError(ModelError):
+    """The forward graph does not run at the probe's batch sizes (its batch size is baked in)."""
 
 
 @dataclass
@@ -46,6 +51,11 @@ class Prepared:
     consumers: dict[str, list] = field(default_factory=dict)
     renamed: dict[str, str] = field(default_factory=dict)  # model name -> name here
     folded: int = 0  # nodes folded into constants
+    # integer shape computations that involve the batch size (not folded): their values at the probe's
+    # two batch sizes, from which a rule may read a batch-strided form (indices b * S + C)
+    batch_values: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # the rewrites that made a model with a fixed batch size batch-free (export/graph/rebatch.py), if any
+    rebatched: list[str] = field(default_factory=list)
 
     @property
     def nodes(self) -> list:
@@ -179,7 +189,26 @@ def prepare(
         raise UsageError(label, f"tensor {cut!r} does not depend on the image", "layer")
 
     # evaluate every tensor at two batch sizes: static shapes, batch axes, batch-free shape values
-    runs, dtypes = _probe(nodes, values, input_size, opset, [o for n in nodes for o in n.output if o], label)
+    rebatched = any(p.key == "pbv_rebatched" for p in model.metadata_props)
+    try:
+        outs = [o for n in nodes for o in n.output if o]
+        runs, dtypes = _probe(nodes, values, input_size, opset, outs, label, shape_only=data)
+        # a batch-1 export may run at batch 2 yet merge the batch into a root's axis (Reshape [1, -1])
+        fixed = dims[0].HasField("dim_value") and any(
+            "N" not in _symbolic_shape(runs[0][r].shape, runs[1][r].shape) for r in roots if r in runs[0] and r in data
+        )
+    except BatchFixedError:
+        if rebatched:
+            raise
+        fixed = True
+    if fixed and not rebatched:  # the batch size baked in: made batch-free (checked), prepared again
+        from pbv_onnx.export.graph.rebatch import rebatch_graph
+
+        batch_free, notes = rebatch_graph(nodes, values, roots, x, input_size, opset, label)
+        prep = prepare(batch_free, cut, input_size, whole)
+        prep.renamed = renamed
+        prep.rebatched = notes
+        return prep
     dtypes[IMAGE] = onnx.TensorProto.FLOAT
     for name, v in values.items():
         dtypes.setdefault(name, helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype))
@@ -201,6 +230,12 @@ def prepare(
                 shapes[o] = tuple(int(d) for d in runs[0][o].shape)
             folded_names.update(outs)
     kept = [n for n in nodes if not all(o in folded_names for o in n.output if o)]
+    batch_values = {
+        o: (runs[0][o], runs[1][o])
+        for n in kept
+        for o in n.output
+        if o and o not in data and o in runs[0] and runs[0][o].dtype.kind in "iu" and runs[0][o].size <= _SMALL
+    }
     # the graph: kept nodes; initializers for every constant they read
     read = {i for n in kept for i in n.input if i} | {cut}
     inits = [numpy_helper.from_array(np.asarray(values[t]), t) for t in sorted(read) if t in values]
@@ -233,6 +268,7 @@ def prepare(
         consumers=consumers,
         renamed=renamed,
         folded=len(nodes) - len(kept),
+        batch_values=batch_values,
     )
 
 
@@ -280,29 +316,38 @@ def _symbolic_shape(s2, s3) -> tuple:
     return tuple(out)
 
 
-def _probe(nodes, values, input_size, opset, names, label):
-    """Run the forward nodes at two batch sizes with onnxruntime: every tensor's value, and elem types."""
+def forward_model(nodes, values, input_size, opset: int, batch: int | str = "N"):
+    """The forward `nodes` as a model (input `image` [batch, 3, H, W], constants from `values`, no
+    outputs yet), and the elem types shape inference gives its tensors."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper, numpy_helper
 
     used = {i for n in nodes for i in n.input if i}
     inits = [numpy_helper.from_array(np.asarray(values[t]), t) for t in sorted(used) if t in values]
-    image = helper.make_tensor_value_info(IMAGE, onnx.TensorProto.FLOAT, ["N", 3, *input_size])
-    g = helper.make_graph(list(nodes), "probe", [image], [], initializer=inits)
+    image = helper.make_tensor_value_info(IMAGE, onnx.TensorProto.FLOAT, [batch, 3, *input_size])
+    g = helper.make_graph(list(nodes), "forward", [image], [], initializer=inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     try:
         inferred = onnx.shape_inference.infer_shapes(m)
     except Exception:
         inferred = m
-    dtypes = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    return m, {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+
+
+def _probe(nodes, values, input_size, opset, names, label, shape_only=frozenset()):
+    """Run the forward nodes at two batch sizes with onnxruntime: every tensor's value (for names in
+    `shape_only`, the image path's activations, a zero-strided view of its shape: no memory), elem types."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    m, dtypes = forward_model(nodes, values, input_size, opset)
     outs = [n for n in names if dtypes.get(n)]
     for n in outs:
         m.graph.output.append(helper.make_tensor_value_info(n, dtypes[n], None))
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # a failed probe run is reported (or made batch-free), not logged
     try:
         sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -316,9 +361,12 @@ def _probe(nodes, values, input_size, opset, names, label):
             got = sess.run(outs, {IMAGE: x})
         except Exception as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
-            raise ModelError(
+            raise BatchFixedError(
                 label,
                 f"onnxruntime cannot run the forward graph at batch {n} (does the model fix its batch size? {first})",
             ) from None
-        runs.append(dict(zip(outs, got)))
+        runs.append(
+            {n: np.broadcast_to(np.zeros((), v.dtype), v.shape) if n in shape_only else v for n, v in zip(outs, got)}
+        )
+        del got
     return runs, dtypes

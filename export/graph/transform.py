@@ -148,6 +148,8 @@ def build(model, cut: str | None = None, pool: str = "none", input_size: tuple[i
         "pool": pool,
         "layer": _original_name(prep, cut),
     }
+    if prep.rebatched:  # the file fixed its batch size: what was rewritten to free it
+        meta["batch_free"] = {"rewrites": len(prep.rebatched), "notes": prep.rebatched}
     for key, value in meta.items():
         result.metadata_props.add(key=key, value=json.dumps(value))
     result.producer_name = "pbv-onnx graph adjoint"

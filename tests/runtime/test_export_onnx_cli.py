@@ -215,14 +215,18 @@ def test_a_wrong_adjoint_is_refused_by_the_finite_difference_check(tmp_path, exp
 
 
 def test_the_float64_copy_computes_in_float64():
-    """Erf (GELU's core) included: onnx's reference Erf rounds to float32, the copy's must not."""
+    """Erf (GELU's core) included: onnx's reference Erf rounds to float32, the copy's must not; a
+    ConstantOfShape without a value (float32 zeros) added to it becomes float64 zeros."""
     from scipy.special import erf
 
     from pbv_onnx.export.graph.fd import Forward64
 
     nodes = [
         helper.make_node("Mul", ["input", "k"], ["m"]),
-        helper.make_node("Erf", ["m"], ["e"]),
+        helper.make_node("Erf", ["m"], ["e0"]),
+        helper.make_node("Shape", ["e0"], ["s"]),
+        helper.make_node("ConstantOfShape", ["s"], ["zeros"]),
+        helper.make_node("Add", ["e0", "zeros"], ["e"]),
         helper.make_node("Cast", ["e"], ["out"], to=TensorProto.FLOAT),
     ]
     graph = helper.make_graph(
@@ -256,3 +260,65 @@ def test_the_directional_probe_estimates_the_gradients_relative_error():
     scaled = directional_errors(forward, x, {"c": c}, {"c": 1.1 * grad}, n_directions=16)
     assert exact["input_grad[c]"] < 1e-6
     assert 0.09 < scaled["input_grad[c]"] < 0.12  # exact: a scaled gradient is off by 1.1/1 along every u
+
+
+def normalised_tokens(path, scale: float = 1.0, seed: int = 0) -> None:
+    """Conv 4x4/4 (3->D) -> tokens [N, 16, D] -> LayerNormalization, scale `scale` and offset 0 (as a
+    fresh init leaves it): each token's features then have norm sqrt(D) whatever the image."""
+    d = 64
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["patches"], strides=[4, 4], kernel_shape=[4, 4]),
+        helper.make_node("Reshape", ["patches", "flat"], ["flat_patches"]),
+        helper.make_node("Transpose", ["flat_patches"], ["tokens"], perm=[0, 2, 1]),
+        helper.make_node("LayerNormalization", ["tokens", "s", "b"], ["out"], axis=-1, epsilon=1e-5),
+    ]
+    inits = {
+        "w": rng.standard_normal((d, 3, 4, 4)) * 4,
+        "flat": np.array([0, d, -1], np.int64),
+        "s": np.full(d, scale),
+        "b": np.zeros(d),
+    }
+    tensors = [numpy_helper.from_array(v if v.dtype == np.int64 else v.astype(np.float32), k) for k, v in inits.items()]
+    graph = helper.make_graph(
+        nodes,
+        "normalised_tokens",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        tensors,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+def test_a_normalised_output_is_verified_at_the_scale_of_a_gaussian_cotangent(tmp_path, monkeypatch):
+    """With unit scale and zero offset, c = features is orthogonal to every change the image can make
+    (||LayerNorm(x)|| is constant): its directional derivatives are float32 rounding, which a relative
+    error alone would refuse. Judged at a tenth of a Gaussian cotangent's, the right adjoint passes and
+    an adjoint without LayerNorm's mean terms is still refused."""
+    from pbv_onnx.base.errors import ModelError
+    from pbv_onnx.export.graph.rules import RULES, load_rules
+    from pbv_onnx.export.onnx_route import export_onnx
+
+    src = tmp_path / "tokens.onnx"
+    normalised_tokens(src)
+    kw = dict(resize="16x16", mean=(0.5,) * 3, std=(0.25,) * 3, n_images=2, progress=None)
+    res = export_onnx(src, tmp_path / "ok.onnx", **kw)
+    errors = res.verification["errors"]["ort_vs_float64"]
+    assert errors["input_grad[features]"] < 1e-3 and errors["input_grad[gaussian]"] < 1e-3
+    assert res.verification["floored"] == ["features"]
+
+    from pbv_onnx.export.graph import ops_tokens
+
+    load_rules()
+    assert "LayerNormalization" in RULES
+    right_sum = ops_tokens._sum
+
+    def no_mean(ctx, t, axes):  # both means zero: the adjoint becomes g / sigma, neither centred nor projected
+        return ctx.emit("Mul", [right_sum(ctx, t, axes), ctx.const(np.float32(0.0), "zero")])
+
+    monkeypatch.setattr(ops_tokens, "_sum", no_mean)
+    with pytest.raises(ModelError, match="refused.*input_grad"):
+        export_onnx(src, tmp_path / "wrong.onnx", **kw)
+    assert not (tmp_path / "wrong.onnx").exists()
