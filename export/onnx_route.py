@@ -198,22 +198,24 @@ def consistency(proto, x: np.ndarray, feature_shape: tuple[int, ...], seed: int 
     whole graph fed (image, cotangent) vs its (image, cotangent) -> input_grad part."""
     from pbv_onnx.export.graph.fd import rel_l2
 
+    # one session at a time (each holds its own copy of the weights and activations: vit_b_16 ~1 GB)
     single = _session(vjp_subgraph(proto))
     zeros = np.zeros((len(x), *feature_shape), np.float32)
-    fwd_only = _session(features_subgraph(proto)).run([FEATURES], {IMAGE: x})[0]
-    fwd_err = max(rel_l2(a, b) for a, b in zip(fwd_only, single.run([FEATURES], {IMAGE: x, COTANGENT: zeros})[0]))
+    vjp_feats = single.run([FEATURES], {IMAGE: x, COTANGENT: zeros})[0]
     rng = np.random.default_rng(seed + 1)
     cots = rng.standard_normal((len(x), k, *feature_shape)).astype(np.float32)
-    multi = _session(multi_subgraph(proto))
-    grads = multi.run([INPUT_GRADS], {IMAGE: x, COTANGENTS: cots.reshape(-1, *feature_shape)})[0]
-    grads = grads.reshape(len(x), k, *x.shape[1:])
+    ones = [single.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cots[:, j]})[0] for j in range(k)]
+    cot0 = np.random.default_rng(seed + 2).standard_normal((len(x), *feature_shape)).astype(np.float32)
+    part = single.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cot0})[0]
+    del single
+    fwd_only = _session(features_subgraph(proto)).run([FEATURES], {IMAGE: x})[0]
+    fwd_err = max(rel_l2(a, b) for a, b in zip(fwd_only, vjp_feats))
+    grads = _session(multi_subgraph(proto)).run([INPUT_GRADS], {IMAGE: x, COTANGENTS: cots.reshape(-1, *feature_shape)})
+    grads = grads[0].reshape(len(x), k, *x.shape[1:])
     multi_err = 0.0
     for j in range(k):
-        one = single.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cots[:, j]})[0]
-        multi_err = max([multi_err] + [rel_l2(a, b) for a, b in zip(grads[:, j], one)])
-    cot0 = np.random.default_rng(seed + 2).standard_normal((len(x), *feature_shape)).astype(np.float32)
+        multi_err = max([multi_err] + [rel_l2(a, b) for a, b in zip(grads[:, j], ones[j])])
     whole = _session(proto).run([INPUT_GRAD], {IMAGE: x, COTANGENT: cot0})[0]
-    part = single.run([INPUT_GRAD], {IMAGE: x, COTANGENT: cot0})[0]
     whole_err = max(rel_l2(a, b) for a, b in zip(whole, part))
     return {
         "features_only_vs_vjp_graph": fwd_err,
@@ -350,6 +352,7 @@ def export_onnx(
     No torch needed. Beyond `tolerance` (features) or `grad_tolerance` (directional derivatives of
     input_grad) raises ModelError and writes nothing."""
     from pbv_onnx.export.graph import fd
+    from pbv_onnx.export.graph.prepare import channels_first
 
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
@@ -357,6 +360,9 @@ def export_onnx(
     out = check_writable(out, force)
     _check_options(pool, tolerance, grad_tolerance)
     _, model, _ = read_model(path)
+    channels_last = channels_first(model)  # the reference below runs the same [N, 3, H, W] graph
+    if channels_last:
+        say(f"{path.name} takes channels-last images [N, H, W, 3]: a Transpose from [N, 3, H, W] goes first")
     if any(p.key == "format_version" for p in model.metadata_props) and any(
         o.name == INPUT_GRAD for o in model.graph.output
     ):
@@ -390,6 +396,7 @@ def export_onnx(
         )
     cots = {"gaussian": rng.standard_normal(feats.shape).astype(np.float32), "features": feats.astype(np.float32)}
     grads = {kind: session.run([INPUT_GRAD], {IMAGE: x, COTANGENT: c})[0] for kind, c in cots.items()}
+    del session  # its weights and activations, before the next sessions
     errors = {"features": max(fd.rel_l2(a, b) for a, b in zip(feats, feats64))}
     if pool != "none" and FEATURE_MAP in {o.name for o in proto.graph.output}:
         fmap = _session(fd_feature_map_graph(proto)).run([FEATURE_MAP], {IMAGE: x})[0]
@@ -449,6 +456,8 @@ def export_onnx(
         "pbv_onnx": pbv_onnx.__version__,
     }
     weights = {"source": "onnx", "file": path.name, "sha256": file_sha256(path)}
+    if channels_last:
+        weights["input_layout"] = "NHWC in the file; a Transpose from the format's NCHW put first"
     head = {"arch": arch_name or path.stem, "layer": layer or "", "pool": pool, "weights": weights}
     worst_text = f"worst error {errors[worst]:.1e} in {worst}, limit {limits[worst]:.1e}"
     return finish(proto, built, out, force, head, spec, versions, verification, worst_text, t0, say)
@@ -613,6 +622,7 @@ def export_torch_graph(
     say(f"verifying onnxruntime against torch autograd on {len(x)} images ({inputs_desc.split(':')[0]})")
     session = _session(vjp_subgraph(proto))
     errors = verify.measure(session, net, x, seed)
+    del session  # its weights and activations, before the next sessions
     cotangents = errors.pop("cotangents")
     extra = {}
     if pool != "none":

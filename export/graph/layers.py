@@ -10,12 +10,14 @@ def list_layers(model, input_size: tuple[int, int] | None = None) -> list[tuple[
     image's values and has the batch axis first: shape computations and constants are skipped."""
     import onnx
 
-    from pbv_onnx.export.graph.prepare import prepare
+    from pbv_onnx.export.graph.prepare import TO_CHANNELS_LAST, prepare
 
     prep = prepare(model, None, input_size, whole=True)
     back = {v: k for k, v in prep.renamed.items()}
     out = []
     for node in prep.model.graph.node:
+        if node.name.endswith(TO_CHANNELS_LAST):  # the layout change put before a channels-last model
+            continue
         for name in node.output:
             shape = prep.shapes.get(name)
             if not name or name not in prep.path or shape is None:

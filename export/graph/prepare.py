@@ -103,6 +103,40 @@ def _image_input(model, label) -> object:
     return x
 
 
+TO_CHANNELS_LAST = "__to_channels_last"  # suffix of the Transpose channels_first puts first
+
+
+def channels_first(model) -> bool:
+    """A model whose one image input is channels last, [N, H, W, 3] (Keras; tf2onnx without
+    --inputs-as-nchw), takes [N, 3, H, W] instead: a Transpose to its own layout goes first (in place).
+    Returns whether it did; an input [N, 3, H, W] is left as it is."""
+    from onnx import helper
+
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4:
+        return False
+    x = inputs[0]
+    dims = x.type.tensor_type.shape.dim
+
+    def three(d) -> bool:
+        return d.HasField("dim_value") and d.dim_value == 3
+
+    if three(dims[1]) or not three(dims[3]):
+        return False
+    taken = {i for n in model.graph.node for i in (*n.input, *n.output)} | inits
+    name, new = x.name, f"{x.name}__nchw"
+    while new in taken:
+        new += "_"
+    order = [copy.deepcopy(dims[i]) for i in (0, 3, 1, 2)]
+    del dims[:]
+    dims.extend(order)
+    x.name = new
+    node = helper.make_node("Transpose", [new], [name], perm=[0, 2, 3, 1], name=f"{name}{TO_CHANNELS_LAST}")
+    model.graph.node.insert(0, node)
+    return True
+
+
 def prepare(
     model_or_path, cut: str | None = None, input_size: tuple[int, int] | None = None, whole: bool = False
 ) -> Prepared:
@@ -114,6 +148,7 @@ def prepare(
 
     model, label = load(model_or_path)
     model = copy.deepcopy(model)
+    channels_first(model)
     opset = _opset(model)
     if opset < OPSET:
         try:

@@ -322,3 +322,36 @@ def test_a_normalised_output_is_verified_at_the_scale_of_a_gaussian_cotangent(tm
     with pytest.raises(ModelError, match="refused.*input_grad"):
         export_onnx(src, tmp_path / "wrong.onnx", **kw)
     assert not (tmp_path / "wrong.onnx").exists()
+
+
+def test_a_channels_last_model_takes_channels_first_images(tmp_path, exported):
+    """The small CNN behind a Transpose from [N, H, W, 3] (a Keras model as tf2onnx writes it by default):
+    the export puts the inverse Transpose first, and the model computes what the NCHW one does."""
+    from pbv_onnx.runtime.engine import Engine
+    from pbv_onnx.runtime.modelfile import read_info
+
+    nchw = tmp_path / "nchw.onnx"
+    small_cnn(nchw)
+    model = onnx.load(str(nchw))
+    model.graph.input[0].name = "input_nhwc"
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    order = [onnx.TensorShapeProto.Dimension(), *(onnx.TensorShapeProto.Dimension() for _ in range(3))]
+    order[0].dim_param, order[1].dim_value, order[2].dim_value, order[3].dim_value = "batch", SIZE, SIZE, 3
+    del dims[:]
+    dims.extend(order)
+    model.graph.node.insert(0, helper.make_node("Transpose", ["input_nhwc"], ["input"], perm=[0, 3, 1, 2]))
+    src, out = tmp_path / "nhwc.onnx", tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    res = pbv(*export_args(src, out))
+    assert res.returncode == 0, res.stderr
+    assert "channels-last" in res.stderr
+    assert "NHWC" in read_info(out).metadata["weights"]["input_layout"]
+    layers = pbv("info", "--layers", src)
+    assert layers.returncode == 0 and "conv1" in layers.stdout and "input_nhwc" not in layers.stdout
+
+    x = np.random.default_rng(7).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    mine, theirs = Engine(out, device="cpu"), Engine(exported[1], device="cpu")
+    c = np.random.default_rng(8).standard_normal((2, *mine.info.feature_shape)).astype(np.float32)
+    (f1, g1), (f2, g2) = mine.vjp(x, c), theirs.vjp(x, c)
+    np.testing.assert_allclose(f1, f2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
