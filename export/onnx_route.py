@@ -352,7 +352,7 @@ def export_onnx(
     No torch needed. Beyond `tolerance` (features) or `grad_tolerance` (directional derivatives of
     input_grad) raises ModelError and writes nothing."""
     from pbv_onnx.export.graph import fd
-    from pbv_onnx.export.graph.prepare import channels_first
+    from pbv_onnx.export.graph.prepare import as_float32, channels_first
 
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
@@ -363,6 +363,9 @@ def export_onnx(
     channels_last = channels_first(model)  # the reference below runs the same [N, 3, H, W] graph
     if channels_last:
         say(f"{path.name} takes channels-last images [N, H, W, 3]: a Transpose from [N, 3, H, W] goes first")
+    model, half = as_float32(model)
+    if half:
+        say(f"{path.name} computes in float16: converted to float32 (weights upcast exactly)")
     if any(p.key == "format_version" for p in model.metadata_props) and any(
         o.name == INPUT_GRAD for o in model.graph.output
     ):
@@ -458,6 +461,8 @@ def export_onnx(
     weights = {"source": "onnx", "file": path.name, "sha256": file_sha256(path)}
     if channels_last:
         weights["input_layout"] = "NHWC in the file; a Transpose from the format's NCHW put first"
+    if half:
+        weights["precision"] = "float16 in the file; the model computes in float32 from the same weights"
     head = {"arch": arch_name or path.stem, "layer": layer or "", "pool": pool, "weights": weights}
     worst_text = f"worst error {errors[worst]:.1e} in {worst}, limit {limits[worst]:.1e}"
     return finish(proto, built, out, force, head, spec, versions, verification, worst_text, t0, say)

@@ -29,55 +29,63 @@ _CHUNK = 2  # images per reference-evaluator call: it keeps every float64 activa
 def to_float64(model):
     """A copy of `model` computing in float64: float initializers, constants, casts and declared
     types become double (subgraphs too)."""
-    import onnx
-    from onnx import TensorProto, numpy_helper
+    return retyped(model, "float32", "float64")
 
+
+def retyped(model, src: str, dst: str):
+    """A copy of `model` computing in `dst` where it computed in `src` (numpy float type names):
+    initializers, constants, casts and declared types of that type change (subgraphs too)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    old, new_type = helper.np_dtype_to_tensor_dtype(np.dtype(src)), helper.np_dtype_to_tensor_dtype(np.dtype(dst))
     out = onnx.ModelProto()
     out.CopyFrom(model)
 
-    def tensor64(t):
-        if t.data_type != TensorProto.FLOAT:
+    def tensor(t):
+        if t.data_type != old:
             return t
-        new = numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name)
-        return new
+        return numpy_helper.from_array(numpy_helper.to_array(t).astype(dst), t.name)
 
     def types(values) -> None:
         for v in values:
             tt = v.type.tensor_type
-            if tt.elem_type == TensorProto.FLOAT:
-                tt.elem_type = TensorProto.DOUBLE
+            if tt.elem_type == old:
+                tt.elem_type = new_type
 
-    def graph64(g) -> None:
+    def graph(g) -> None:
         for i, t in enumerate(g.initializer):
-            g.initializer[i].CopyFrom(tensor64(t))
+            g.initializer[i].CopyFrom(tensor(t))
         types(g.input)
         types(g.output)
         types(g.value_info)
         for node in g.node:
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.TENSOR:
-                    a.t.CopyFrom(tensor64(a.t))
+                    a.t.CopyFrom(tensor(a.t))
                 elif a.type == onnx.AttributeProto.GRAPH:
-                    graph64(a.g)
+                    graph(a.g)
                 elif a.type == onnx.AttributeProto.GRAPHS:
                     for sub in a.graphs:
-                        graph64(sub)
+                        graph(sub)
             if node.op_type == "Cast":
                 for a in node.attribute:
-                    if a.name == "to" and a.i == TensorProto.FLOAT:
-                        a.i = TensorProto.DOUBLE
+                    if a.name == "to" and a.i == old:
+                        a.i = new_type
+            if old != TensorProto.FLOAT:
+                continue  # below: what makes float32 without saying so
             if node.op_type == "ConstantOfShape" and not any(a.name == "value" for a in node.attribute):
                 # no value: float32 zeros by default (torch.export writes Swin's attention mask so)
-                node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.zeros(1))))
+                node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.zeros(1, dst))))
             if node.op_type == "Constant":
-                # value_float(s) make float32: rewrite them as a double tensor
+                # value_float(s) make float32: rewrite them as a tensor of the new type
                 for a in list(node.attribute):
                     if a.name in ("value_float", "value_floats"):
-                        vals = np.asarray(a.f if a.name == "value_float" else list(a.floats), np.float64)
+                        vals = np.asarray(a.f if a.name == "value_float" else list(a.floats), dst)
                         node.attribute.remove(a)
-                        node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(vals)))
+                        node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(vals)))
 
-    graph64(out.graph)
+    graph(out.graph)
     return out
 
 

@@ -137,6 +137,22 @@ def channels_first(model) -> bool:
     return True
 
 
+def as_float32(model) -> tuple[object, bool]:
+    """A half-precision model (float16 image input or weights, as `model.half()` exports or a float16
+    conversion writes) as a float32 copy: the transform and its checks compute in float32. Returns
+    (model, whether it was converted)."""
+    from onnx import TensorProto
+
+    from pbv_onnx.export.graph.fd import retyped
+
+    half = TensorProto.FLOAT16
+    if not any(i.type.tensor_type.elem_type == half for i in model.graph.input) and not any(
+        t.data_type == half for t in model.graph.initializer
+    ):
+        return model, False
+    return retyped(model, "float16", "float32"), True
+
+
 def prepare(
     model_or_path, cut: str | None = None, input_size: tuple[int, int] | None = None, whole: bool = False
 ) -> Prepared:
@@ -149,6 +165,7 @@ def prepare(
     model, label = load(model_or_path)
     model = copy.deepcopy(model)
     channels_first(model)
+    model, _ = as_float32(model)
     opset = _opset(model)
     if opset < OPSET:
         try:

@@ -25,6 +25,20 @@ def describe_weights(record: dict[str, Any] | None) -> str:
     return ", ".join(f"{k} {_text(v)}" for k, v in record.items() if v is not None)
 
 
+def _conversions(meta: dict[str, Any]) -> str:
+    """What export --onnx changed in the file it was given (batch size, layout, precision), or ""."""
+    weights = meta.get("weights") if isinstance(meta.get("weights"), dict) else {}
+    done = []
+    if isinstance(meta.get("batch_free"), dict):
+        n = meta["batch_free"].get("rewrites", "?")
+        done.append(f"its fixed batch size freed ({n} rewrite{'' if n == 1 else 's'}, checked)")
+    if weights.get("input_layout"):
+        done.append("channels-last input, a Transpose put first")
+    if weights.get("precision"):
+        done.append("float16 computed in float32")
+    return "; ".join(done)
+
+
 def _sha(record: dict[str, Any]) -> str:
     return f" (sha256 {record['sha256']})" if record.get("sha256") else ""
 
@@ -74,6 +88,9 @@ def format_info(info: dict[str, Any]) -> str:
         f"weights:            {describe_weights(meta.get('weights'))}",
         "versions:           " + ", ".join(f"{k} {_text(v)}" for k, v in meta.get("versions", {}).items()),
     ]
+    converted = _conversions(meta)
+    if converted:
+        lines.append(f"converted:          {converted}")
     errors = ver.get("errors", {}) if isinstance(ver, dict) else {}
     for name in ("ort_vs_torch32", "torch32_vs_torch64", "ort_vs_float64"):
         if isinstance(errors.get(name), dict):

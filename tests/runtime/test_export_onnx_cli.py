@@ -346,6 +346,7 @@ def test_a_channels_last_model_takes_channels_first_images(tmp_path, exported):
     assert res.returncode == 0, res.stderr
     assert "channels-last" in res.stderr
     assert "NHWC" in read_info(out).metadata["weights"]["input_layout"]
+    assert "channels-last input, a Transpose put first" in pbv("info", out).stdout
     layers = pbv("info", "--layers", src)
     assert layers.returncode == 0 and "conv1" in layers.stdout and "input_nhwc" not in layers.stdout
 
@@ -353,5 +354,39 @@ def test_a_channels_last_model_takes_channels_first_images(tmp_path, exported):
     mine, theirs = Engine(out, device="cpu"), Engine(exported[1], device="cpu")
     c = np.random.default_rng(8).standard_normal((2, *mine.info.feature_shape)).astype(np.float32)
     (f1, g1), (f2, g2) = mine.vjp(x, c), theirs.vjp(x, c)
+    np.testing.assert_allclose(f1, f2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def test_a_float16_model_is_converted_to_float32_from_the_same_weights(tmp_path):
+    """The small CNN in half precision (float16 weights, input and output, as `model.half()` exports):
+    the model computes what the float32 CNN with those same (rounded) weights computes."""
+    from pbv_onnx.runtime.engine import Engine
+    from pbv_onnx.runtime.modelfile import read_info
+
+    src32 = tmp_path / "cnn32.onnx"
+    small_cnn(src32)
+    model = onnx.load(str(src32))
+    rounded = onnx.load(str(src32))
+    for t, r in zip(model.graph.initializer, rounded.graph.initializer):
+        w16 = numpy_helper.to_array(t).astype(np.float16)
+        t.CopyFrom(numpy_helper.from_array(w16, t.name))
+        r.CopyFrom(numpy_helper.from_array(w16.astype(np.float32), r.name))
+    for v in (*model.graph.input, *model.graph.output):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    src16, ref = tmp_path / "cnn16.onnx", tmp_path / "cnn_rounded.onnx"
+    onnx.save(model, str(src16))
+    onnx.save(rounded, str(ref))
+    out16, out32 = tmp_path / "m16.onnx", tmp_path / "m32.onnx"
+    res = pbv(*export_args(src16, out16))
+    assert res.returncode == 0, res.stderr
+    assert "float16" in res.stderr and "float16" in read_info(out16).metadata["weights"]["precision"]
+    assert "float16 computed in float32" in pbv("info", out16).stdout
+    assert pbv(*export_args(ref, out32)).returncode == 0
+
+    x = np.random.default_rng(9).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    half, full = Engine(out16, device="cpu"), Engine(out32, device="cpu")
+    c = np.random.default_rng(10).standard_normal((2, *half.info.feature_shape)).astype(np.float32)
+    (f1, g1), (f2, g2) = half.vjp(x, c), full.vjp(x, c)
     np.testing.assert_allclose(f1, f2, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)

@@ -275,3 +275,5 @@ def test_export_of_a_fixed_batch_file_is_verified_against_the_file_itself(tmp_pa
     assert max(errors.values()) < 1e-3, errors
     meta = read_info(out).metadata
     assert meta["batch_free"]["rewrites"] == 1 and "Reshape" in meta["batch_free"]["notes"][0]
+    shown = pbv("info", out)
+    assert shown.returncode == 0 and "fixed batch size freed (1 rewrite, checked)" in shown.stdout
