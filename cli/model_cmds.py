@@ -64,6 +64,12 @@ def export_cmd(
     mean: Optional[Tuple[float, float, float]] = typer.Option(None, "--mean", help="Normalisation mean R G B."),
     std: Optional[Tuple[float, float, float]] = typer.Option(None, "--std", help="Normalisation std R G B."),
     opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset (16 or later)."),
+    exporter: str = typer.Option(
+        "torchscript",
+        "--exporter",
+        help="With --arch: torch.onnx's exporter, torchscript (deprecated by torch) or dynamo "
+        "(torch.export-based; opset 18 or later).",
+    ),
     tolerance: float = typer.Option(
         DEFAULT_TOLERANCE, "--tolerance", help="Largest relative L2 error of the features (onnxruntime vs torch)."
     ),
@@ -100,6 +106,8 @@ def export_cmd(
     if onnx_file is not None:
         if weights:
             raise UsageError(None, "weights apply to arch, not to onnx", ("weights", "arch", "onnx"))
+        if exporter != "torchscript":
+            raise UsageError(None, "exporter applies to arch (torch.onnx), not to onnx", ("exporter", "onnx"))
         from pbv_onnx.export.onnx_route import export_onnx
 
         export_onnx(onnx_file, out, arch_name=arch_name, **common)
@@ -109,7 +117,7 @@ def export_cmd(
     if arch_name is not None:
         raise UsageError(None, "arch_name applies to onnx (arch names the model itself)", ("arch_name", "onnx"))
     export = _export_module()
-    export.export_model(out, arch=arch, weights=weights, opset=opset, **common)
+    export.export_model(out, arch=arch, weights=weights, opset=opset, exporter=exporter, **common)
 
 
 def _triple(value):

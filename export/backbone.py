@@ -27,6 +27,7 @@ __all__ = [
     "load_backbone",
     "parse_size",
     "redraw_small_params",
+    "run_to_end",
     "truncate",
     "truncate_for_graph",
 ]
@@ -235,7 +236,7 @@ class GraphCut(nn.Module):
     The cut is a forward hook, not an fx trace, so any model torch.onnx can export (transformers with
     shape asserts included) can be cut at any module that runs once."""
 
-    def __init__(self, model: nn.Module, layer: str | None, pool: str = "none"):
+    def __init__(self, model: nn.Module, layer: str | None, pool: str = "none", early_exit: bool = True):
         super().__init__()
         if pool not in ("none", "avg", "cls"):
             raise UsageError(None, f"pool must be none, avg or cls, not {pool!r}", param="pool")
@@ -246,7 +247,7 @@ class GraphCut(nn.Module):
                 raise UsageError(
                     None, f"layer={layer!r} is not a module of the model (top-level modules: {tops})", param="layer"
                 )
-        self.model, self.layer, self.pool = model, layer, pool
+        self.model, self.layer, self.pool, self.early_exit = model, layer, pool, early_exit
 
     def cut(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output, unpooled."""
@@ -256,7 +257,8 @@ class GraphCut(nn.Module):
 
         def keep(module, inputs, output):
             kept.append(output)
-            raise _Reached
+            if self.early_exit:
+                raise _Reached
 
         handle = self.model.get_submodule(self.layer).register_forward_hook(keep)
         try:
@@ -294,6 +296,14 @@ class _Unpooled(nn.Module):
 
     def forward(self, x):
         return self.inner.cut(x)
+
+
+def run_to_end(cut: nn.Module) -> nn.Module:
+    """The unpooled cut of `truncate_for_graph` for torch.export, which cannot trace the early exit's
+    exception: the whole model runs and the layer's output is returned (the exported graph keeps only
+    what that output needs)."""
+    inner = cut.inner
+    return _Unpooled(GraphCut(inner.model, inner.layer, "none", early_exit=False)).eval()
 
 
 def truncate_for_graph(model: nn.Module, layer: str | None, pool: str = "none") -> tuple[nn.Module, nn.Module]:

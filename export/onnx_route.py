@@ -527,24 +527,49 @@ def _check_options(pool: str, tolerance: float, grad_tolerance: float) -> None:
 
 
 # -- front end 2: a torch backbone, exported by torch.onnx, verified against torch autograd ---------------
-def torch_forward_proto(cut, input_shape: tuple[int, ...], opset: int):
-    """The truncated forward as an ONNX ModelProto: TorchScript exporter (dynamo=False), dynamic batch."""
+EXPORTERS = ("torchscript", "dynamo")
+DYNAMO_MIN_OPSET = 18  # the opset torch's dynamo exporter writes at least
+
+
+def torch_forward_proto(cut, input_shape: tuple[int, ...], opset: int, exporter: str = "torchscript"):
+    """The truncated forward as an ONNX ModelProto, dynamic batch: torch.onnx's TorchScript exporter
+    (dynamo=False, deprecated by torch) or its torch.export-based one (dynamo=True, opset 18 or later)."""
+    import contextlib
     import io
     import warnings
 
     import onnx
     import torch
 
+    if exporter not in EXPORTERS:
+        raise UsageError(None, f"exporter must be one of {', '.join(EXPORTERS)}, not {exporter!r}", param="exporter")
     buf = io.BytesIO()
+    x = (torch.zeros((2, *input_shape)),)
     # eval-mode attention without gradients takes torch's fused fast path, an op torch.onnx cannot export
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                from pbv_onnx.export.backbone import run_to_end
+
+                batch = torch.export.Dim("N", min=1, max=4096)
+                with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+                    program = torch.onnx.export(
+                        run_to_end(cut),
+                        x,
+                        dynamo=True,
+                        opset_version=max(opset, DYNAMO_MIN_OPSET),
+                        input_names=[IMAGE],
+                        output_names=["cut"],
+                        dynamic_shapes=({0: batch},),
+                        verbose=False,
+                    )
+                return program.model_proto
             torch.onnx.export(
                 cut,
-                (torch.zeros((2, *input_shape)),),
+                x,
                 buf,
                 dynamo=False,
                 opset_version=opset,
@@ -597,11 +622,12 @@ def export_torch_graph(
     n_images: int = 4,
     images: list[Path] | None = None,
     progress: Callable[[str], None] | None = _log,
+    exporter: str = "torchscript",
 ) -> ExportResult:
     """Export a torch `module` cut at module `layer` through the ONNX-graph transform: torch.onnx exports
-    the truncated forward, the transform adds the gradient graph, torch autograd (float32 and float64)
-    verifies it. Random weights come redrawn at order 1 from backbone.load_backbone (recorded in
-    weights_record)."""
+    the truncated forward (`exporter`: torchscript or dynamo), the transform adds the gradient graph,
+    torch autograd (float32 and float64) verifies it. Random weights come redrawn at order 1 from
+    backbone.load_backbone (recorded in weights_record)."""
     import onnx
     import torch
     import torchvision
@@ -615,8 +641,10 @@ def export_torch_graph(
     module = module.eval().requires_grad_(False)
     cut, net = backbone.truncate_for_graph(module, layer, pool)
     input_shape = (3, *spec.input_size)
-    say(f"exporting the forward pass up to {layer or 'the output'} with torch.onnx (opset {opset})")
-    forward = torch_forward_proto(cut, input_shape, opset)
+    if exporter == "dynamo":
+        opset = max(opset, DYNAMO_MIN_OPSET)
+    say(f"exporting the forward pass up to {layer or 'the output'} with torch.onnx ({exporter}, opset {opset})")
+    forward = torch_forward_proto(cut, input_shape, opset, exporter)
     undo_initializer_dedup(forward)
     say(f"building the gradient graph (ONNX-graph transform, pool {pool})")
     built = run_transform(forward, None, pool, tuple(spec.input_size), None)
@@ -653,6 +681,7 @@ def export_torch_graph(
     versions = {
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
+        "torch_onnx_exporter": exporter,
         "onnx_opset": _opset(proto),
         "onnx": onnx.__version__,
         "pbv_onnx": pbv_onnx.__version__,

@@ -41,9 +41,11 @@ def export_model(
     preprocessing: Preprocessing | None = None,
     images: list[Path] | None = None,
     progress: Callable[[str], None] | None = _log,
+    exporter: str = "torchscript",
 ) -> ExportResult:
     """Export `arch` cut at `layer` (or a given torch `module`) with its gradient graph: torch.onnx
-    exports the truncated forward, the ONNX-graph transform (export/graph/) adds the gradient graph
+    exports the truncated forward (`exporter`: torchscript, or dynamo, torch's torch.export-based
+    exporter), the ONNX-graph transform (export/graph/) adds the gradient graph
     (export/onnx_route.export_torch_graph).
 
     `weights` (with `arch`): a torchvision weights name, a state_dict file, or "none" for seeded
@@ -58,6 +60,10 @@ def export_model(
             raise UsageError(None, f"{name} must be in (0, 1), not {value}", param=name)
     if opset < 16:
         raise UsageError(None, f"opset must be at least 16 (ScatterElements with add), not {opset}", param="opset")
+    if exporter not in onnx_route.EXPORTERS:
+        raise UsageError(
+            None, f"exporter must be one of {', '.join(onnx_route.EXPORTERS)}, not {exporter!r}", param="exporter"
+        )
     if module is None:
         if not arch:
             raise UsageError(None, "arch is required", param="arch")
@@ -79,5 +85,5 @@ def export_model(
         spec = preprocessing or backbone.build_preprocessing(None, resize, crop, mean, std)
     return onnx_route.export_torch_graph(
         out, net_module, arch, layer, pool, spec, weights_record, seed, opset, tolerance, grad_tolerance,
-        force, n_images, images, progress,
+        force, n_images, images, progress, exporter,
     )  # fmt: skip

@@ -137,3 +137,22 @@ def test_onnx_file_route_of_a_torch_exported_resnet_matches_torch_autograd(tmp_p
     assert errors["input_grad[gaussian]"] < 1e-2 and errors["features"] < 1e-5, errors
     assert read_info(out).metadata["weights"]["source"] == "onnx"
     check_against_torch(out, net, "layer2", "avg", 64, 1e-2)
+
+
+@pytest.mark.parametrize(
+    "arch,layer,pool",
+    [("vit_b_16", "encoder.layers.encoder_layer_1", "cls"), ("efficientnet_b0", "features.3", "avg")],
+    ids=["vit_b_16", "efficientnet_b0"],
+)
+def test_the_dynamo_exporter_route_matches_torch_autograd(tmp_path, arch, layer, pool):
+    """`--exporter dynamo`: torch's torch.export-based exporter (the TorchScript one is deprecated) writes
+    the forward; the whole model runs in the trace and the graph keeps what the layer needs."""
+    torch.manual_seed(0)
+    kw = {"image_size": 64} if arch == "vit_b_16" else {}
+    net = getattr(torchvision.models, arch)(weights=None, **kw)
+    backbone.redraw_small_params(net, seed=0)
+    out = tmp_path / f"{arch}.onnx"
+    export_model(out, arch=arch, layer=layer, module=net, pool=pool, resize="64x64", exporter="dynamo", progress=None)
+    versions = read_info(out).metadata["versions"]
+    assert versions["torch_onnx_exporter"] == "dynamo" and versions["onnx_opset"] >= 18
+    check_against_torch(out, net, layer, pool, 64, 1e-3)

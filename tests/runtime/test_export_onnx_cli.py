@@ -194,6 +194,7 @@ def test_refusals_are_one_line_with_their_exit_codes_and_write_nothing(tmp_path,
     no_norm = ["export", "--onnx", src, "--resize", f"{SIZE}x{SIZE}", "--out", out]
     refused(quiet(*no_norm), 2, "--mean", "--std")
     refused(quiet(*export_args(src, out, "--weights", "none")), 2, "--weights")
+    refused(quiet(*export_args(src, out, "--exporter", "dynamo")), 2, "--exporter")
     assert not out.exists() and not list(tmp_path.glob("m.onnx*"))
     out.write_bytes(b"keep")
     refused(quiet(*export_args(src, out)), 6)
