@@ -256,9 +256,11 @@ class GraphCut(nn.Module):
         kept: list[torch.Tensor] = []
 
         def keep(module, inputs, output):
-            kept.append(output)
             if self.early_exit:
+                kept.append(output)
                 raise _Reached
+            # the model runs on: an in-place op after the layer (DenseNet's relu) would change the output
+            kept.append(output.clone() if isinstance(output, torch.Tensor) else output)
 
         handle = self.model.get_submodule(self.layer).register_forward_hook(keep)
         try:

@@ -133,7 +133,7 @@ def rebatch(model, input_size: tuple[int, int], label) -> tuple[object, list[str
     _check(model, fixed, x.name, input_size, b0, infos, label, fail)
     n_reshape = sum(n.startswith("Reshape") for n in notes)
     log.info(
-        "the model fixes its batch size at %d: made batch-free (%d Reshape shapes, %d other rewrites), "
+        "the model fixes its batch size at %d: made batch-free (Reshape shapes: %d, other rewrites: %d), "
         "checked at batch %s against one image at a time",
         b0,
         n_reshape,

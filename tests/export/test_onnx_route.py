@@ -156,3 +156,26 @@ def test_the_dynamo_exporter_route_matches_torch_autograd(tmp_path, arch, layer,
     versions = read_info(out).metadata["versions"]
     assert versions["torch_onnx_exporter"] == "dynamo" and versions["onnx_opset"] >= 18
     check_against_torch(out, net, layer, pool, 64, 1e-3)
+
+
+def test_the_dynamo_cut_keeps_the_layer_output_an_inplace_op_later_changes(tmp_path):
+    """Under `--exporter dynamo` the model runs past the layer (DenseNet applies relu_ in place to its
+    `features` output): the cut must still be the layer's output, as torch autograd's cut is."""
+
+    class InplaceAfter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = torch.nn.functional.relu(self.body(x), inplace=True)
+            return self.head(y.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    net = InplaceAfter()
+    backbone.redraw_small_params(net, seed=0)
+    out = tmp_path / "inplace.onnx"
+    export_model(out, layer="body", module=net, resize="32x32", exporter="dynamo", progress=None)
+    errors = check_against_torch(out, net, "body", "none", 32, 1e-4)
+    assert errors["features"] < 1e-5
