@@ -28,6 +28,7 @@ SHAPE_ONLY = ("Shape", "Size")
 # The batch sizes the forward graph is evaluated at to tell batch axes and batch-free shape values.
 _PROBE = (2, 3)
 _SMALL = 1 << 20  # elements: larger integer tensors are not kept at both batch sizes
+REBATCHED = "pbv_rebatched"  # metadata key of a model export/graph/rebatch.py made batch-free (never redone)
 
 
 class BatchFixedError(ModelError):
@@ -79,6 +80,11 @@ def load(model_or_path) -> tuple[object, str]:
         except Exception as exc:  # protobuf raises several unrelated types on garbage
             raise ModelError(path, f"not a readable ONNX model ({exc.__class__.__name__})") from None
     return model_or_path, None
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (at most 200 characters) for a one-line error, else its class name."""
+    return str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
 
 
 def _opset(model) -> int:
@@ -241,7 +247,7 @@ def prepare(
         raise UsageError(label, f"tensor {cut!r} does not depend on the image", "layer")
 
     # evaluate every tensor at two batch sizes: static shapes, batch axes, batch-free shape values
-    rebatched = any(p.key == "pbv_rebatched" for p in model.metadata_props)
+    rebatched = any(p.key == REBATCHED for p in model.metadata_props)
     try:
         outs = [o for n in nodes for o in n.output if o]
         runs, dtypes = _probe(nodes, values, input_size, opset, outs, label, shape_only=data)
@@ -403,7 +409,7 @@ def _probe(nodes, values, input_size, opset, names, label, shape_only=frozenset(
     try:
         sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+        first = first_line(exc)
         raise ModelError(label, f"onnxruntime cannot run the forward graph ({first})") from None
     rng = np.random.default_rng(0)
     runs = []
@@ -412,7 +418,7 @@ def _probe(nodes, values, input_size, opset, names, label, shape_only=frozenset(
         try:
             got = sess.run(outs, {IMAGE: x})
         except Exception as exc:
-            first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+            first = first_line(exc)
             raise BatchFixedError(
                 label,
                 f"onnxruntime cannot run the forward graph at batch {n} (does the model fix its batch size? {first})",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pbv_onnx.base.errors import ModelError
+from pbv_onnx.export.graph.prepare import REBATCHED, first_line
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,6 @@ CHECK_TOL = 1e-5
 _CHECK_BATCHES = (2, 3)
 _MAX_TRIES = 500  # propagations tried while undoing ambiguous Reshape choices
 _BIG = 2**31 - 1  # a Slice end at least this large keeps the whole axis
-REBATCHED = "pbv_rebatched"  # metadata key of a model made batch-free here (prepare does not redo it)
 
 # ops that act on each element (or each row along axis 0) alone: the batch axis passes through
 _SAME = {
@@ -96,7 +96,7 @@ def rebatch(model, input_size: tuple[int, int], label) -> tuple[object, list[str
     try:
         run = dict(zip(names, sess.run(None, {x.name: image})))
     except Exception as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+        first = first_line(exc)
         raise fail(f"onnxruntime cannot run it at batch {b0}: {first}") from None
     values = {**consts, **run}
     values[x.name] = image
@@ -188,7 +188,7 @@ def _session(model, every: bool, label, fail):
     try:
         return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+        first = first_line(exc)
         raise fail(f"onnxruntime cannot run it: {first}") from None
     finally:
         del m.graph.output[n_out:]
@@ -649,7 +649,7 @@ def _check(original, fixed, image: str, input_size, b0: int, infos, label, fail)
         try:
             got = new.run(names, {image: x})
         except Exception as exc:
-            first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+            first = first_line(exc)
             raise fail(f"the rewritten graph does not run at batch {n}: {first}") from None
         for i in range(n):
             want = ref.run(names, {image: np.repeat(x[i : i + 1], b0, axis=0)})
