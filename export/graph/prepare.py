@@ -393,24 +393,30 @@ def forward_model(nodes, values, input_size, opset: int, batch: int | str = "N")
     return m, {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
 
 
+def exact_session(model):
+    """An onnxruntime CPU session running `model` as written (graph optimisations off: every tensor is
+    what the graph says) and silent: a failure is the caller's one-line error, not a log line."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 4
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
 def _probe(nodes, values, input_size, opset, names, label, shape_only=frozenset()):
     """Run the forward nodes at two batch sizes with onnxruntime: every tensor's value (for names in
     `shape_only`, the image path's activations, a zero-strided view of its shape: no memory), elem types."""
-    import onnxruntime as ort
     from onnx import helper
 
     m, dtypes = forward_model(nodes, values, input_size, opset)
     outs = [n for n in names if dtypes.get(n)]
     for n in outs:
         m.graph.output.append(helper.make_tensor_value_info(n, dtypes[n], None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 4  # a failed probe run is reported (or made batch-free), not logged
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = exact_session(m)
     except Exception as exc:
-        first = first_line(exc)
-        raise ModelError(label, f"onnxruntime cannot run the forward graph ({first})") from None
+        raise ModelError(label, f"onnxruntime cannot run the forward graph ({first_line(exc)})") from None
     rng = np.random.default_rng(0)
     runs = []
     for n in _PROBE:
@@ -418,10 +424,10 @@ def _probe(nodes, values, input_size, opset, names, label, shape_only=frozenset(
         try:
             got = sess.run(outs, {IMAGE: x})
         except Exception as exc:
-            first = first_line(exc)
+            why = first_line(exc)
             raise BatchFixedError(
                 label,
-                f"onnxruntime cannot run the forward graph at batch {n} (does the model fix its batch size? {first})",
+                f"onnxruntime cannot run the forward graph at batch {n} (does the model fix its batch size? {why})",
             ) from None
         runs.append(
             {n: np.broadcast_to(np.zeros((), v.dtype), v.shape) if n in shape_only else v for n, v in zip(outs, got)}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pbv_onnx.base.errors import ModelError
-from pbv_onnx.export.graph.prepare import REBATCHED, first_line
+from pbv_onnx.export.graph.prepare import REBATCHED, exact_session, first_line
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def rebatch(model, input_size: tuple[int, int], label) -> tuple[object, list[str
     try:
         run = dict(zip(names, sess.run(None, {x.name: image})))
     except Exception as exc:
-        first = first_line(exc)
-        raise fail(f"onnxruntime cannot run it at batch {b0}: {first}") from None
+        raise fail(f"onnxruntime cannot run it at batch {b0}: {first_line(exc)}") from None
     values = {**consts, **run}
     values[x.name] = image
 
@@ -165,7 +164,6 @@ def rebatch_graph(nodes, values, roots, x, input_size, opset: int, label) -> tup
 def _session(model, every: bool, label, fail):
     """An onnxruntime session of `model` (every tensor an output when `every`)."""
     import onnx
-    import onnxruntime as ort
     from onnx import helper
 
     m = model
@@ -182,14 +180,10 @@ def _session(model, every: bool, label, fail):
                 if o and o not in have and dtypes.get(o):
                     m.graph.output.append(helper.make_tensor_value_info(o, dtypes[o], None))
                     have.add(o)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 4  # a failure is reported as one line, not logged
     try:
-        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return exact_session(m)
     except Exception as exc:
-        first = first_line(exc)
-        raise fail(f"onnxruntime cannot run it: {first}") from None
+        raise fail(f"onnxruntime cannot run it: {first_line(exc)}") from None
     finally:
         del m.graph.output[n_out:]
 
@@ -649,8 +643,7 @@ def _check(original, fixed, image: str, input_size, b0: int, infos, label, fail)
         try:
             got = new.run(names, {image: x})
         except Exception as exc:
-            first = first_line(exc)
-            raise fail(f"the rewritten graph does not run at batch {n}: {first}") from None
+            raise fail(f"the rewritten graph does not run at batch {n}: {first_line(exc)}") from None
         for i in range(n):
             want = ref.run(names, {image: np.repeat(x[i : i + 1], b0, axis=0)})
             for name, g, w in zip(names, got, want):
