@@ -163,14 +163,18 @@ def _print_layers(path: Path, as_json: bool) -> None:
         why = f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}" if str(exc) else exc.__class__.__name__
         raise ModelError(path, f"cannot list its tensors ({why})") from None
     if as_json:
-        typer.echo(json.dumps([{"name": n, "op": op, "shape": _dims(shape)} for n, op, shape in rows], indent=2))
+        keys = ("name", "op", "shape", "layout")
+        typer.echo(json.dumps([dict(zip(keys, (n, op, _dims(s), lay))) for n, op, s, lay in rows], indent=2))
         return
-    width = max([len("tensor")] + [len(n) for n, _, _ in rows])
-    opw = max([len("op")] + [len(op) for _, op, _ in rows])
-    typer.echo(f"{'tensor':<{width}}  {'op':<{opw}}  shape")
-    for name, op, shape in rows:
-        typer.echo(f"{name:<{width}}  {op:<{opw}}  {_dims(shape)}")
+    width = max([len("tensor")] + [len(n) for n, _, _, _ in rows])
+    opw = max([len("op")] + [len(op) for _, op, _, _ in rows])
+    shw = max([len("shape")] + [len(str(_dims(s))) for _, _, s, _ in rows])
+    typer.echo(f"{'tensor':<{width}}  {'op':<{opw}}  {'shape':<{shw}}  layout")
+    for name, op, shape, layout in rows:
+        typer.echo(f"{name:<{width}}  {op:<{opw}}  {str(_dims(shape)):<{shw}}  {layout}".rstrip())
     typer.echo(f"{len(rows)} tensors; cut at one with `pbv-onnx export --onnx {path.name} --layer NAME ...`")
+    if any(layout == "NHWC" for *_, layout in rows):
+        typer.echo("NHWC: channels last; export turns such a layer to [N, C, H, W] (pooling and maps read it so)")
 
 
 def _dims(shape) -> list:

@@ -248,6 +248,9 @@ class GraphCut(nn.Module):
                     None, f"layer={layer!r} is not a module of the model (top-level modules: {tops})", param="layer"
                 )
         self.model, self.layer, self.pool, self.early_exit = model, layer, pool, early_exit
+        # set after the export where the transform turned a channels-last cut (swin_t's stages are
+        # [N, h, w, C]): the verification then reads the layer as the exported model does
+        self.perm: list[int] | None = None
 
     def cut(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output, unpooled."""
@@ -276,7 +279,8 @@ class GraphCut(nn.Module):
         return kept[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pool_tokens(self.cut(x), self.pool)
+        y = self.cut(x)
+        return pool_tokens(y if self.perm is None else y.permute(*self.perm), self.pool)
 
 
 def pool_tokens(y: torch.Tensor, pool: str) -> torch.Tensor:
@@ -297,7 +301,8 @@ class _Unpooled(nn.Module):
         self.inner = cut
 
     def forward(self, x):
-        return self.inner.cut(x)
+        y = self.inner.cut(x)
+        return y if self.inner.perm is None else y.permute(*self.inner.perm)
 
 
 def run_to_end(cut: nn.Module) -> nn.Module:

@@ -283,10 +283,10 @@ def image_input(model, path: Path) -> tuple[str, tuple[int | None, int | None]]:
 
 
 def cut_names(model) -> list[tuple[str, str, Any]]:
-    """A23's list_layers: (tensor name, op type, shape) of the tensors one can cut at."""
+    """list_layers: (tensor name, op type, shape, layout) of the tensors one can cut at."""
     from pbv_onnx.export.graph.layers import list_layers
 
-    return list_layers(model)
+    return list_layers(model, with_layout=True)
 
 
 def check_layer(model, layer: str, path: Path) -> None:
@@ -352,6 +352,7 @@ def export_onnx(
     No torch needed. Beyond `tolerance` (features) or `grad_tolerance` (directional derivatives of
     input_grad) raises ModelError and writes nothing."""
     from pbv_onnx.export.graph import fd
+    from pbv_onnx.export.graph.axes import cut_channels_first
     from pbv_onnx.export.graph.prepare import as_float32, channels_first
 
     t0 = time.perf_counter()
@@ -374,20 +375,27 @@ def export_onnx(
     spec = onnx_preprocessing(hw, resize, crop, mean, std, path)
     if layer:
         check_layer(model, layer, path)
+    # a channels-last cut ([N, h, w, C]: tf2onnx, jax2onnx) is turned to [N, C, h, w], for the transform
+    # and for the float64 reference alike
+    turned = cut_channels_first(model, layer)
+    if turned:
+        say(f"tensor {layer or model.graph.output[0].name} is channels-last: a Transpose to [N, C, h, w] follows it")
+    cut = turned or layer
     say(f"transforming {path.name} (cut at {layer or 'the output'}, pool {pool}, input {spec.input_size})")
-    built = run_transform(model, layer, pool, tuple(spec.input_size), path)
+    built = run_transform(model, cut, pool, tuple(spec.input_size), path)
     proto = built.model
 
     x, inputs_desc = probe_images(spec, n_images, images, seed)
     feature_shape = feature_shape_of(proto, x)
     say(f"verifying against finite differences of a float64 copy on {len(x)} images, {n_directions} directions each")
     try:
-        forward = fd.Forward64(model, layer, "none")
+        forward = fd.Forward64(model, cut, "none")
         fmap64 = forward(x)
     except Exception as exc:
         size = f"{spec.input_size[0]}x{spec.input_size[1]}"
         raise ModelError(path, f"the forward graph does not run in float64 at {size} ({_first_line(exc)})") from None
     feats64 = fd.pool_features(fmap64, pool)
+    spread = feature_spread(feats64)
     session = _session(vjp_subgraph(proto))
     rng = np.random.default_rng(seed)
     feats = session.run([FEATURES], {IMAGE: x, COTANGENT: np.zeros((len(x), *feature_shape), np.float32)})[0]
@@ -415,6 +423,14 @@ def export_onnx(
     )
     steps = fd_err.pop("steps")
     floored = fd_err.pop("floored")
+    unmoved = fd_err.pop("unmoved")
+    if unmoved:
+        raise ModelError(
+            path,
+            f"export refused: its features do not change with the image on {unmoved} of {len(x)} verification "
+            "images (central differences along every direction are exactly 0): a saturated or dead network, "
+            "as some random initialisations give, has no gradient to check or explain; nothing written",
+        )
     errors.update(fd_err)
     checks = consistency(proto, x, feature_shape, seed)
     limits = {k: (grad_tolerance if k.startswith("input_grad") else tolerance) for k in errors}
@@ -430,6 +446,7 @@ def export_onnx(
         f"||b|| taken at least {fd.FLOOR:g} x a Gaussian cotangent's per unit of cotangent norm)",
         "floored": floored,
         "n_images": int(len(x)),
+        "feature_spread": spread,
         "inputs": inputs_desc,
         "cotangents": list(cots),
         "directions": int(n_directions),
@@ -441,10 +458,17 @@ def export_onnx(
     }
     worst = max(errors, key=lambda k: errors[k] / limits[k])
     if not errors[worst] <= limits[worst]:
+        why = ""
+        if worst.startswith("input_grad") and spread < SATURATED_SPREAD:
+            why = (
+                f"; its features barely change with the image (relative spread {spread:.1e} across the "
+                "verification images): a saturated network, as some random initialisations give, whose "
+                "gradients float32 cannot resolve"
+            )
         raise ModelError(
             out,
             f"export refused: onnxruntime differs from the float64 forward graph in {worst} by "
-            f"{errors[worst]:.2e} relative L2 (limit {limits[worst]:.1e}); nothing written",
+            f"{errors[worst]:.2e} relative L2 (limit {limits[worst]:.1e}){why}; nothing written",
         )
     refuse_inconsistent(out, checks, tolerance)
 
@@ -461,6 +485,8 @@ def export_onnx(
     weights = {"source": "onnx", "file": path.name, "sha256": file_sha256(path)}
     if channels_last:
         weights["input_layout"] = "NHWC in the file; a Transpose from the format's NCHW put first"
+    if turned:
+        weights["layer_layout"] = "channels last in the file; a Transpose to [N, C, h, w] after the cut"
     if half:
         weights["precision"] = "float16 in the file; the model computes in float32 from the same weights"
     head = {"arch": arch_name or path.stem, "layer": layer or "", "pool": pool, "weights": weights}
@@ -505,6 +531,20 @@ def finish(
     seconds = time.perf_counter() - t0
     say(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB; {worst_text}; {seconds:.0f} s)")
     return ExportResult(path=out, feature_shape=feature_shape, verification=verification, seconds=seconds)
+
+
+# features that vary across photographs by less than this (relative), about 100 float32 roundings,
+# come from a saturated network: a refused gradient check says so
+SATURATED_SPREAD = 1e-5
+
+
+def feature_spread(feats: np.ndarray) -> float:
+    """How far the images' features are from their mean, relative: max_i ||f_i - mean|| / ||mean||."""
+    f = np.asarray(feats, np.float64).reshape(len(feats), -1)
+    mean = f.mean(axis=0)
+    den = float(np.linalg.norm(mean))
+    num = float(np.max(np.linalg.norm(f - mean, axis=1)))
+    return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
 
 
 def fd_feature_map_graph(proto):
@@ -633,6 +673,7 @@ def export_torch_graph(
     import torchvision
 
     from pbv_onnx.export import backbone, verify
+    from pbv_onnx.export.graph.axes import turned_perm
 
     t0 = time.perf_counter()
     say = progress or (lambda msg: None)
@@ -650,6 +691,14 @@ def export_torch_graph(
     built = run_transform(forward, None, pool, tuple(spec.input_size), None)
     proto = built.model
     feature_shape = tuple(built.feature_shape)
+    perm = turned_perm(built.prep.model)
+    if perm:  # torch's reference reads the layer as the model now does
+        net.perm = perm
+        weights_record = {
+            **weights_record,
+            "layer_layout": "channels last in torch; a Transpose to [N, C, h, w] after the cut",
+        }
+        say(f"{layer}'s output is channels-last: a Transpose to [N, C, h, w] follows it")
 
     x, inputs_desc = verify.verification_images(spec, n_images, images)
     say(f"verifying onnxruntime against torch autograd on {len(x)} images ({inputs_desc.split(':')[0]})")

@@ -221,7 +221,8 @@ def directional_errors(
 ) -> dict:
     """Compare u . grads[kind][i] with the central difference of cotangents[kind][i] . forward(x_i + t u)
     for `n_directions` Gaussian unit directions u per image (one set of perturbed forward passes serves
-    every cotangent). Returns per kind the worst image's relative L2 over its directions, and the steps.
+    every cotangent). Returns per kind the worst image's relative L2 over its directions, the steps, and
+    "unmoved": how many images' features are bitwise the same at every x_i + t u and x_i - t u.
 
     With `scale_kind` (a Gaussian cotangent), another kind's error is relative to at least FLOOR times
     the derivatives that kind gives per unit of cotangent norm: a cotangent the image cannot move along
@@ -262,6 +263,9 @@ def directional_errors(
             worst = max(worst, num / den if den > 0 else (0.0 if num == 0 else float("inf")))
         result[f"input_grad[{kind}]"] = worst
     result["steps"] = [float(v) for v in t]
+    # images whose features do not change at all along any direction (a saturated or dead network):
+    # their differences are exactly 0, so no relative error can judge a gradient there
+    result["unmoved"] = int(sum(bool(np.array_equal(f_plus[i], f_minus[i])) for i in range(n)))
     if scale_kind is not None:
         result["floored"] = floored
     return result

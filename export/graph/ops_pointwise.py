@@ -571,3 +571,66 @@ class PowRule(_Binary):
         ]
         out.append(example_model(nodes, _X, {"one": np.float32(1)}, name="pow_both"))
         return out
+
+
+# -- elementwise extrema ------------------------------------------------------------------------
+class _Extremum(GraphRule):
+    """y = Max or Min of one or more inputs with numpy broadcasting: g goes to the inputs equal to y,
+    split evenly where several are (as torch.maximum and JAX's lax.max do), each input's share summed
+    over its broadcast axes. Flax's LayerNorm clamps its variance with a Max at 0."""
+
+    def vjp(self, ctx, node, grads):
+        g = grads[0]
+        out = [None] * len(node.input)
+        on = [i for i, name in enumerate(node.input) if ctx.on_path(name)]
+        if g is None or not on:
+            return out
+        if len(node.input) == 1:
+            return [g]
+        y = node.output[0]
+        y_shape = ctx.shape(y)
+        one, zero = ctx.const(np.float32(1)), ctx.const(np.float32(0))
+        # which inputs reach y, and how many do at each element: functions of the forward pass, made once
+        hits = [ctx.forward("Where", [ctx.forward("Equal", [name, y]), one, zero]) for name in node.input]
+        count = ctx.forward("Sum", hits, _shape=y_shape)
+        for i in on:
+            share = ctx.forward("Div", [hits[i], count], _shape=y_shape)
+            gi = ctx.set_shape(ctx.mul(g, share, y_shape), y_shape)
+            shape = ctx.shape(node.input[i])
+            out[i] = gi if tuple(shape) == tuple(y_shape) else ctx.unbroadcast(gi, shape, g_shape=y_shape)
+        return out
+
+    @classmethod
+    def examples(cls):
+        op = cls.op_type
+        rng = np.random.default_rng(9)
+        c = rng.uniform(-0.5, 0.5, (3, 1, 4)).astype(np.float32)
+        mk = helper.make_node
+        return [
+            example_model([mk(op, ["x", "c"], ["y"])], _X, {"c": c}, name=f"{op}_const"),
+            example_model([mk(op, ["zero", "x"], ["y"])], _X, {"zero": np.float32(0)}, name=f"{op}_scalar_first"),
+            example_model(
+                [
+                    mk("Tanh", ["x"], ["t"]),
+                    mk("ReduceMean", ["x"], ["m"], axes=[2], keepdims=1),
+                    mk(op, ["x", "t", "m", "c"], ["y"]),
+                ],
+                _X,
+                {"c": c},
+                name=f"{op}_four",
+            ),  # fmt: skip
+            # every element a tie: y = x, so the split halves must add up to g (2g without the split)
+            example_model([mk("Identity", ["x"], ["x2"]), mk(op, ["x", "x2"], ["y"])], _X, name=f"{op}_tied"),
+        ]
+
+
+@register
+class MaxRule(_Extremum):
+    op_type = "Max"
+    description = "Max: g to the inputs equal to y (ties split evenly), summed over broadcast axes"
+
+
+@register
+class MinRule(_Extremum):
+    op_type = "Min"
+    description = "Min: g to the inputs equal to y (ties split evenly), summed over broadcast axes"

@@ -172,6 +172,10 @@ def prepare(
     model = copy.deepcopy(model)
     channels_first(model)
     model, _ = as_float32(model)
+    if not whole:  # a channels-last cut is turned to [N, C, h, w] (pooling and maps read it so)
+        from pbv_onnx.export.graph.axes import cut_channels_first
+
+        cut = cut_channels_first(model, cut) or cut
     opset = _opset(model)
     if opset < OPSET:
         try:

@@ -363,8 +363,17 @@ def _propagate(nodes, outputs, values, image: str, b0: int, choices: dict[int, i
                 starts, ends = const(ins[1]), const(ins[2])
                 axes = const(ins[3]) if len(ins) > 3 and ins[3] else np.arange(len(starts.ravel()))
                 steps = const(ins[4]) if len(ins) > 4 and ins[4] else np.ones(len(starts.ravel()), np.int64)
-                for s0, e0, a0, st in zip(starts.ravel(), ends.ravel(), axes.ravel(), steps.ravel()):
-                    if int(a0) % r == out.axis and not (int(s0) == 0 and int(st) == 1 and int(e0) >= _BIG):
+                size = shp(ins[0])[out.axis]
+                whole = ends.astype(np.int64).ravel().copy()
+                for k, (s0, e0, a0, st) in enumerate(zip(starts.ravel(), ends.ravel(), axes.ravel(), steps.ravel())):
+                    if int(a0) % r != out.axis or int(e0) >= _BIG:
+                        continue
+                    # [0, size) of the batch axis at the fixed size is the whole axis (jax2onnx writes
+                    # x[:, 0] as such a Slice): its end becomes "to the end"
+                    if int(st) == 1 and int(s0) in (0, -size) and int(e0) >= size:
+                        whole[k] = np.iinfo(np.int64).max
+                        actions.append(("slice_whole", idx, whole))
+                    else:
                         stop("it slices along the batch axis")
             elif op == "Gather":
                 r = len(shp(ins[0]))
@@ -565,6 +574,9 @@ def _rewrite(model, image: str, values, infos, actions, b0: int):
             node.input[1] = const(f"{node.name}_shape", act[2])
             del node.attribute[:]
             notes.append(f"Gather {node.name!r}: every element in order along the batch axis, now Reshape {act[2]}")
+        elif kind == "slice_whole":
+            node.input[2] = const(f"{node.name}_ends", act[2])
+            notes.append(f"Slice {node.name!r}: the whole batch axis (end past it)")
         elif kind == "expand":
             node.input[1] = const(f"{node.name}_shape", act[2])
             notes.append(f"Expand {node.name!r}: shape {act[2]} (batch entry 1)")

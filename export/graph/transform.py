@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from pbv_onnx.base.errors import ModelError, UsageError
+from pbv_onnx.export.graph.axes import TO_CHANNELS_FIRST
 from pbv_onnx.export.graph.builder import Ctx, Emitter, is_batch
 from pbv_onnx.export.graph.ops_conv import to_blocked
 from pbv_onnx.export.graph.prepare import Prepared, prepare
@@ -212,7 +213,12 @@ def keep_batch_axis(proto) -> int:
 
 
 def _original_name(prep: Prepared, name: str) -> str:
+    """The model's own name of a tensor: before renaming, and before the Transpose that turns a
+    channels-last cut (axes.cut_channels_first)."""
     back = {v: k for k, v in prep.renamed.items()}
+    for node in prep.model.graph.node:
+        if node.name.endswith(TO_CHANNELS_FIRST) and node.output[0] == name:
+            name = node.input[0]
     return back.get(name, name)
 
 

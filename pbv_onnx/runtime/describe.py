@@ -34,6 +34,8 @@ def _conversions(meta: dict[str, Any]) -> str:
         done.append(f"its fixed batch size freed ({n} rewrite{'' if n == 1 else 's'}, checked)")
     if weights.get("input_layout"):
         done.append("channels-last input, a Transpose put first")
+    if weights.get("layer_layout"):
+        done.append("channels-last layer, turned to [N, C, h, w]")
     if weights.get("precision"):
         done.append("float16 computed in float32")
     return "; ".join(done)

@@ -92,6 +92,32 @@ def test_convnext_tiny_with_layer_scales_redrawn_matches_torch_autograd(tmp_path
     check_against_torch(out, net, "features.3", "none", 64, 1e-3)
 
 
+def test_a_channels_last_swin_stage_is_pooled_over_space(tmp_path):
+    """Swin's stages are [N, h, w, C] in torch: cut at one with pool avg, the export turns the layer to
+    [N, C, h, w] (its features are the 192 channels averaged over space, not 14 rows averaged over
+    their columns and channels), against the stage written out in torch float64 and pooled over h, w."""
+    torch.manual_seed(0)
+    net = torchvision.models.swin_t(weights=None)
+    backbone.redraw_small_params(net, seed=0)
+    out = tmp_path / "swin_stage.onnx"
+    export_model(out, arch="swin_t", layer="features.3", module=net, pool="avg", resize="112x112", progress=None)
+    info = read_info(out)
+    assert info.feature_shape == (192,)
+    assert "channels last" in info.metadata["weights"]["layer_layout"]
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3, 112, 112)).astype(np.float32)
+    c = rng.standard_normal((2, 192)).astype(np.float32)
+    stage = copy.deepcopy(net.features[:4]).double().eval()
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+    y = stage(xt)
+    assert tuple(y.shape) == (2, 14, 14, 192)
+    f64 = y.mean(dim=(1, 2))
+    (g64,) = torch.autograd.grad(f64, xt, torch.from_numpy(c.astype(np.float64)))
+    feats, grad = Engine(out, device="cpu").vjp(x, c)
+    assert rel(feats, f64.detach().numpy()) < 1e-4
+    assert max(rel(grad[i], g64.numpy()[i]) for i in range(2)) < 1e-3
+
+
 def test_a_dropped_layer_scale_would_be_seen():
     """Why the redraw: with torchvision's 1e-6 layer scales, ConvNeXt's blocks barely change the output."""
     torch.manual_seed(0)

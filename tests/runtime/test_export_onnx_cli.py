@@ -80,6 +80,50 @@ def forward64(w: dict, x: np.ndarray, layer: str = "out") -> np.ndarray:
     return np.maximum(a, 0)
 
 
+def test_a_network_whose_features_do_not_move_is_refused_in_one_line(tmp_path):
+    """BatchNorm's offset at -1000 before the last Relu: the features are 0 for every image, so the
+    differences along every direction are exactly 0 and no relative error can judge the gradient (a
+    Keras MobileNetV3Small with random weights is such a network: before, 'differs by inf')."""
+    src = tmp_path / "dead.onnx"
+    small_cnn(src)
+    model = onnx.load(str(src))
+    (beta,) = [t for t in model.graph.initializer if t.name == "beta"]
+    beta.CopyFrom(numpy_helper.from_array(np.full(16, -1000.0, np.float32), "beta"))
+    onnx.save(model, str(src))
+    out = tmp_path / "m.onnx"
+    line = refused(pbv("-q", *export_args(src, out)), 4, "dead.onnx", "do not change with the image", "3 of 3")
+    assert "inf" not in line
+    assert not out.exists() and not list(tmp_path.glob("m.onnx*"))
+
+
+def test_a_saturated_network_s_refusal_says_so(tmp_path, exported):
+    """Logits scaled by 1e-6 into a Softmax (as random weights ending in a softmax can give): the
+    features are uniform to float32 rounding, the gradient for the cotangent `features` is rounding
+    noise, and the refusal names the cause with the features' spread across the images."""
+    src = tmp_path / "saturated.onnx"
+    small_cnn(src)
+    model = onnx.load(str(src))
+    model.graph.output[0].name = "probs"
+    model.graph.initializer.append(numpy_helper.from_array(np.float32(1e-6), "tiny"))
+    model.graph.node.extend(
+        [
+            helper.make_node("Flatten", ["out"], ["flat"], name="flat"),
+            helper.make_node("Mul", ["flat", "tiny"], ["logits"], name="logits"),
+            helper.make_node("Softmax", ["logits"], ["probs"], name="probs"),
+        ]
+    )
+    onnx.save(model, str(src))
+    out = tmp_path / "m.onnx"
+    line = refused(pbv("-q", *export_args(src, out)), 4, "export refused", "input_grad", "barely change with the image")
+    assert "float32 cannot resolve" in line
+    assert not out.exists()
+    # the unsaturated model's features spread far beyond that (recorded with its verification)
+    from pbv_onnx.export.onnx_route import SATURATED_SPREAD
+    from pbv_onnx.runtime.modelfile import read_info
+
+    assert read_info(exported[1]).metadata["verification"]["feature_spread"] > 1000 * SATURATED_SPREAD
+
+
 def export_args(src, out, *extra):
     return ["export", "--onnx", src, "--resize", f"{SIZE}x{SIZE}", "--mean", *MEAN, "--std", *STD, "--out", out, *extra]
 

@@ -152,7 +152,30 @@ def _shapes(batch):
     return _model(nodes, inits, (3, 6, 5), batch)
 
 
-MODELS = {"cnn": _cnn, "tokens": _tokens, "attention": lambda b: _tokens(b, attention=True), "shapes": _shapes}
+def _class_token(batch):
+    """The attention model's class token taken as jax2onnx writes x[:, 0]: a Slice over every axis whose
+    batch entry ends at the fixed batch size (1), or past any (free), then a Squeeze."""
+    model = _tokens(batch, attention=True)  # attention mixes the patches into the class token
+    end = 1 if batch == 1 else np.iinfo(np.int64).max
+    inits = {"cls_st": _i64(0, 0, 0), "cls_en": _i64(end, 1, D), "cls_ax": _i64(0, 1, 2), "cls_sq": _i64(1)}
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
+    model.graph.node.extend(
+        [
+            helper.make_node("Slice", ["y", "cls_st", "cls_en", "cls_ax"], ["y_cls"], name="class_token"),
+            helper.make_node("Squeeze", ["y_cls", "cls_sq"], ["y_out"]),
+        ]
+    )
+    model.graph.output[0].name = "y_out"
+    return model
+
+
+MODELS = {
+    "cnn": _cnn,
+    "tokens": _tokens,
+    "attention": lambda b: _tokens(b, attention=True),
+    "shapes": _shapes,
+    "class_token": _class_token,
+}
 
 
 def _run(model, x):
@@ -277,3 +300,17 @@ def test_export_of_a_fixed_batch_file_is_verified_against_the_file_itself(tmp_pa
     assert meta["batch_free"]["rewrites"] == 1 and "Reshape" in meta["batch_free"]["notes"][0]
     shown = pbv("info", out)
     assert shown.returncode == 0 and "fixed batch size freed (1 rewrite, checked)" in shown.stdout
+
+
+def test_a_slice_of_part_of_the_batch_is_refused():
+    """At batch size 2, a Slice [0, 1) of the batch axis takes the first image, not every image: that
+    cannot be made batch-free (at batch 1 the same Slice is the whole axis, and the check confirms it)."""
+    inits = {"w": example_weights(1, 4, 3, 3, 3, scale=0), "st": _i64(0), "en": _i64(1), "ax": _i64(0)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Slice", ["c", "st", "en", "ax"], ["y"], name="first_image"),
+    ]
+    model = _model(nodes, inits, (3, 6, 5), 2)
+    with pytest.raises(ModelError) as err:
+        rebatch(model, (6, 5), "m.onnx")
+    assert "first_image" in str(err.value) and "slices along the batch axis" in str(err.value)
