@@ -92,6 +92,15 @@ def build_preprocessing(
         new_crop = None if not isinstance(r, int) else base.crop  # an exact size needs no crop
     if mean is not None and (len(mean) != 3):
         raise UsageError(None, "mean takes three values (R G B)", param="mean")
+    if mean is not None and not all(0.0 <= float(v) <= 1.0 for v in mean):
+        # a 0-255 mean (Keras' and Caffe's convention) would make every image nearly constant
+        raise UsageError(
+            None,
+            f"mean {' '.join(f'{float(v):g}' for v in mean)} is not a pixel value: images are read as pixels "
+            "in [0, 1]; for a model that takes [0, 255] pixels give mean 0 0 0 with std 1/255 (0.00392) "
+            "each, and divide statistics given in 0-255 units by 255",
+            param="mean",
+        )
     if std is not None and (len(std) != 3 or min(std) <= 0):
         raise UsageError(None, "std takes three positive values (R G B)", param="std")
     spec = Preprocessing(

@@ -388,20 +388,30 @@ class DropoutRule(_PassThrough):
 @register
 class CastRule(GraphRule):
     op_type = "Cast"
-    description = "Cast between float types: g cast back to the input's type"
+    description = "Cast between float types: g cast back to the input's type; from bool or int: none"
 
     def vjp(self, ctx, node, grads):
         x = node.input[0]
         if grads[0] is None or not ctx.on_path(x):
             return [None]
         src = ctx.prep.dtypes.get(x)
-        if src not in _FLOATS or helper.get_node_attr_value(node, "to") not in _FLOATS:
-            raise unsupported(node, "a cast to or from a non-float type on the image path")
+        if src not in _FLOATS:
+            return [None]  # a mask or an index made a number: piecewise constant in the image
+        if helper.get_node_attr_value(node, "to") not in _FLOATS:
+            raise unsupported(node, "a cast from a float type to a non-float type on the image path")
         return [ctx.emit("Cast", [grads[0]], to=src)]
 
     @classmethod
     def examples(cls):
-        return [example_model([helper.make_node("Cast", ["x"], ["y"], to=1)], _X)]
+        mk = helper.make_node
+        return [
+            example_model([mk("Cast", ["x"], ["y"], to=1)], _X),
+            # a mask made a float and applied: the gradient flows through the product alone
+            example_model(
+                [mk("Greater", ["x", "zero"], ["pos"]), mk("Cast", ["pos"], ["m"], to=1), mk("Mul", ["x", "m"], ["y"])],
+                _X, {"zero": np.float32(0)}, name="cast_mask",
+            ),
+        ]  # fmt: skip
 
 
 _FLOATS = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
@@ -634,3 +644,52 @@ class MaxRule(_Extremum):
 class MinRule(_Extremum):
     op_type = "Min"
     description = "Min: g to the inputs equal to y (ties split evenly), summed over broadcast axes"
+
+
+@register
+class WhereRule(GraphRule):
+    op_type = "Where"
+    description = (
+        "Where: g to a where the condition holds and to b where not (none to the condition), summed over broadcast axes"
+    )
+
+    def vjp(self, ctx, node, grads):
+        cond, a, b = node.input
+        g = grads[0]
+        out = [None, None, None]
+        if g is None:
+            return out
+        y_shape = ctx.shape(node.output[0])
+        zero = ctx.const(np.float32(0))
+        for i, name in ((1, a), (2, b)):
+            if not ctx.on_path(name):
+                continue
+            picked = [ctx.fwd(cond), g, zero] if i == 1 else [ctx.fwd(cond), zero, g]
+            gi = ctx.set_shape(ctx.emit("Where", picked), y_shape)
+            shape = ctx.shape(name)
+            out[i] = gi if tuple(shape) == tuple(y_shape) else ctx.unbroadcast(gi, shape, g_shape=y_shape)
+        return out
+
+    @classmethod
+    def examples(cls):
+        mk = helper.make_node
+        c = np.random.default_rng(11).uniform(-0.5, 0.5, (3, 1, 4)).astype(np.float32)
+        return [
+            # both branches from the image, the condition too (a kink where it flips)
+            example_model(
+                [mk("Greater", ["x", "c"], ["cond"]), mk("Tanh", ["x"], ["t"]), mk("Mul", ["x", "x"], ["sq"]),
+                 mk("Where", ["cond", "t", "sq"], ["y"])],
+                _X, {"c": c}, name="where_both",
+            ),
+            # a constant branch broadcast against the image's ([3, 1, 4] against [N, 3, 5, 4])
+            example_model(
+                [mk("Less", ["x", "zero"], ["cond"]), mk("Where", ["cond", "c", "x"], ["y"])],
+                _X, {"c": c, "zero": np.float32(0)}, name="where_const",
+            ),
+            # torch.onnx's scaled_dot_product_attention: a fully masked row's NaNs set to 0
+            example_model(
+                [mk("Softmax", ["x"], ["p"], axis=-1), mk("IsNaN", ["p"], ["nan"]),
+                 mk("Where", ["nan", "zero", "p"], ["y"])],
+                _X, {"zero": np.float32(0)}, name="where_isnan",
+            ),
+        ]  # fmt: skip

@@ -95,7 +95,8 @@ def build(model, cut: str | None = None, pool: str = "none", input_size: tuple[i
         raise ModelError(None, f"tensor {cut!r} is not float32")
 
     # the rules, checked before anything is built: an op without one is refused naming the node
-    diff_nodes = [n for n in prep.model.graph.node if any(o in prep.path for o in n.output)]
+    # a node whose outputs on the path are all bool or int (IsNaN, Greater, ArgMax) carries no gradient
+    diff_nodes = [n for n in prep.model.graph.node if any(_carries_gradient(prep, o) for o in n.output)]
     rules: dict[str, GraphRule] = {}
     for node in diff_nodes:
         if node.op_type not in rules:
@@ -210,6 +211,14 @@ def keep_batch_axis(proto) -> int:
             added += 1
         if not added:
             return len(done)
+
+
+_FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def _carries_gradient(prep: Prepared, name: str) -> bool:
+    """A float tensor on the image path (a bool or int one is piecewise constant in the image)."""
+    return bool(name) and name in prep.path and prep.dtypes.get(name, 1) in _FLOAT_TYPES
 
 
 def _original_name(prep: Prepared, name: str) -> str:

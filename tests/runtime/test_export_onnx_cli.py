@@ -237,6 +237,8 @@ def test_refusals_are_one_line_with_their_exit_codes_and_write_nothing(tmp_path,
     refused(quiet(*export_args(bad, out)), 4, "selu.onnx", "Selu", "act1")
     no_norm = ["export", "--onnx", src, "--resize", f"{SIZE}x{SIZE}", "--out", out]
     refused(quiet(*no_norm), 2, "--mean", "--std")
+    byte_mean = [*no_norm, "--mean", "123.7", "116.3", "103.5"]
+    refused(quiet(*byte_mean, "--std", *STD), 2, "--mean 123.7 116.3 103.5", "not a pixel value", "1/255")
     refused(quiet(*export_args(src, out, "--weights", "none")), 2, "--weights")
     refused(quiet(*export_args(src, out, "--exporter", "dynamo")), 2, "--exporter")
     assert not out.exists() and not list(tmp_path.glob("m.onnx*"))

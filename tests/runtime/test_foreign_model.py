@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from clirun import pbv
+from foreignref import rel_per_image, run
 
 from pbv_onnx.export.graph.transform import transform
 from pbv_onnx.runtime.engine import Engine
@@ -46,21 +46,6 @@ def ref() -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def forward() -> onnx.ModelProto:
     return onnx.load(MODEL)
-
-
-def rel_per_image(a: np.ndarray, b: np.ndarray) -> float:
-    """The largest relative L2 difference over the leading (image) axis."""
-    a, b = np.asarray(a, np.float64).reshape(len(b), -1), np.asarray(b, np.float64).reshape(len(b), -1)
-    return float(np.max(np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)))
-
-
-def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    # `cotangents` has an empty default: onnxruntime lists it as an overridable initializer
-    names = {i.name for i in (*sess.get_inputs(), *sess.get_overridable_initializers())}
-    return sess.run(outputs, {k: v for k, v in feeds.items() if k in names})
 
 
 def empty_cotangents(features: np.ndarray) -> np.ndarray:
