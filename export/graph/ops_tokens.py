@@ -63,6 +63,28 @@ def _expand_back(ctx, g: str, node: onnx.NodeProto, x: str, axes: list[int]) -> 
 
 
 # --- normalisation ------------------------------------------------------------------------------------
+def _normalised(ctx, x: str, axis: int, eps: float) -> tuple[str, str]:
+    """(xhat, 1/sigma) of x normalised over its axes from `axis` on, as forward tensors (read through fwd):
+    from onnxruntime's fused LayerNormalization kernel on the forward input, made once for both passes
+    (K-tiled in the K pass); InvStdDev is float32 (stash_type) whatever x's type: CastLike keeps a float16
+    copy typed."""
+    shape = list(ctx.shape(x))
+    dims = [int(d) for d in shape[axis:]]
+    xhat, _, rstd = ctx.forward("LayerNormalization", [x, ctx.const(np.ones(dims), "ones")], n_out=3, axis=axis,
+                                epsilon=eps)  # fmt: skip
+    ctx.set_shape(xhat, shape)
+    rstd = ctx.forward("CastLike", [rstd, xhat], _shape=shape[:axis] + [1] * len(dims))
+    return ctx.fwd(xhat), ctx.fwd(rstd)
+
+
+def _normalised_adjoint(ctx, gs: str, xhat: str, rstd: str, axes: list[int], n: int) -> str:
+    """The input's cotangent of a normalisation over `axes` (n elements), from g' = g * scale:
+    (1/sigma)(g' - mean g' - xhat mean(g' xhat))."""
+    inv_n = ctx.const(np.array(1.0 / n), "inv_n")
+    m1 = ctx.emit("Mul", [_sum(ctx, gs, axes), inv_n])
+    m2 = ctx.emit("Mul", [_sum(ctx, ctx.emit("Mul", [gs, xhat]), axes), inv_n])
+    centred = ctx.emit("Sub", [gs, ctx.emit("Add", [m1, ctx.emit("Mul", [xhat, m2])])])
+    return ctx.emit("Mul", [centred, rstd])
 
 
 @register
@@ -84,20 +106,7 @@ class LayerNormalization(GraphRule):
         axes = list(range(axis, rank))
         if not all(is_static(shape[a]) for a in axes):
             raise unsupported(node, "normalising over the batch axis")
-        n = int(np.prod([shape[a] for a in axes]))
-        dims = [int(shape[a]) for a in axes]
-        # xhat and 1/sigma from the fused kernel on the forward input, made once for both passes (K-tiled in
-        # the K pass); InvStdDev is float32 (stash_type) whatever x's type: CastLike keeps a float16 copy typed
-        xhat, _, rstd = ctx.forward(
-            "LayerNormalization",
-            [x, ctx.const(np.ones(dims), "ones")],
-            n_out=3,
-            axis=axis,
-            epsilon=float(attr(node, "epsilon", 1e-5)),
-        )
-        ctx.set_shape(xhat, shape)
-        rstd = ctx.forward("CastLike", [rstd, xhat], _shape=shape[:axis] + [1] * len(axes))
-        xhat, rstd = ctx.fwd(xhat), ctx.fwd(rstd)
+        xhat, rstd = _normalised(ctx, x, axis, float(attr(node, "epsilon", 1e-5)))
         if ctx.on_path(scale):
             out[1] = _unbroadcast_if(ctx, ctx.emit("Mul", [g, xhat]), ctx.shape(node.output[0]), scale)
         if bias is not None and ctx.on_path(bias):
@@ -106,11 +115,7 @@ class LayerNormalization(GraphRule):
             return out
         sv = ctx.value(scale)
         gs = g if sv is not None and np.all(sv == 1) else ctx.emit("Mul", [g, ctx.fwd(scale)])
-        inv_n = ctx.const(np.array(1.0 / n), "inv_n")
-        m1 = ctx.emit("Mul", [_sum(ctx, gs, axes), inv_n])
-        m2 = ctx.emit("Mul", [_sum(ctx, ctx.emit("Mul", [gs, xhat]), axes), inv_n])
-        centred = ctx.emit("Sub", [gs, ctx.emit("Add", [m1, ctx.emit("Mul", [xhat, m2])])])
-        out[0] = ctx.emit("Mul", [centred, rstd])
+        out[0] = _normalised_adjoint(ctx, gs, xhat, rstd, axes, int(np.prod([shape[a] for a in axes])))
         return out
 
     @classmethod
@@ -616,6 +621,98 @@ class ReduceMean(GraphRule):
                 [mk("ReduceMean", ["x", "a"], ["y"], keepdims=0)], (3, 4), {"a": _i64(1)}, name="rmean18", opset=18
             ),
         ]
+
+
+@register
+class InstanceNormalizationRule(GraphRule):
+    op_type = "InstanceNormalization"
+    description = (
+        "InstanceNormalization: as LayerNormalization over the spatial axes, scale per channel (torch.onnx "
+        "writes GroupNorm as one between Reshapes)"
+    )
+
+    @shaped
+    def vjp(self, ctx, node, grads):
+        x, scale = node.input[0], node.input[1]
+        g, out = grads[0], [None] * len(node.input)
+        if g is None or not ctx.on_path(x):
+            return out
+        if any(ctx.on_path(n) for n in node.input[1:]):
+            raise unsupported(node, "a scale or bias that depends on the image")
+        sv = ctx.value(scale)
+        if sv is None:
+            raise unsupported(node, "a scale that is not a constant")
+        shape = list(ctx.shape(x))
+        axes = list(range(2, len(shape)))
+        if not all(is_static(shape[a]) for a in axes):
+            raise unsupported(node, "normalising over the batch axis")
+        xhat, rstd = _normalised(ctx, x, 2, float(attr(node, "epsilon", 1e-5)))
+        per_channel = np.asarray(sv, np.float32).reshape(-1, *([1] * len(axes)))
+        gs = g if np.all(per_channel == 1) else ctx.emit("Mul", [g, ctx.const(per_channel, "scale")])
+        out[0] = _normalised_adjoint(ctx, gs, xhat, rstd, axes, int(np.prod([shape[a] for a in axes])))
+        return out
+
+    @classmethod
+    def examples(cls):
+        mk = helper.make_node
+        c = 4
+        inits = {"s": example_weights(1, c) + 1.0, "b": example_weights(2, c), "w": example_weights(3, c, 3, 1, 1)}
+        # torch's GroupNorm(2, 4): [N, 4, h, w] as [N, 2, 2*h*w], normalised, back, then the affine
+        gn = {"one": np.ones(2, np.float32), "zero": np.zeros(2, np.float32), "groups": np.array([0, 2, -1]),
+              "gw": example_weights(4, c, 1, 1) + 1.0, "gb": example_weights(5, c, 1, 1)}  # fmt: skip
+        return [
+            example_model(
+                [mk("Conv", ["x", "w"], ["h"], kernel_shape=[1, 1]),
+                 mk("InstanceNormalization", ["h", "s", "b"], ["y"], epsilon=1e-5)],
+                (3, 5, 4), inits, name="instancenorm",
+            ),
+            example_model(
+                [mk("Conv", ["x", "w"], ["h"], kernel_shape=[1, 1]), mk("Shape", ["h"], ["hs"]),
+                 mk("Reshape", ["h", "groups"], ["r"]),
+                 mk("InstanceNormalization", ["r", "one", "zero"], ["n"], epsilon=1e-5),
+                 mk("Reshape", ["n", "hs"], ["back"]), mk("Mul", ["back", "gw"], ["m"]), mk("Add", ["m", "gb"], ["y"])],
+                (3, 5, 4), {**inits, **gn}, name="groupnorm_torch",
+            ),
+        ]  # fmt: skip
+
+
+@register
+class ReduceL2(GraphRule):
+    op_type = "ReduceL2"
+    description = "ReduceL2: g x / y broadcast back (0 where the norm is 0); F.normalize, GRN, cosine attention"
+
+    @shaped
+    def vjp(self, ctx, node, grads):
+        x, g = node.input[0], grads[0]
+        if g is None or not ctx.on_path(x):
+            return [None] * len(node.input)
+        rank = len(ctx.shape(x))
+        axes = _reduce_axes(ctx, node, rank)
+        if axes is None:  # the identity: |x| elementwise
+            return [ctx.mul(g, ctx.forward("Sign", [x]))] + [None] * (len(node.input) - 1)
+        shape = list(ctx.shape(x))
+        kept = [1 if i in axes else d for i, d in enumerate(shape)]
+        y = node.output[0]
+        if not attr(node, "keepdims", 1):
+            y = ctx.forward("Unsqueeze", [y, ctx.const(np.array(axes, np.int64), "axes")], _shape=kept)
+        # x / max(y, least normal float32): where y is 0 so is x, and the cotangent is 0 (torch's too)
+        floor = ctx.const(np.float32(np.finfo(np.float32).tiny), "tiny")
+        d = ctx.forward("Div", [x, ctx.forward("Max", [y, floor], _shape=kept)], _shape=shape)
+        return [ctx.mul(_expand_back(ctx, g, node, x, axes), d)] + [None] * (len(node.input) - 1)
+
+    @classmethod
+    def examples(cls):
+        mk = helper.make_node
+        return [
+            example_model([mk("ReduceL2", ["x"], ["y"], axes=[-1], keepdims=0)], (3, 4), name="l2"),
+            example_model([mk("ReduceL2", ["x"], ["y"], axes=[1, 2])], (3, 4), name="l2_keep"),
+            # torch's F.normalize: x / clamp_min(||x||, eps)
+            example_model(
+                [mk("ReduceL2", ["x"], ["n"], axes=[-1], keepdims=1), mk("Clip", ["n", "eps"], ["c"]),
+                 mk("Div", ["x", "c"], ["y"])],
+                (3, 4), {"eps": np.float32(1e-12)}, name="l2_normalize",
+            ),
+        ]  # fmt: skip
 
 
 @register
