@@ -151,20 +151,21 @@ def check(folder: Path, out_md: Path) -> None:
 
 
 def render(rows: list[dict]) -> str:
-    lines = [
-        "# Hugging Face vision backbones through torch.onnx and the ONNX adjoint transform",
-        "",
+    from survey_checks import table_head
+
+    made_by = (
         "Made by `bench/hf_survey.py` (its docstring: how). Small random configurations (64 x 64 images), "
         "norm affines, tokens and embeddings redrawn at order 1; the features are `last_hidden_state`. "
         "Features and input gradients of onnxruntime float32 against torch autograd in float64 (relative L2, "
         f"worst of {N_IMAGES} random images); `export --onnx`: the export's own check (finite differences of a "
-        "float64 copy of the file, on photographs).",
-        "",
-        f"Versions: {rows[0].get('versions', '?') if rows else '?'}.",
-        "",
-        "| model | exporter | features | input_grad | export --onnx |",
-        "|---|---|---|---|---|",
-    ]
+        "float64 copy of the file, on photographs)."
+    )
+    lines = table_head(
+        "Hugging Face vision backbones through torch.onnx and the ONNX adjoint transform",
+        made_by,
+        rows[0].get("versions", "?") if rows else "?",
+        ["model", "exporter", "features", "input_grad", "export --onnx"],
+    )
     for r in rows:
         for exporter in EXPORTERS:
             cell = r.get("results", {}).get(exporter)

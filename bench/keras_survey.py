@@ -168,20 +168,21 @@ def check(folder: Path, names: list[str], out_md: Path) -> None:
 
 
 def render(rows: list[dict]) -> str:
-    lines = [
-        "# Keras applications through tf2onnx and the ONNX adjoint transform",
-        "",
+    from survey_checks import table_head
+
+    made_by = (
         "Made by `bench/keras_survey.py` (its docstring: how). Each application with seeded weights, "
         '`include_top=False, pooling="avg"`, channels-last input; features and input gradients of '
         "onnxruntime float32 against TensorFlow's own in float64 (tf.GradientTape; relative L2, worst of "
         f"{N_IMAGES} images); TensorFlow's float32 pass against the same reference is the floor. "
-        "`export --onnx`: the export's own check (finite differences of a float64 copy of the file).",
-        "",
-        f"Versions: {rows[0].get('versions', '?') if rows else '?'}.",
-        "",
-        "| model | input | features | input_grad | TF float32 (features, input_grad) | export --onnx |",
-        "|---|---|---|---|---|---|",
-    ]
+        "`export --onnx`: the export's own check (finite differences of a float64 copy of the file)."
+    )
+    lines = table_head(
+        "Keras applications through tf2onnx and the ONNX adjoint transform",
+        made_by,
+        rows[0].get("versions", "?") if rows else "?",
+        ["model", "input", "features", "input_grad", "TF float32 (features, input_grad)", "export --onnx"],
+    )
     for r in rows:
         if not r.get("converted"):
             lines.append(f"| {r['model']} | {r['size']} | - | - | - | tf2onnx failed: {r.get('error', '?')} |")

@@ -52,3 +52,17 @@ def export_verdict(src: Path, mean: tuple, std: tuple) -> str:
         return str(exc).split(": ", 1)[-1]  # "export refused: ..." or another refusal
     errs = res.verification["errors"]["ort_vs_float64"]
     return "accepted: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items() if k.startswith("input"))
+
+
+def table_head(title: str, made_by: str, versions: str, columns: list[str]) -> list[str]:
+    """The first lines of a survey's results page: title, how it was made, versions, table header."""
+    return [
+        f"# {title}",
+        "",
+        made_by,
+        "",
+        f"Versions: {versions}.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]

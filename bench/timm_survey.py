@@ -133,19 +133,20 @@ def check(folder: Path, out_md: Path) -> None:
 
 
 def render(rows: list[dict]) -> str:
-    lines = [
-        "# timm backbones through torch.onnx and the ONNX adjoint transform",
-        "",
+    from survey_checks import table_head
+
+    made_by = (
         "Made by `bench/timm_survey.py` (its docstring: how). Random weights, norm affines, tokens and layer "
         "scales redrawn at order 1, `num_classes=0` (pooled features); torch.onnx's TorchScript exporter, "
         "opset 17. Features and input gradients of onnxruntime float32 against torch autograd in float64 "
-        f"(relative L2, worst of {N_IMAGES} random images).",
-        "",
-        f"Versions: {rows[0].get('versions', '?') if rows else '?'}.",
-        "",
-        "| model | input | features | input_grad | note |",
-        "|---|---|---|---|---|",
-    ]
+        f"(relative L2, worst of {N_IMAGES} random images)."
+    )
+    lines = table_head(
+        "timm backbones through torch.onnx and the ONNX adjoint transform",
+        made_by,
+        rows[0].get("versions", "?") if rows else "?",
+        ["model", "input", "features", "input_grad", "note"],
+    )
     for r in rows:
         if not r.get("exported"):
             lines.append(f"| {r['model']} | {r['size']} | - | - | torch.onnx failed: {r.get('error', '?')} |")

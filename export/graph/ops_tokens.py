@@ -47,6 +47,16 @@ def _reduce_axes(ctx, node: onnx.NodeProto, rank: int) -> list[int] | None:
     return sorted(set(axes))
 
 
+def _kept_output(ctx, node: onnx.NodeProto, axes: list[int]) -> tuple[list, str]:
+    """A reduction's input shape with the reduced axes 1, and its output with them kept (a forward
+    tensor that broadcasts against the input, as the adjoints of ReduceMax and ReduceL2 read it)."""
+    kept = [1 if i in axes else d for i, d in enumerate(ctx.shape(node.input[0]))]
+    y = node.output[0]
+    if not attr(node, "keepdims", 1):
+        y = ctx.forward("Unsqueeze", [y, ctx.const(np.array(axes, np.int64), "axes")], _shape=kept)
+    return kept, y
+
+
 def _expand_back(ctx, g: str, node: onnx.NodeProto, x: str, axes: list[int]) -> str:
     """A reduction's cotangent (keepdims or not) broadcast back to the input's shape."""
     if not attr(node, "keepdims", 1):
@@ -690,14 +700,10 @@ class ReduceL2(GraphRule):
         axes = _reduce_axes(ctx, node, rank)
         if axes is None:  # the identity: |x| elementwise
             return [ctx.mul(g, ctx.forward("Sign", [x]))] + [None] * (len(node.input) - 1)
-        shape = list(ctx.shape(x))
-        kept = [1 if i in axes else d for i, d in enumerate(shape)]
-        y = node.output[0]
-        if not attr(node, "keepdims", 1):
-            y = ctx.forward("Unsqueeze", [y, ctx.const(np.array(axes, np.int64), "axes")], _shape=kept)
+        kept, y = _kept_output(ctx, node, axes)
         # x / max(y, least normal float32): where y is 0 so is x, and the cotangent is 0 (torch's too)
         floor = ctx.const(np.float32(np.finfo(np.float32).tiny), "tiny")
-        d = ctx.forward("Div", [x, ctx.forward("Max", [y, floor], _shape=kept)], _shape=shape)
+        d = ctx.forward("Div", [x, ctx.forward("Max", [y, floor], _shape=kept)], _shape=ctx.shape(x))
         return [ctx.mul(_expand_back(ctx, g, node, x, axes), d)] + [None] * (len(node.input) - 1)
 
     @classmethod
@@ -729,12 +735,9 @@ class ReduceMax(GraphRule):
         axes = _reduce_axes(ctx, node, rank)
         if axes is None:
             return [g] + [None] * (len(node.input) - 1)
-        shape = list(ctx.shape(x))
-        kept = [1 if i in axes else d for i, d in enumerate(shape)]
-        y = node.output[0]
+        kept, y = _kept_output(ctx, node, axes)
         ax = ctx.const(np.array(axes, np.int64), "axes")
         if not attr(node, "keepdims", 1):
-            y = ctx.forward("Unsqueeze", [y, ax], _shape=kept)
             g = ctx.emit("Unsqueeze", [g, ax])
         one, zero = ctx.const(np.array(1.0), "one"), ctx.const(np.array(0.0), "zero")
         # the maxima mask divided by their count: a function of the forward pass, made once for both passes
