@@ -19,7 +19,6 @@ Results: bench/results/hf_survey.md.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import re
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 N_IMAGES = 3
 EXPORTERS = ("dynamo", "torchscript")
@@ -180,17 +178,7 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["make", "check"])
-    ap.add_argument("--dir", type=Path, default=ROOT / "build" / "hf_survey")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "hf_survey.md")
-    args = ap.parse_args()
-    if args.step == "make":
-        make(args.dir)
-    else:
-        check(args.dir, args.out)
-
-
 if __name__ == "__main__":
-    main()
+    from survey_checks import two_steps
+
+    two_steps(__doc__, "hf_survey", make, check)

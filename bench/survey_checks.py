@@ -66,3 +66,19 @@ def table_head(title: str, made_by: str, versions: str, columns: list[str]) -> l
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
     ]
+
+
+def two_steps(doc: str, name: str, make, check) -> None:
+    """The command line of a survey run in two environments: `make --dir D` (the framework's), then
+    `check --dir D [--out MD]` (the runtime's)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("step", choices=["make", "check"])
+    ap.add_argument("--dir", type=Path, default=ROOT / "build" / name)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"{name}.md")
+    args = ap.parse_args()
+    if args.step == "make":
+        make(args.dir)
+    else:
+        check(args.dir, args.out)

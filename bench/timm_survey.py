@@ -18,7 +18,6 @@ Results: bench/results/timm_survey.md.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import re
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 N_IMAGES = 3
 # name: create_model keywords (img_size where the architecture takes one)
@@ -157,17 +155,7 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["make", "check"])
-    ap.add_argument("--dir", type=Path, default=ROOT / "build" / "timm_survey")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "timm_survey.md")
-    args = ap.parse_args()
-    if args.step == "make":
-        make(args.dir)
-    else:
-        check(args.dir, args.out)
-
-
 if __name__ == "__main__":
-    main()
+    from survey_checks import two_steps
+
+    two_steps(__doc__, "timm_survey", make, check)
