@@ -361,7 +361,7 @@ def export_onnx(
     No torch needed. Beyond `tolerance` (features) or `grad_tolerance` (directional derivatives of
     input_grad) raises ModelError and writes nothing."""
     from pbv_onnx.export.graph import fd
-    from pbv_onnx.export.graph.axes import cut_channels_first
+    from pbv_onnx.export.graph.axes import cut_channels_first, turned_perm
     from pbv_onnx.export.graph.prepare import as_float32, channels_first
 
     t0 = time.perf_counter()
@@ -384,15 +384,15 @@ def export_onnx(
     spec = onnx_preprocessing(hw, resize, crop, mean, std, path)
     if layer:
         check_layer(model, layer, path)
-    # a channels-last cut ([N, h, w, C]: tf2onnx, jax2onnx) is turned to [N, C, h, w], for the transform
-    # and for the float64 reference alike
-    turned = cut_channels_first(model, layer)
+    say(f"transforming {path.name} (cut at {layer or 'the output'}, pool {pool}, input {spec.input_size})")
+    built = run_transform(model, layer, pool, tuple(spec.input_size), path)
+    proto = built.model
+    # prepare turned a channels-last cut ([N, h, w, C]: tf2onnx, jax2onnx) to [N, C, h, w]: the float64
+    # reference below reads the same tensor
+    turned = cut_channels_first(model, layer) if turned_perm(built.prep.model) else None
     if turned:
         say(f"tensor {layer or model.graph.output[0].name} is channels-last: a Transpose to [N, C, h, w] follows it")
     cut = turned or layer
-    say(f"transforming {path.name} (cut at {layer or 'the output'}, pool {pool}, input {spec.input_size})")
-    built = run_transform(model, cut, pool, tuple(spec.input_size), path)
-    proto = built.model
 
     x, inputs_desc = probe_images(spec, n_images, images, seed)
     feature_shape = feature_shape_of(proto, x)

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from onnx import helper
 
-from pbv_onnx.export.graph.rules import GraphRule, example_model, register, unsupported
+from pbv_onnx.export.graph.rules import FLOAT_TYPES, GraphRule, example_model, register, unsupported
 
 _X = (3, 5, 4)  # the examples' input [N, 3, 5, 4]
 
@@ -395,9 +395,9 @@ class CastRule(GraphRule):
         if grads[0] is None or not ctx.on_path(x):
             return [None]
         src = ctx.prep.dtypes.get(x)
-        if src not in _FLOATS:
+        if src not in FLOAT_TYPES:
             return [None]  # a mask or an index made a number: piecewise constant in the image
-        if helper.get_node_attr_value(node, "to") not in _FLOATS:
+        if helper.get_node_attr_value(node, "to") not in FLOAT_TYPES:
             raise unsupported(node, "a cast from a float type to a non-float type on the image path")
         return [ctx.emit("Cast", [grads[0]], to=src)]
 
@@ -412,9 +412,6 @@ class CastRule(GraphRule):
                 _X, {"zero": np.float32(0)}, name="cast_mask",
             ),
         ]  # fmt: skip
-
-
-_FLOATS = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 
 def _has(node, name: str) -> bool:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from pbv_onnx.export.graph.builder import Ctx
 
+FLOAT_TYPES = (1, 10, 11, 16)  # onnx FLOAT, FLOAT16, DOUBLE, BFLOAT16: the types gradients flow through
 # The opset of the examples (and the minimum the transform accepts).
 OPSET = 17
 

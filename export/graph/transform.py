@@ -14,7 +14,15 @@ from pbv_onnx.export.graph.axes import TO_CHANNELS_FIRST
 from pbv_onnx.export.graph.builder import Ctx, Emitter, is_batch
 from pbv_onnx.export.graph.ops_conv import to_blocked
 from pbv_onnx.export.graph.prepare import Prepared, prepare
-from pbv_onnx.export.graph.rules import GraphPattern, GraphRule, load_rules, patterns_by_root, rule_for, unsupported
+from pbv_onnx.export.graph.rules import (
+    FLOAT_TYPES,
+    GraphPattern,
+    GraphRule,
+    load_rules,
+    patterns_by_root,
+    rule_for,
+    unsupported,
+)
 from pbv_onnx.runtime.fp16 import FP32_ONLY_KEY
 from pbv_onnx.runtime.modelfile import (
     COTANGENT,
@@ -213,12 +221,9 @@ def keep_batch_axis(proto) -> int:
             return len(done)
 
 
-_FLOAT_TYPES = (1, 10, 11, 16)  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
-
-
 def _carries_gradient(prep: Prepared, name: str) -> bool:
     """A float tensor on the image path (a bool or int one is piecewise constant in the image)."""
-    return bool(name) and name in prep.path and prep.dtypes.get(name, 1) in _FLOAT_TYPES
+    return bool(name) and name in prep.path and prep.dtypes.get(name, 1) in FLOAT_TYPES
 
 
 def _original_name(prep: Prepared, name: str) -> str:
