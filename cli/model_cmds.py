@@ -175,6 +175,10 @@ def _print_layers(path: Path, as_json: bool) -> None:
     typer.echo(f"{len(rows)} tensors; cut at one with `pbv-onnx export --onnx {path.name} --layer NAME ...`")
     if any(layout == "NHWC" for *_, layout in rows):
         typer.echo("NHWC: channels last; export turns such a layer to [N, C, H, W] (pooling and maps read it so)")
+    if any(layout == "NCT" for *_, layout in rows):
+        typer.echo("NCT: channels before tokens; export turns such a layer to [N, T, C] (tokens)")
+    if any(layout == "?" for *_, layout in rows):
+        typer.echo("?: axes not followed (lost in a Reshape); export reads 4-D as [N, C, H, W], 3-D as [N, T, C]")
 
 
 def _dims(shape) -> list:

@@ -361,7 +361,7 @@ def export_onnx(
     No torch needed. Beyond `tolerance` (features) or `grad_tolerance` (directional derivatives of
     input_grad) raises ModelError and writes nothing."""
     from pbv_onnx.export.graph import fd
-    from pbv_onnx.export.graph.axes import cut_channels_first, turned_perm
+    from pbv_onnx.export.graph.axes import turned_perm
     from pbv_onnx.export.graph.prepare import as_float32, channels_first
 
     t0 = time.perf_counter()
@@ -387,18 +387,15 @@ def export_onnx(
     say(f"transforming {path.name} (cut at {layer or 'the output'}, pool {pool}, input {spec.input_size})")
     built = run_transform(model, layer, pool, tuple(spec.input_size), path)
     proto = built.model
-    # prepare turned a channels-last cut ([N, h, w, C]: tf2onnx, jax2onnx) to [N, C, h, w]: the float64
-    # reference below reads the same tensor
-    turned = cut_channels_first(model, layer) if turned_perm(built.prep.model) else None
-    if turned:
-        say(f"tensor {layer or model.graph.output[0].name} is channels-last: a Transpose to [N, C, h, w] follows it")
-    cut = turned or layer
+    layer_layout = layout_said(built, layer or model.graph.output[0].name, say)
 
     x, inputs_desc = probe_images(spec, n_images, images, seed)
     feature_shape = feature_shape_of(proto, x)
     say(f"verifying against finite differences of a float64 copy on {len(x)} images, {n_directions} directions each")
     try:
-        forward = fd.Forward64(model, cut, "none")
+        # prepare turned a channels-last cut ([N, h, w, C]: tf2onnx, jax2onnx) to [N, C, h, w], or tokens
+        # [N, C, T] to [N, T, C]: the float64 reference reads the layer turned the same way
+        forward = fd.Forward64(model, layer, "none", perm=turned_perm(built.prep.model))
         fmap64 = forward(x)
     except Exception as exc:
         size = f"{spec.input_size[0]}x{spec.input_size[1]}"
@@ -494,13 +491,25 @@ def export_onnx(
     weights = {"source": "onnx", "file": path.name, "sha256": file_sha256(path)}
     if channels_last:
         weights["input_layout"] = "NHWC in the file; a Transpose from the format's NCHW put first"
-    if turned:
-        weights["layer_layout"] = "channels last in the file; a Transpose to [N, C, h, w] after the cut"
+    if layer_layout:
+        weights["layer_layout"] = layer_layout
     if half:
         weights["precision"] = "float16 in the file; the model computes in float32 from the same weights"
     head = {"arch": arch_name or path.stem, "layer": layer or "", "pool": pool, "weights": weights}
     worst_text = f"worst error {errors[worst]:.1e} in {worst}, limit {limits[worst]:.1e}"
     return finish(proto, built, out, force, head, spec, versions, verification, worst_text, t0, say)
+
+
+def layout_said(built, layer: str, say: Callable[[str], None]) -> str:
+    """How the cut's axes are read (axes.layout_note: turned, or not followed and read as the
+    format's), said once; "" where the layer is in the format's layout already."""
+    from pbv_onnx.export.graph.axes import layout_note
+
+    prep = built.prep
+    note = layout_note(prep.cut_layout, len(prep.shapes[prep.cut]))
+    if note:
+        say(f"tensor {layer}: {note}")
+    return note
 
 
 def finish(
@@ -700,14 +709,10 @@ def export_torch_graph(
     built = run_transform(forward, None, pool, tuple(spec.input_size), None)
     proto = built.model
     feature_shape = tuple(built.feature_shape)
-    perm = turned_perm(built.prep.model)
-    if perm:  # torch's reference reads the layer as the model now does
-        net.perm = perm
-        weights_record = {
-            **weights_record,
-            "layer_layout": "channels last in torch; a Transpose to [N, C, h, w] after the cut",
-        }
-        say(f"{layer}'s output is channels-last: a Transpose to [N, C, h, w] follows it")
+    net.perm = turned_perm(built.prep.model)  # torch's reference reads the layer as the model now does
+    layer_layout = layout_said(built, layer or "the output", say)
+    if layer_layout:
+        weights_record = {**weights_record, "layer_layout": layer_layout}
 
     x, inputs_desc = verify.verification_images(spec, n_images, images)
     say(f"verifying onnxruntime against torch autograd on {len(x)} images ({inputs_desc.split(':')[0]})")

@@ -136,7 +136,8 @@ def pool_features(y: np.ndarray, pool: str) -> np.ndarray:
 class Forward64:
     """The forward graph (image -> cut tensor), pooled, in float64 on onnx's reference evaluator."""
 
-    def __init__(self, model, cut: str | None = None, pool: str = "none"):
+    def __init__(self, model, cut: str | None = None, pool: str = "none", perm: list[int] | None = None):
+        """`perm`: the cut read through this permutation, as prepare turns a channels-last one (axes.py)."""
         from onnx.reference import ReferenceEvaluator
 
         graph_inputs = {t.name for t in model.graph.initializer}
@@ -147,7 +148,7 @@ class Forward64:
         self.cut = cut or model.graph.output[0].name
         if cut is not None and cut != model.graph.output[0].name:
             model = _cut_model(model, cut)
-        self.pool = pool
+        self.pool, self.perm = pool, perm
         self._eval = ReferenceEvaluator(to_float64(model), new_ops=_float64_ops())
         d0 = next(i for i in model.graph.input if i.name == self.image).type.tensor_type.shape.dim[0]
         # a graph exported at a fixed batch size may hard-code it (a Reshape [1, -1] runs at batch 3 and
@@ -169,7 +170,8 @@ class Forward64:
                 if not self._fall_back():
                     raise
                 continue
-            parts.append(pool_features(np.asarray(y, np.float64)[: len(x) - i], self.pool))
+            y = np.asarray(y, np.float64)[: len(x) - i]
+            parts.append(pool_features(y.transpose(self.perm) if self.perm else y, self.pool))
             i += self._chunk
         return np.concatenate(parts)
 

@@ -9,7 +9,8 @@ def list_layers(model, input_size: tuple[int, int] | None = None, with_layout: b
     """(tensor name, op type, shape with the batch "N") of every float tensor that depends on the
     image's values and has the batch axis first: shape computations and constants are skipped. With
     `with_layout`, a fourth entry: a 4-D tensor's axes as far as they follow from the image ("NCHW",
-    "NHWC" for channels last, "?"), "" for other ranks."""
+    "NHWC" for channels last), a 3-D one's ("NTC" tokens, "NCT" channels first), "?" where they do not
+    follow (axes.layouts), "" for other ranks."""
     import onnx
 
     from pbv_onnx.export.graph.axes import layouts
@@ -18,7 +19,7 @@ def list_layers(model, input_size: tuple[int, int] | None = None, with_layout: b
 
     prep = prepare(model, None, input_size, whole=True)
     back = {v: k for k, v in prep.renamed.items()}
-    axes = layouts(prep.model, IMAGE) if with_layout else {}
+    axes = layouts(prep.model, IMAGE, prep.shapes) if with_layout else {}
     out = []
     for node in prep.model.graph.node:
         if node.name.endswith(TO_CHANNELS_LAST):  # the layout change put before a channels-last model
@@ -33,6 +34,6 @@ def list_layers(model, input_size: tuple[int, int] | None = None, with_layout: b
                 continue
             row = (back.get(name, name), node.op_type, shape)
             if with_layout:
-                row += ("".join(axes.get(name, "?")) if len(shape) == 4 else "",)
+                row += ("".join(axes.get(name, "?")) if len(shape) in (3, 4) else "",)
             out.append(row)
     return out

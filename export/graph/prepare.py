@@ -57,6 +57,8 @@ class Prepared:
     batch_values: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     # the rewrites that made a model with a fixed batch size batch-free (export/graph/rebatch.py), if any
     rebatched: list[str] = field(default_factory=list)
+    # the cut's layout as followed from the image (axes.layouts), before any turn; None: not followed
+    cut_layout: tuple[str, ...] | None = None
 
     @property
     def nodes(self) -> list:
@@ -172,10 +174,6 @@ def prepare(
     model = copy.deepcopy(model)
     channels_first(model)
     model, _ = as_float32(model)
-    if not whole:  # a channels-last cut is turned to [N, C, h, w] (pooling and maps read it so)
-        from pbv_onnx.export.graph.axes import cut_channels_first
-
-        cut = cut_channels_first(model, cut) or cut
     opset = _opset(model)
     if opset < OPSET:
         try:
@@ -307,6 +305,15 @@ def prepare(
     g = helper.make_graph(kept, graph.name or "forward", [image], [out], initializer=inits)
     fwd = helper.make_model(g, opset_imports=[o for o in model.opset_import])
     fwd.ir_version = model.ir_version
+    cut_layout = None
+    if not whole:  # a channels-last cut is turned to [N, C, h, w], tokens to [N, T, C] (pooling and maps read them so)
+        from pbv_onnx.export.graph.axes import layouts
+
+        cut_layout = layouts(fwd, IMAGE, shapes).get(cut)
+        turned = _turn(fwd, cut, cut_layout, shapes, dtypes)
+        if turned:
+            cut, roots = turned, [turned]
+            data.add(turned)
 
     kept = list(fwd.graph.node)  # the graph's own node objects (make_graph copied them)
     needed_kept = ancestors(kept, roots)
@@ -331,7 +338,31 @@ def prepare(
         renamed=renamed,
         folded=len(nodes) - len(kept),
         batch_values=batch_values,
+        cut_layout=cut_layout,
     )
+
+
+def _turn(fwd, cut: str, order, shapes: dict, dtypes: dict) -> str | None:
+    """A Transpose after `cut` to the layout pooling and maps read, where its layout `order` is another
+    (axes.canonical_perm): added to `fwd` as its output, with its shape and type; returns its name."""
+    import onnx
+    from onnx import helper
+
+    from pbv_onnx.export.graph.axes import CANONICAL, TO_CHANNELS_FIRST, canonical_perm
+
+    perm = canonical_perm(order)
+    if perm is None:
+        return None
+    taken = {i for n in fwd.graph.node for i in (*n.input, *n.output)} | {t.name for t in fwd.graph.initializer}
+    new = f"{cut}__{''.join(CANONICAL[len(perm)]).lower()}"
+    while new in taken:
+        new += "_"
+    fwd.graph.node.append(helper.make_node("Transpose", [cut], [new], perm=perm, name=f"{new}{TO_CHANNELS_FIRST}"))
+    shapes[new] = tuple(shapes[cut][p] for p in perm)
+    dtypes[new] = dtypes.get(cut, onnx.TensorProto.FLOAT)
+    del fwd.graph.output[:]
+    fwd.graph.output.append(helper.make_tensor_value_info(new, dtypes[new], list(shapes[new])))
+    return new
 
 
 def ancestors(nodes, roots) -> set[str]:

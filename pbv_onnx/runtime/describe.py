@@ -35,7 +35,7 @@ def _conversions(meta: dict[str, Any]) -> str:
     if weights.get("input_layout"):
         done.append("channels-last input, a Transpose put first")
     if weights.get("layer_layout"):
-        done.append("channels-last layer, turned to [N, C, h, w]")
+        done.append(f"layer {weights['layer_layout']}")
     if weights.get("precision"):
         done.append("float16 computed in float32")
     return "; ".join(done)

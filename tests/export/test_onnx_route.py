@@ -103,7 +103,7 @@ def test_a_channels_last_swin_stage_is_pooled_over_space(tmp_path):
     export_model(out, arch="swin_t", layer="features.3", module=net, pool="avg", resize="112x112", progress=None)
     info = read_info(out)
     assert info.feature_shape == (192,)
-    assert "channels last" in info.metadata["weights"]["layer_layout"]
+    assert "channels-last" in info.metadata["weights"]["layer_layout"]
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, 3, 112, 112)).astype(np.float32)
     c = rng.standard_normal((2, 192)).astype(np.float32)

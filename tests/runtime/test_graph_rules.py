@@ -13,6 +13,7 @@ import pytest
 from onnx import helper
 
 from pbv_onnx.export.graph import PATTERNS, RULES, UnsupportedOp, build, load_rules, transform
+from pbv_onnx.export.graph.axes import turned_perm
 from pbv_onnx.export.graph.fd import Forward64, directional_errors, rel_l2
 from pbv_onnx.export.graph.rules import example_model, example_weights
 from pbv_onnx.runtime.modelfile import (
@@ -88,7 +89,7 @@ def check_model(model, pool: str = "none", seed: int = 0, n: int = 2, k: int = 3
     c = rng.standard_normal((n, *fs)).astype(np.float32)
     vjp = _session(vjp_subgraph(proto))
     feats, grad = vjp.run([FEATURES, INPUT_GRAD], {IMAGE: x, COTANGENT: c})
-    f64 = Forward64(model, pool=pool)
+    f64 = Forward64(model, pool=pool, perm=turned_perm(built.prep.model))  # a cut turned as prepare turned it
     errors = {"features": rel_l2(feats, f64(x))}
     errors.update(directional_errors(f64, x, {"c": c}, {"c": grad}, n_directions=4, seed=seed))
     fwd_only = _session(features_subgraph(proto)).run([FEATURES], {IMAGE: x})[0]
@@ -244,7 +245,7 @@ def test_shape_subgraphs_are_folded_not_refused():
     ops = [n.op_type for n in built.prep.model.graph.node]
     assert "Mod" not in ops and "Range" not in ops and "Where" not in ops  # folded
     assert "Shape" in ops  # the batch entry stays
-    assert built.feature_shape == (3, 16)
+    assert built.feature_shape == (16, 3)  # [N, 3, 16] is channels before tokens: turned to [N, T, C]
     errors = check_model(model)
     assert errors["input_grad[c]"] < FD_TOL and errors["multi"] < EXACT, errors
 
