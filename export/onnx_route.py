@@ -388,6 +388,7 @@ def export_onnx(
     built = run_transform(model, layer, pool, tuple(spec.input_size), path)
     proto = built.model
     layer_layout = layout_said(built, layer or model.graph.output[0].name, say)
+    built.prep.shed()  # the checks below run the built model, which holds its own weights
 
     x, inputs_desc = probe_images(spec, n_images, images, seed)
     feature_shape = feature_shape_of(proto, x)
@@ -397,6 +398,8 @@ def export_onnx(
         # [N, C, T] to [N, T, C]: the float64 reference reads the layer turned the same way
         forward = fd.Forward64(model, layer, "none", perm=turned_perm(built.prep.model))
         fmap64 = forward(x)
+        source = {"source_opset": _opset(model), "source_producer": _producer(model)}
+        del model  # the reference holds its own float64 copy; the built model its own weights
     except Exception as exc:
         size = f"{spec.input_size[0]}x{spec.input_size[1]}"
         raise ModelError(path, f"the forward graph does not run in float64 at {size} ({_first_line(exc)})") from None
@@ -419,7 +422,7 @@ def export_onnx(
         fmap = _session(fd_feature_map_graph(proto)).run([FEATURE_MAP], {IMAGE: x})[0]
         errors["feature_map"] = max(fd.rel_l2(a, b) for a, b in zip(fmap, fmap64))
     fd_err = fd.directional_errors(
-        lambda z: fd.pool_features(forward(z), pool),
+        lambda z, f=forward: fd.pool_features(f(z), pool),
         x,
         cots,
         grads,
@@ -438,6 +441,7 @@ def export_onnx(
             "as some random initialisations give, has no gradient to check or explain; nothing written",
         )
     errors.update(fd_err)
+    del forward  # before consistency's sessions: the reference's float64 weights (vit_b_16: 0.7 GB)
     checks = consistency(proto, x, feature_shape, seed)
     limits = {k: (grad_tolerance if k.startswith("input_grad") else tolerance) for k in errors}
     verification = {
@@ -482,8 +486,7 @@ def export_onnx(
 
     versions = {
         "onnx_opset": _opset(proto),
-        "source_opset": _opset(model),
-        "source_producer": f"{model.producer_name} {model.producer_version}".strip() or None,
+        **source,
         "onnx": onnx.__version__,
         "numpy": np.__version__,
         "pbv_onnx": pbv_onnx.__version__,
@@ -570,6 +573,10 @@ def fd_feature_map_graph(proto):
     from pbv_onnx.runtime.modelfile import subgraph
 
     return subgraph(proto, [IMAGE], [FEATURE_MAP])
+
+
+def _producer(model) -> str | None:
+    return f"{model.producer_name} {model.producer_version}".strip() or None
 
 
 def _opset(model) -> int | None:
@@ -713,6 +720,7 @@ def export_torch_graph(
     layer_layout = layout_said(built, layer or "the output", say)
     if layer_layout:
         weights_record = {**weights_record, "layer_layout": layer_layout}
+    built.prep.shed()  # the checks below run the built model, which holds its own weights
 
     x, inputs_desc = verify.verification_images(spec, n_images, images)
     say(f"verifying onnxruntime against torch autograd on {len(x)} images ({inputs_desc.split(':')[0]})")
