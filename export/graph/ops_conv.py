@@ -561,10 +561,12 @@ class ResizeRule(GraphRule):
         import onnxruntime as ort
 
         scales = ctx.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        sizes = ctx.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
         roi = ctx.value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
-        if (scales is None or scales.size == 0) and sizes is None:
-            raise unsupported(node, "scales or sizes that are not constants")
+        # sizes need not be constant (a batch-free file computes them from the image's batch size): the
+        # output's static shape gives each axis's size
+        by_sizes = len(node.input) > 3 and bool(node.input[3])
+        if (scales is None or scales.size == 0) and not by_sizes:
+            raise unsupported(node, "scales that are not constants")
         eye = np.eye(n_in, dtype=np.float32).reshape(n_in, 1, n_in, 1)
         if roi is not None and roi.size:
             if roi.size != 8:

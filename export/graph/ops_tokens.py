@@ -372,7 +372,7 @@ class Gemm(GraphRule):
         ]
 
 
-def _einsum_parse(eq: str, ranks: list[int]) -> tuple[list[str], str]:
+def einsum_parse(eq: str, ranks: list[int]) -> tuple[list[str], str]:
     """An einsum equation as explicit index strings per operand and the output (ellipses spelled out)."""
     eq = eq.replace(" ", "")
     lhs, rhs = eq.split("->") if "->" in eq else (eq, None)
@@ -454,7 +454,7 @@ class Einsum(GraphRule):
         if len(node.input) > 2:
             raise unsupported(node, "more than two operands")
         shapes = [list(ctx.shape(i)) for i in node.input]
-        ops, out = _einsum_parse(attr(node, "equation").decode() if isinstance(attr(node, "equation"), bytes)
+        ops, out = einsum_parse(attr(node, "equation").decode() if isinstance(attr(node, "equation"), bytes)
                                  else attr(node, "equation"), [len(s) for s in shapes])  # fmt: skip
         if any(len(set(t)) != len(t) for t in ops + [out]):
             raise unsupported(node, "a repeated index within one operand (a diagonal)")

@@ -447,13 +447,17 @@ def _propagate(nodes, outputs, values, image: str, b0: int, choices: dict[int, i
                 scales = const(ins[2]) if len(ins) > 2 and ins[2] else None
                 sizes = const(ins[3]) if len(ins) > 3 and ins[3] else None
                 if sizes is not None and sizes.size:
-                    stop("Resize by sizes fixes the batch axis")
-                if scales is None or not scales.size or float(scales.ravel()[out.axis]) != 1.0:
+                    if (out.p, out.m) != (1, 1) or int(sizes.ravel()[out.axis]) != b0:
+                        stop("it resizes the batch axis")
+                    actions.append(("resize_sizes", idx, [int(v) for v in sizes.ravel()], out.axis))
+                elif scales is None or not scales.size or float(scales.ravel()[out.axis]) != 1.0:
                     stop("it resizes the batch axis")
             elif op == "MatMul":
                 out = _matmul(node, ins, bat, infos, shp, stop, tile)
             elif op == "Gemm":
                 out = _gemm(node, ins, bat, infos, shp, stop, tile)
+            elif op == "Einsum":
+                out = _einsum(node, ins, bat, infos, shp, stop, tile, b0)
             else:
                 stop("an op the batch cannot be followed through")
         except _Stop:
@@ -531,6 +535,29 @@ def _gemm(node, ins, bat, infos, shp, stop, tile) -> Batch:
     return out
 
 
+def _einsum(node, ins, bat, infos, shp, stop, tile, b0: int) -> Batch:
+    """The batch through an Einsum: the index its axis holds in each operand, which the output keeps."""
+    from pbv_onnx.export.graph.ops_tokens import einsum_parse
+
+    eq = _attr(node, "equation")
+    ops, res = einsum_parse(eq.decode() if isinstance(eq, bytes) else eq, [len(shp(n)) for n in ins])
+    index, out = None, None
+    for j, n in bat:
+        b = infos[n]
+        c = ops[j][b.axis]
+        if index is not None and (c, b.p, b.m) != (index, out.p, out.m):
+            stop("its operands carry the batch on different indices")
+        if c not in res:
+            stop("it sums over the batch axis")
+        index, out = c, Batch(res.index(c), b.p, b.m)
+    for j, n in enumerate(ins):
+        if n and n not in infos and index in ops[j]:
+            ax = ops[j].index(index)
+            if shp(n)[ax] != 1 or out.p * b0 * out.m == 1:  # a 1 in an ellipsis broadcasts where the batch is larger
+                tile(j, ax, out)
+    return out
+
+
 def _rewrite(model, image: str, values, infos, actions, b0: int):
     """Apply the rewrites to a copy of `model`: (model, notes)."""
     from onnx import helper, numpy_helper
@@ -580,6 +607,14 @@ def _rewrite(model, image: str, values, infos, actions, b0: int):
         elif kind == "expand":
             node.input[1] = const(f"{node.name}_shape", act[2])
             notes.append(f"Expand {node.name!r}: shape {act[2]} (batch entry 1)")
+        elif kind == "resize_sizes":
+            sizes, axis = act[2], act[3]
+            target = fresh(f"{node.name}_sizes")
+            parts = ([const("sizes", sizes[:axis])] if axis else []) + [n_name]
+            parts += [const("sizes", sizes[axis + 1 :])] if axis + 1 < len(sizes) else []
+            before.setdefault(idx, []).append(helper.make_node("Concat", parts, [target], axis=0, name=target))
+            node.input[3] = target
+            notes.append(f"Resize {node.name!r}: sizes {sizes} with the batch read from the image")
         elif kind == "tile":
             j, axis, info = act[2], act[3], act[4]
             src = node.input[j]

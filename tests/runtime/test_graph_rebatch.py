@@ -169,12 +169,54 @@ def _class_token(batch):
     return model
 
 
+def _einsum(batch):
+    """Patch tokens [N, D, T] through attention written as Einsums ("bdt,bds->bts", softmax,
+    "bts,bds->bdt"), a linear layer "bdt,de->bte", and a gate: batch 1 holds it as a [1, D] constant
+    read by "bte,be->bte" (its batch index must be expanded), the free model as [D] by "bte,e->bte"."""
+    fixed = batch == 1
+    inits = {
+        "w": example_weights(1, D, 3, 2, 2, scale=0),
+        "s_tok": _i64(1 if fixed else -1, D, 4),
+        "lin": example_weights(2, D, D, scale=0),
+        "gate": np.linspace(0.5, 1.5, D).astype(np.float32).reshape((1, D) if fixed else (D,)),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Reshape", ["c", "s_tok"], ["p"]),
+        helper.make_node("Einsum", ["p", "p"], ["sc"], equation="bdt,bds->bts"),
+        helper.make_node("Softmax", ["sc"], ["a"], axis=-1),
+        helper.make_node("Einsum", ["a", "p"], ["o"], equation="bts,bds->bdt"),
+        helper.make_node("Einsum", ["o", "lin"], ["l"], equation="bdt,de->bte"),
+        helper.make_node("Einsum", ["l", "gate"], ["y"], equation="bte,be->bte" if fixed else "bte,e->bte"),
+    ]
+    return _model(nodes, inits, (3, 4, 4), batch)
+
+
+def _resize(batch):
+    """conv -> Resize to 6 x 6 (linear) by sizes: [1, 4, 6, 6] as a constant (batch 1), or the image's
+    batch size concatenated with [4, 6, 6] (free)."""
+    inits = {"w": example_weights(1, 4, 3, 1, 1, scale=0)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1])]
+    if batch == 1:
+        inits["sizes"] = _i64(1, 4, 6, 6)
+    else:
+        inits["rest"] = _i64(4, 6, 6)
+        nodes += [
+            helper.make_node("Shape", ["x"], ["n"], start=0, end=1),
+            helper.make_node("Concat", ["n", "rest"], ["sizes"], axis=0),
+        ]
+    nodes.append(helper.make_node("Resize", ["c", "", "", "sizes"], ["y"], mode="linear"))
+    return _model(nodes, inits, (3, 4, 4), batch)
+
+
 MODELS = {
     "cnn": _cnn,
     "tokens": _tokens,
     "attention": lambda b: _tokens(b, attention=True),
     "shapes": _shapes,
     "class_token": _class_token,
+    "einsum": _einsum,
+    "resize": _resize,
 }
 
 
@@ -248,6 +290,16 @@ def test_a_batch_that_cannot_be_followed_is_one_line():
     assert "fixes its batch size at 1 and cannot be made batch-free" in msg
     assert "sum_over_batch" in msg and "reduces over the batch axis" in msg
     assert "\n" not in msg
+
+
+def test_an_einsum_that_sums_over_the_batch_is_refused_in_one_line():
+    model = _einsum(1)
+    (last,) = [n for n in model.graph.node if n.output[0] == "y"]
+    last.CopyFrom(helper.make_node("Einsum", ["l", "gate"], ["y"], equation="bte,be->te", name="over_images"))
+    with pytest.raises(ModelError) as err:
+        build(model)
+    msg = str(err.value)
+    assert "cannot be made batch-free" in msg and "over_images" in msg and "sums over the batch axis" in msg
 
 
 @pytest.mark.parametrize(
