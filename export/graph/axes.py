@@ -5,14 +5,10 @@ so a cut there pooled "over space" as [N, C, h, w] would average rows and channe
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger(__name__)
-
 NCHW = ("N", "C", "H", "W")
 NTC = ("N", "T", "C")  # tokens: batch, token, channel
 CANONICAL = {4: NCHW, 3: NTC}  # the layouts pooling and maps read (export/graph/transform.py)
-TO_CHANNELS_FIRST = "__to_channels_first"  # suffix of the Transpose turn_cut puts after a cut
+TO_CHANNELS_FIRST = "__to_channels_first"  # suffix of the Transpose prepare puts after a turned cut
 _SPACE = ("H", "W", "T")  # axes that index positions in the image: a Reshape may merge or split them
 
 # ops that read and write [N, C, H, W] (at rank 3 [N, C, L]) by definition

@@ -228,7 +228,7 @@ def _carries_gradient(prep: Prepared, name: str) -> bool:
 
 def _original_name(prep: Prepared, name: str) -> str:
     """The model's own name of a tensor: before renaming, and before the Transpose that turns a
-    channels-last cut (axes.cut_channels_first)."""
+    channels-last cut (prepare._turn)."""
     back = {v: k for k, v in prep.renamed.items()}
     for node in prep.model.graph.node:
         if node.name.endswith(TO_CHANNELS_FIRST) and node.output[0] == name:
