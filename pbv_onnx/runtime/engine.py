@@ -87,7 +87,7 @@ class Engine:
         if precision == "fp16" and provider_name(self._providers[0]) != "CUDAExecutionProvider":
             raise UsageError(None, "precision fp16 needs the CUDA provider (device=cuda)", param="device")
         self.precision = precision
-        self._options = session_options(threads)
+        self._options = session_options(threads, cpu=provider_name(self._providers[0]) == "CPUExecutionProvider")
         if precision == "fp16":
             self._proto = to_fp16(self._proto)
         # fp32 runs the very bytes that were checked and hashed (a model with external data runs

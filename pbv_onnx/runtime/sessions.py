@@ -138,13 +138,15 @@ def one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def session_options(threads: int | None = None):
+def session_options(threads: int | None = None, cpu: bool = True):
     """onnxruntime options, chosen by measurement (bench/run.py; figures in docs/performance.md):
     all graph optimisations (NCHWc convolutions; the lower levels are slower); worker threads that
     sleep when idle instead of spinning: spinning gains nothing on a quiet machine, while a
     spinning session's workers run on after its call and slow whatever runs next, another
     session of the same model or other processes; `threads` intra-op threads (default: one per
-    physical core)."""
+    physical core). On the CPU (`cpu`), no memory pattern: with it a session's second call
+    allocates the planned block afresh and page-faults it in, and explain peaks higher, for no
+    speed once warm."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -153,6 +155,8 @@ def session_options(threads: int | None = None):
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
+    if cpu:
+        opts.enable_mem_pattern = False
     opts.log_severity_level = 3
     return opts
 
