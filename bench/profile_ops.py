@@ -21,8 +21,7 @@ if str(ROOT) not in sys.path:
 
 
 # runs not counted: the first plans memory and page-faults it in; where onnxruntime's memory pattern is
-# on, the second allocates the planned block and faults it in again (swin_t's VJP graph at 8 images:
-# 141 000 and 113 000 minor faults, then none; 2.2 s, 1.8 s, then 0.9 s a run)
+# on, the second allocates the planned block and faults it in again (docs/performance.md)
 WARM_UP = 2
 
 
