@@ -88,6 +88,17 @@ def transpose_to(ctx, g: str, w: str, x_hw, y_hw, kernel, strides, dilations, pa
     return out
 
 
+def subpixel_pays(kernel, strides, dilations) -> bool:
+    """Whether a dense strided Conv's adjoint is faster as the sub-pixel Conv than as ConvTranspose in
+    onnxruntime: equal strides of 3 or more, undilated, overlapping windows (kernel > stride), and the
+    kernel padded to a multiple of the stride at most 1.2x its taps (measured: docs/performance.md)."""
+    s = int(strides[0])
+    if len(set(strides)) != 1 or s < 3 or any(int(d) != 1 for d in dilations) or any(k <= s for k in kernel):
+        return False
+    padded = np.prod([s * -(-int(k) // s) for k in kernel])
+    return bool(padded <= 1.2 * np.prod([int(k) for k in kernel]))
+
+
 def _bn_scale(ctx, bn) -> np.ndarray | None:
     """gamma / sqrt(var + eps) of an inference BatchNormalization with constant parameters."""
     vals = [ctx.value(n) for n in bn.input[1:5]]
@@ -114,8 +125,9 @@ class ConvRule(GraphRule):
     op_type = "Conv"
     description = (
         "Conv: stride 1 as a Conv with per-group transposed, flipped weights; strided depthwise as that Conv "
-        "on the zero-upsampled gradient; other strided as ConvTranspose with the same weights (a following "
-        "inference BatchNorm's scale folded into them)"
+        "on the zero-upsampled gradient; overlapping windows at stride 3 or more (AlexNet's 11x11/4) as a "
+        "stride-1 Conv to one channel per output phase and a DepthToSpace; other strided as ConvTranspose "
+        "with the same weights (a following inference BatchNorm's scale folded into them)"
     )
 
     def vjp(self, ctx, node, grads):
@@ -150,6 +162,8 @@ class ConvRule(GraphRule):
             # strided depthwise: the stride-1 adjoint on the zero-upsampled gradient (onnxruntime's
             # grouped ConvTranspose runs group by group, far slower than its depthwise Conv)
             out[0] = self.upsampled_adjoint(ctx, g, w, wv.shape, x_hw, y_hw, strides, dilations, pads, adj)
+        elif group == 1 and r == 2 and subpixel_pays(kernel, strides, dilations):
+            out[0] = self.subpixel_adjoint(ctx, g, w, wv.shape, x_hw, y_hw, int(strides[0]), pads)
         else:
             out[0] = transpose_to(ctx, g, w, x_hw, y_hw, kernel, strides, dilations, pads, group)
         return out
@@ -181,6 +195,43 @@ class ConvRule(GraphRule):
             begin, right = [max(0, b) for b in begin], [max(0, e) for e in right]
         wt = cls.adjoint_weight(ctx, w, shape, c)
         return ctx.emit("Conv", [u, wt], pads=begin + right, dilations=list(dilations), group=c)
+
+    @staticmethod
+    def subpixel_adjoint(ctx, g, w, shape, x_hw, y_hw, s: int, pads) -> str:
+        """J^T g of a dense conv with stride s on both axes as a stride-1 Conv of g to Cin*s*s channels,
+        one per output phase (rh, rw), and a DepthToSpace: for a padded-input row v = s*q + r,
+        gx[v] = sum_d g[q - d] w[s*d + r], the kernel zero-padded to a multiple of s and flipped (ops on
+        w). Then rows [p, p + x) of the padded input, zeros past the last row the windows reach."""
+        cout, cin, kh, kw = (int(v) for v in shape)
+        d = [-(-k // s) for k in (kh, kw)]
+        v = ctx.forward("Pad", [w, ctx.const(np.array([0, 0, 0, 0, 0, 0, s * d[0] - kh, s * d[1] - kw], np.int64))])
+        v = ctx.forward("Reshape", [v, ctx.const(np.array([cout, cin, d[0], s, d[1], s], np.int64))])
+        v = ctx.forward(
+            "Slice",
+            [v, ctx.const(np.array([-1, -1], np.int64)), ctx.const(np.array([_INT_MIN, _INT_MIN], np.int64)),
+             ctx.const(np.array([2, 4], np.int64)), ctx.const(np.array([-1, -1], np.int64))],
+        )  # fmt: skip
+        v = ctx.forward("Transpose", [v], perm=[1, 3, 5, 0, 2, 4])
+        wt = ctx.forward(
+            "Reshape", [v, ctx.const(np.array([cin * s * s, cout, *d], np.int64))], _shape=(cin * s * s, cout, *d)
+        )
+        u = ctx.emit("Conv", [g, wt], pads=[d[0] - 1, d[1] - 1, d[0] - 1, d[1] - 1])
+        u = ctx.emit("DepthToSpace", [u], blocksize=s, mode="CRD")
+        reach = [(y + k - 1) * s for y, k in zip(y_hw, d)]  # padded-input rows the phases cover
+        begin = [int(p) for p in pads[:2]]
+        end = [min(p + x, n) for p, x, n in zip(begin, x_hw, reach)]
+        batch = ctx.shape(g)[0] if ctx.shape(g) is not None else "N"
+        u = ctx.emit(
+            "Slice",
+            [u, ctx.const(np.array(begin, np.int64)), ctx.const(np.array(end, np.int64)),
+             ctx.const(np.array([2, 3], np.int64))],
+            _shape=(batch, cin, *[e - b for b, e in zip(begin, end)]),
+        )  # fmt: skip
+        rest = [p + x - e for p, x, e in zip(begin, x_hw, end)]
+        if any(rest):  # rows no window reaches: zero gradient
+            pad = ctx.const(np.array([0, 0, 0, 0, 0, 0, *rest], np.int64))
+            u = ctx.emit("Pad", [u, pad], _shape=(batch, cin, *x_hw))
+        return to_blocked(ctx, u, (batch, cin, *x_hw))
 
     @staticmethod
     def adjoint_weight(ctx, w: str, shape, group: int) -> str:
@@ -222,6 +273,9 @@ class ConvRule(GraphRule):
             dict(cin=3, cout=3, k=(3, 3), group=3, strides=[2, 3], pads=[0, 1, 0, 0]),
             dict(cin=3, cout=3, k=(3, 3), group=3, strides=[2, 2], pads=[1, 1, 1, 1], dilations=[2, 1]),
             dict(cin=3, cout=3, k=(2, 2), group=3, strides=[3, 3], pads=[3, 0, 0, 3]),
+            # the sub-pixel form: rows past the last window padded with zeros, then end pads cropped
+            dict(cin=3, cout=4, k=(6, 6), strides=[3, 3], pads=[2, 1, 0, 0]),
+            dict(cin=3, cout=4, k=(8, 8), strides=[4, 4], pads=[2, 2, 2, 2]),
         ]
         for i, v in enumerate(variants):
             cin, cout, k, group = v.pop("cin"), v.pop("cout"), v.pop("k"), v.get("group", 1)

@@ -259,3 +259,21 @@ def test_describe_and_fp32_table():
     # one weight copy: the adjoint's transposed weights are ops on the forward initializers
     sizes = [int(np.prod(t.dims)) for t in built.model.graph.initializer]
     assert sum(s for s in sizes if s >= 100) == 4 * 3 * 9 + 4 * 4 * 9
+
+
+def test_overlapping_stride_3_or_more_conv_adjoint_is_sub_pixel():
+    """The sub-pixel adjoint (a Conv to one channel per phase and a DepthToSpace) where it measured faster
+    than ConvTranspose in onnxruntime (11x11/4, 8x8/4, 9x9/3); ConvTranspose elsewhere (7x7/2, 3x3/2, and
+    windows that do not overlap: 4x4/4, 16x16/16)."""
+    from pbv_onnx.export.graph.ops_conv import subpixel_pays
+
+    chosen = [(11, 4), (8, 4), (9, 3), (6, 3)]
+    not_chosen = [(7, 2), (3, 2), (6, 2), (4, 4), (16, 16), (5, 3), (13, 4)]
+    assert all(subpixel_pays((k, k), (s, s), (1, 1)) for k, s in chosen)
+    assert not any(subpixel_pays((k, k), (s, s), (1, 1)) for k, s in not_chosen)
+    assert not subpixel_pays((11, 11), (4, 4), (2, 2)) and not subpixel_pays((11, 11), (4, 3), (1, 1))
+    for k, s, pads, form in [(8, 4, [2, 2, 2, 2], "DepthToSpace"), (5, 3, [2, 2, 2, 2], "ConvTranspose")]:
+        w = example_weights(3, 4, 3, k, k, scale=0)
+        node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=pads)
+        ops = {n.op_type for n in build(example_model([node], (3, 13, 11), {"w": w})).model.graph.node}
+        assert form in ops and ({"DepthToSpace", "ConvTranspose"} - {form}).isdisjoint(ops), (k, s, ops)
