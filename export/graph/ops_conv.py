@@ -88,12 +88,15 @@ def transpose_to(ctx, g: str, w: str, x_hw, y_hw, kernel, strides, dilations, pa
     return out
 
 
-def subpixel_pays(kernel, strides, dilations) -> bool:
+def subpixel_pays(kernel, strides, dilations, c_in: int) -> bool:
     """Whether a dense strided Conv's adjoint is faster as the sub-pixel Conv than as ConvTranspose in
-    onnxruntime: equal strides of 3 or more, undilated, overlapping windows (kernel > stride), and the
-    kernel padded to a multiple of the stride at most 1.2x its taps (measured: docs/performance.md)."""
+    onnxruntime: a stem reading the image (at most 4 input channels, where ConvTranspose's product has
+    few rows), equal undilated strides, overlapping windows (kernel > stride), and the kernel padded to
+    a multiple of the stride at most 1.2x its taps (measured: bench/conv_adjoint_forms.py)."""
     s = int(strides[0])
-    if len(set(strides)) != 1 or s < 3 or any(int(d) != 1 for d in dilations) or any(k <= s for k in kernel):
+    if c_in > 4 or len(set(strides)) != 1 or s < 2 or any(int(d) != 1 for d in dilations):
+        return False
+    if any(int(k) <= s for k in kernel):
         return False
     padded = np.prod([s * -(-int(k) // s) for k in kernel])
     return bool(padded <= 1.2 * np.prod([int(k) for k in kernel]))
@@ -125,7 +128,7 @@ class ConvRule(GraphRule):
     op_type = "Conv"
     description = (
         "Conv: stride 1 as a Conv with per-group transposed, flipped weights; strided depthwise as that Conv "
-        "on the zero-upsampled gradient; overlapping windows at stride 3 or more (AlexNet's 11x11/4) as a "
+        "on the zero-upsampled gradient; an image stem with overlapping windows (AlexNet's 11x11/4) as a "
         "stride-1 Conv to one channel per output phase and a DepthToSpace; other strided as ConvTranspose "
         "with the same weights (a following inference BatchNorm's scale folded into them)"
     )
@@ -162,7 +165,7 @@ class ConvRule(GraphRule):
             # strided depthwise: the stride-1 adjoint on the zero-upsampled gradient (onnxruntime's
             # grouped ConvTranspose runs group by group, far slower than its depthwise Conv)
             out[0] = self.upsampled_adjoint(ctx, g, w, wv.shape, x_hw, y_hw, strides, dilations, pads, adj)
-        elif group == 1 and r == 2 and subpixel_pays(kernel, strides, dilations):
+        elif group == 1 and r == 2 and subpixel_pays(kernel, strides, dilations, int(wv.shape[1])):
             out[0] = self.subpixel_adjoint(ctx, g, w, wv.shape, x_hw, y_hw, int(strides[0]), pads)
         else:
             out[0] = transpose_to(ctx, g, w, x_hw, y_hw, kernel, strides, dilations, pads, group)

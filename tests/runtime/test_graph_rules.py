@@ -261,17 +261,19 @@ def test_describe_and_fp32_table():
     assert sum(s for s in sizes if s >= 100) == 4 * 3 * 9 + 4 * 4 * 9
 
 
-def test_overlapping_stride_3_or_more_conv_adjoint_is_sub_pixel():
-    """The sub-pixel adjoint (a Conv to one channel per phase and a DepthToSpace) where it measured faster
-    than ConvTranspose in onnxruntime (11x11/4, 8x8/4, 9x9/3); ConvTranspose elsewhere (7x7/2, 3x3/2, and
-    windows that do not overlap: 4x4/4, 16x16/16)."""
+def test_image_stem_conv_adjoint_is_sub_pixel_where_it_measured_faster():
+    """The sub-pixel adjoint (a Conv to one channel per phase and a DepthToSpace) for the strided convs
+    reading the image where it measured faster than ConvTranspose (bench/conv_adjoint_forms.py: 11x11/4,
+    12x12/4, 8x8/4, 9x9/3, 6x6/3, 6x6/2, 4x4/2); ConvTranspose for 7x7/2 and 3x3/2 (zero taps), windows
+    that do not overlap (4x4/4, 16x16/16), and convs of 64 input channels (no faster)."""
     from pbv_onnx.export.graph.ops_conv import subpixel_pays
 
-    chosen = [(11, 4), (8, 4), (9, 3), (6, 3)]
-    not_chosen = [(7, 2), (3, 2), (6, 2), (4, 4), (16, 16), (5, 3), (13, 4)]
-    assert all(subpixel_pays((k, k), (s, s), (1, 1)) for k, s in chosen)
-    assert not any(subpixel_pays((k, k), (s, s), (1, 1)) for k, s in not_chosen)
-    assert not subpixel_pays((11, 11), (4, 4), (2, 2)) and not subpixel_pays((11, 11), (4, 3), (1, 1))
+    chosen = [(11, 4), (12, 4), (8, 4), (9, 3), (6, 3), (6, 2), (4, 2)]
+    not_chosen = [(7, 2), (3, 2), (4, 4), (16, 16), (5, 3), (13, 4), (2, 2)]
+    assert all(subpixel_pays((k, k), (s, s), (1, 1), 3) for k, s in chosen)
+    assert not any(subpixel_pays((k, k), (s, s), (1, 1), 3) for k, s in not_chosen)
+    assert not subpixel_pays((11, 11), (4, 4), (1, 1), 64) and not subpixel_pays((11, 11), (4, 4), (2, 2), 3)
+    assert not subpixel_pays((11, 11), (4, 3), (1, 1), 3)
     for k, s, pads, form in [(8, 4, [2, 2, 2, 2], "DepthToSpace"), (5, 3, [2, 2, 2, 2], "ConvTranspose")]:
         w = example_weights(3, 4, 3, k, k, scale=0)
         node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=pads)
