@@ -4,6 +4,10 @@ and a LayerNormalization read only by a linear layer: their adjoints in fewer fu
 A roll's adjoint, node by node, is a Split of the cotangent, each part padded back to full size (Slice's
 rule) and the parts summed: four passes. As one: a single Gather by the inverse permutation.
 
+A MatMul of A by Transpose(K) with the last two axes swapped (attention's q k^T): node by node, K's
+cotangent is (A^T g) transposed back, a full pass over it; as one, g^T A, whose transpose onnxruntime
+folds into the MatMul.
+
 A LayerNormalization over the last axis read only by MatMul(., W), W constant [C, D]: the norm's scale and
 the centring of its adjoint (g' - mean g') are linear maps on the channels, folded into the weight of the
 MatMul's adjoint Gemm (ops on W that onnxruntime folds at session start), which leaves
@@ -16,6 +20,7 @@ from onnx import helper
 
 from pbv_onnx.export.graph.fuse_gelu import made_by
 from pbv_onnx.export.graph.ops_shape import _slice_indices, attr, is_static, norm_axis, reshape_to
+from pbv_onnx.export.graph.ops_tokens import _unbroadcast_if
 from pbv_onnx.export.graph.rules import GraphPattern, example_model, register_pattern
 
 # --- torch.roll: Concat of Slices that permute one axis -----------------------------------------------
@@ -207,3 +212,78 @@ class LayerNormLinearPattern(GraphPattern):
                 name="layernorm_linear_channels_last",
             ),
         ]
+
+
+# --- MatMul(A, Transpose(K)): attention's scores q k^T ---------------------------------------------------
+
+
+def _swaps_last_two(node, rank: int) -> bool:
+    perm = attr(node, "perm")
+    want = list(range(rank))
+    want[-2], want[-1] = want[-1], want[-2]
+    return perm is not None and list(perm) == want
+
+
+@register_pattern
+class TransposedOperandPattern(GraphPattern):
+    name = "matmul_transposed_operand"
+    root_op = "MatMul"
+    description = (
+        "MatMul(A, Transpose(K)), the Transpose swapping the last two axes and read only here (attention's "
+        "q k^T): K's cotangent g^T A and A's g K, no transpose of either result"
+    )
+
+    def match(self, ctx, node):
+        """(a, k) where node = MatMul(a, Transpose(k)), k on the image's path, shapes known."""
+        if len(node.input) != 2:
+            return None
+        a, b = node.input
+        t = made_by(ctx, b, "Transpose")
+        if t is None or b == ctx.prep.cut or ctx.consumers(b) != [node] or not ctx.on_path(t.input[0]):
+            return None
+        k = t.input[0]
+        sa, sk = ctx.shape(a), ctx.shape(k)
+        if sa is None or sk is None or len(sa) < 2 or len(sk) < 2 or not _swaps_last_two(t, len(sk)):
+            return None
+        return a, k
+
+    def vjp(self, ctx, node, match, grads):
+        a, k = match
+        g = grads[0]
+        if g is None:
+            return {}
+        sa, sk, sy = list(ctx.shape(a)), list(ctx.shape(k)), list(ctx.shape(node.output[0]))
+        out = {}
+        if ctx.on_path(a):  # g [.., m, n] @ K [.., n, c]
+            ga = ctx.emit("MatMul", [g, ctx.fwd(k)])
+            out[a] = ctx.set_shape(_unbroadcast_if(ctx, ga, sy[:-1] + [sk[-1]], a), ctx.shape(a))
+        # g^T [.., n, m] @ A [.., m, c]: the transpose of A^T g, as K's own layout
+        perm = list(range(len(sy)))
+        perm[-2], perm[-1] = perm[-1], perm[-2]
+        gk = ctx.emit("MatMul", [ctx.emit("Transpose", [g], perm=perm), ctx.fwd(a)])
+        out[k] = ctx.set_shape(_unbroadcast_if(ctx, gk, sy[:-2] + [sy[-1], sa[-1]], k), ctx.shape(k))
+        return out
+
+    @classmethod
+    def examples(cls):
+        mk = helper.make_node
+        scale = {"c1": np.linspace(0.5, 1.5, 4).astype(np.float32), "c2": np.float32(0.3)}
+        kt = mk("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2])
+        out = [
+            # q k^T, both from the image
+            example_model(
+                [mk("Mul", ["x", "c1"], ["q"]), mk("Add", ["x", "c2"], ["k"]), kt, mk("MatMul", ["q", "kt"], ["y"])],
+                (3, 5, 4), scale, name="qk",
+            ),
+            # A a constant broadcast over the batch: only K's cotangent
+            example_model(
+                [mk("Tanh", ["x"], ["k"]), kt, mk("MatMul", ["a", "kt"], ["y"])],
+                (3, 5, 4), {"a": np.linspace(-1, 1, 60).reshape(1, 3, 5, 4)}, name="const_a",
+            ),
+            # K broadcast over the heads axis ([N, 1, 5, 4]): its cotangent summed over it
+            example_model(
+                [mk("ReduceMean", ["x"], ["k"], axes=[1], keepdims=1), kt, mk("MatMul", ["x", "kt"], ["y"])],
+                (3, 5, 4), name="broadcast_k",
+            ),
+        ]  # fmt: skip
+        return out
