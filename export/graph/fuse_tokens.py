@@ -20,7 +20,7 @@ from onnx import helper
 
 from pbv_onnx.export.graph.fuse_gelu import made_by
 from pbv_onnx.export.graph.ops_shape import _slice_indices, attr, is_static, norm_axis, reshape_to
-from pbv_onnx.export.graph.ops_tokens import _unbroadcast_if
+from pbv_onnx.export.graph.ops_tokens import _unbroadcast_if, swap_last_perm
 from pbv_onnx.export.graph.rules import GraphPattern, example_model, register_pattern
 
 # --- torch.roll: Concat of Slices that permute one axis -----------------------------------------------
@@ -217,13 +217,6 @@ class LayerNormLinearPattern(GraphPattern):
 # --- MatMul(A, Transpose(K)): attention's scores q k^T ---------------------------------------------------
 
 
-def _swaps_last_two(node, rank: int) -> bool:
-    perm = attr(node, "perm")
-    want = list(range(rank))
-    want[-2], want[-1] = want[-1], want[-2]
-    return perm is not None and list(perm) == want
-
-
 @register_pattern
 class TransposedOperandPattern(GraphPattern):
     name = "matmul_transposed_operand"
@@ -243,7 +236,9 @@ class TransposedOperandPattern(GraphPattern):
             return None
         k = t.input[0]
         sa, sk = ctx.shape(a), ctx.shape(k)
-        if sa is None or sk is None or len(sa) < 2 or len(sk) < 2 or not _swaps_last_two(t, len(sk)):
+        if sa is None or sk is None or len(sa) < 2 or len(sk) < 2:
+            return None
+        if list(attr(t, "perm") or []) != swap_last_perm(len(sk)):
             return None
         return a, k
 
@@ -258,9 +253,7 @@ class TransposedOperandPattern(GraphPattern):
             ga = ctx.emit("MatMul", [g, ctx.fwd(k)])
             out[a] = ctx.set_shape(_unbroadcast_if(ctx, ga, sy[:-1] + [sk[-1]], a), ctx.shape(a))
         # g^T [.., n, m] @ A [.., m, c]: the transpose of A^T g, as K's own layout
-        perm = list(range(len(sy)))
-        perm[-2], perm[-1] = perm[-1], perm[-2]
-        gk = ctx.emit("MatMul", [ctx.emit("Transpose", [g], perm=perm), ctx.fwd(a)])
+        gk = ctx.emit("MatMul", [ctx.emit("Transpose", [g], perm=swap_last_perm(len(sy))), ctx.fwd(a)])
         out[k] = ctx.set_shape(_unbroadcast_if(ctx, gk, sy[:-2] + [sy[-1], sa[-1]], k), ctx.shape(k))
         return out
 

@@ -189,14 +189,19 @@ class Softmax(GraphRule):
 # --- products -----------------------------------------------------------------------------------------
 
 
+def swap_last_perm(rank: int) -> list[int]:
+    """The Transpose perm that swaps the last two of `rank` axes."""
+    perm = list(range(rank))
+    perm[-2], perm[-1] = perm[-1], perm[-2]
+    return perm
+
+
 def _swap_last(ctx, name: str, rank: int) -> str:
     """name with its last two axes swapped (a constant swapped at build time)."""
     v = ctx.value(name)
     if v is not None and not ctx.on_path(name):
         return ctx.const(np.swapaxes(np.asarray(v), -1, -2), "t")
-    perm = list(range(rank))
-    perm[-2], perm[-1] = perm[-1], perm[-2]
-    return ctx.emit("Transpose", [ctx.fwd(name)], perm=perm)
+    return ctx.emit("Transpose", [ctx.fwd(name)], perm=swap_last_perm(rank))
 
 
 @register
@@ -245,9 +250,7 @@ class MatMul(GraphRule):
         batch = list(broadcast_shapes(tuple(sa2[:-2]), tuple(sb2[:-2])))
         ga = gb = None
         if ctx.on_path(a):
-            perm_b = list(range(len(sb2)))
-            perm_b[-2], perm_b[-1] = perm_b[-1], perm_b[-2]
-            ga = ctx.emit("MatMul", [g2, ctx.emit("Transpose", [b2], perm=perm_b)])
+            ga = ctx.emit("MatMul", [g2, ctx.emit("Transpose", [b2], perm=swap_last_perm(len(sb2)))])
             ga_shape = batch + [sa2[-2], sa2[-1]]
             if len(sa) == 1:
                 ga = ctx.emit("Squeeze", [ga, ctx.const(_i64(-2), "axes")])
