@@ -16,16 +16,21 @@ own graph computes on a probe input; otherwise, or if the rewrite fails, onnxrun
 With the cache off the rewrite goes through a temporary file.
 
 Folder: `$PBV_ONNX_CACHE`, else `$XDG_CACHE_HOME/pbv-onnx`, else `~/.cache/pbv-onnx`;
-`PBV_ONNX_CACHE=off` turns the cache off.
+`PBV_ONNX_CACHE=off` turns the cache off. Its size is bounded (`$PBV_ONNX_CACHE_MAX`, default 4G):
+every re-exported model and every onnxruntime upgrade makes new entries, so after each store the
+least recently used entries go until the folder fits (a hit marks an entry used).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import platform
+import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +39,12 @@ from pbv_onnx.base.errors import DependencyError, UsageError
 
 CACHE_ENV = "PBV_ONNX_CACHE"
 CACHE_OFF = {"off", "0", "no", "false", "none"}
+CACHE_MAX_ENV = "PBV_ONNX_CACHE_MAX"
+CACHE_MAX_DEFAULT = "4G"
+# A temporary file this old is a killed writer's (a store takes seconds), not one in progress.
+STALE_TEMP_S = 24 * 3600
+
+_log = logging.getLogger(__name__)
 
 
 def choose_providers(device: str) -> list[str]:
@@ -170,6 +181,75 @@ def cache_dir() -> Path | None:
     return Path(base) / "pbv-onnx"
 
 
+def parse_size(text: str) -> int:
+    """`500M`, `4G`, `64k` or a byte count -> bytes (binary units); ValueError otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def cache_limit() -> int:
+    """The cache's size limit in bytes: `$PBV_ONNX_CACHE_MAX`, else 4 GiB; a value that is not a
+    size is reported once per run and the default used (the cache never fails a run)."""
+    value = os.environ.get(CACHE_MAX_ENV, CACHE_MAX_DEFAULT)
+    try:
+        return parse_size(value)
+    except ValueError:
+        _warn_bad_limit(value)
+        return parse_size(CACHE_MAX_DEFAULT)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_bad_limit(value: str) -> None:
+    """One warning per bad value, not one per session."""
+    _log.warning("%s=%r is not a size (e.g. 500M, 4G); the cache keeps %s", CACHE_MAX_ENV, value, CACHE_MAX_DEFAULT)
+
+
+def prune_cache(folder: Path, keep: Path | None = None, limit: int | None = None) -> list[Path]:
+    """Remove the least recently used entries until `folder` holds at most `limit` bytes (default
+    cache_limit()), never `keep`; and temporary files of killed writers. Returns what went. Each
+    entry's stamp goes before its graph, so a concurrent reader sees a miss, never half an entry."""
+    limit = cache_limit() if limit is None else limit
+    gone: list[Path] = []
+    now = time.time()
+    entries = []
+    for graph in folder.glob("*.onnx"):
+        try:
+            size = graph.stat().st_size
+        except OSError:  # removed by another process meanwhile
+            continue
+        try:
+            st = graph.with_suffix(".stamp").stat()
+            used, size = st.st_mtime_ns, size + st.st_size
+        except OSError:  # no stamp: an entry no reader will use, so the first to go
+            used = 0
+        entries.append((used, graph, size))
+    for temp in folder.glob(".*"):
+        try:
+            if now - temp.stat().st_mtime > STALE_TEMP_S:
+                temp.unlink()
+                gone.append(temp)
+        except OSError:
+            pass
+    total = sum(size for _, _, size in entries)
+    for _, graph, size in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if graph == keep:
+            continue
+        try:
+            graph.with_suffix(".stamp").unlink(missing_ok=True)
+            graph.unlink(missing_ok=True)
+        except OSError:
+            continue
+        total -= size
+        gone.append(graph)
+    if gone:
+        _log.debug("session cache %s: removed %s", folder, ", ".join(p.name for p in gone))
+    return gone
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_identity() -> str:
     """What the optimised graph depends on besides the model: machine and instruction-set flags."""
@@ -199,14 +279,28 @@ def _stamp(path: Path) -> str:
 
 
 def _load_entry(path: Path) -> bytes | None:
-    """The cached graph if it is the file the cache wrote (size and mtime as recorded), else None."""
+    """The cached graph if it is the file the cache wrote (size and mtime as recorded), else None;
+    a hit marks the entry used (its stamp's mtime, which prune_cache reads)."""
     try:
-        want = path.with_suffix(".stamp").read_text().strip()
+        stamp = path.with_suffix(".stamp")
+        want = stamp.read_text().strip()
         if _stamp(path) != want:
             return None
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError:
         return None
+    _mark_used(stamp)
+    return data
+
+
+def _mark_used(stamp: Path) -> None:
+    """Set the stamp's mtime to now from the fine clock: the file system's own (a few ms coarse)
+    would tie a hit with the store just before it."""
+    now = time.time_ns()
+    try:
+        os.utime(stamp, ns=(now, now))
+    except OSError:  # a read-only cache still serves its entries
+        pass
 
 
 def _store_entry(folder: Path, path: Path, make_session):
@@ -223,6 +317,11 @@ def _store_entry(folder: Path, path: Path, make_session):
         stamp_tmp = Path(tmp).with_suffix(".stamp")
         stamp_tmp.write_text(_stamp(path) + "\n")
         os.replace(stamp_tmp, path.with_suffix(".stamp"))
+        _mark_used(path.with_suffix(".stamp"))
+        try:
+            prune_cache(folder, keep=path)
+        except OSError:  # pruning only bounds the folder; the entry is stored
+            pass
         return sess
     finally:
         for leftover in (Path(tmp), Path(tmp).with_suffix(".stamp")):

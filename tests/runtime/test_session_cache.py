@@ -109,3 +109,89 @@ def test_default_folder_follows_xdg_cache_home(tmp_path, monkeypatch):
     monkeypatch.delenv(sessions.CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert sessions.cache_dir() == tmp_path / "pbv-onnx"
+
+
+def variant(tiny_model: Path, folder: Path, scale: float) -> Path:
+    """The tiny model with its first weight scaled: another sha256, so entries of its own."""
+    import onnx
+
+    model = onnx.load(str(tiny_model))
+    for init in model.graph.initializer:
+        if init.name == "W1":
+            init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * scale, "W1"))
+    path = folder / f"tiny-{scale}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def test_the_cache_keeps_to_its_size_limit_dropping_the_least_recently_used_model(tiny_model, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(sessions.CACHE_ENV, str(cache))
+    a, b, c = (variant(tiny_model, tmp_path, s) for s in (1.0, 2.0, 3.0))
+    want_b = run_both(Engine(b, device="cpu"))
+    files_b = set(cache.iterdir())
+    one_model = folder_bytes(cache)
+    limit = 2 * one_model + one_model // 2  # room for two models' entries, not three
+    monkeypatch.setenv(sessions.CACHE_MAX_ENV, str(limit))
+    run_both(Engine(a, device="cpu"))
+    files_a = set(cache.iterdir()) - files_b
+    eng = Engine(b, device="cpu")
+    run_both(eng)
+    assert eng.cache == "hit"  # b is now the more recently used of the two
+    run_both(Engine(c, device="cpu"))
+    left = set(cache.iterdir())
+    assert files_b <= left
+    assert not files_a & left
+    assert folder_bytes(cache) <= limit
+    again = Engine(a, device="cpu")
+    assert again.cache == "stored"
+    assert Engine(b, device="cpu").cache == "hit"
+    with monkeypatch.context() as m:
+        m.setenv(sessions.CACHE_ENV, "off")
+        plain = Engine(a, device="cpu")
+    for x, y in zip(run_both(again), run_both(plain)):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(want_b, run_both(Engine(b, device="cpu"))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_an_entry_larger_than_the_limit_is_still_stored_and_used(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv(sessions.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(sessions.CACHE_MAX_ENV, "1")
+    run_both(Engine(tiny_model, device="cpu"))
+    assert entries(tmp_path / "cache")  # the newest entry is kept, whatever its size
+    assert Engine(tiny_model, device="cpu").cache == "hit"
+
+
+def test_temporary_files_of_a_killed_writer_go_and_a_writer_in_progress_keeps_its_own(tmp_path):
+    import os
+    import time
+
+    old, fresh = tmp_path / ".abc.1.tmp.onnx", tmp_path / ".abc.2.tmp.onnx"
+    for p in (old, fresh):
+        p.write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+    assert sessions.prune_cache(tmp_path, limit=1 << 30) == [old]
+    assert fresh.exists() and not old.exists()
+
+
+@pytest.mark.parametrize(
+    "text,size",
+    [("500M", 500 << 20), ("4G", 4 << 30), ("64k", 64 << 10), ("1.5G", 3 << 29), ("2GiB", 2 << 30), ("123", 123)],
+)
+def test_cache_size_limits_read_as_binary_units(text, size):
+    assert sessions.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "4X", "", "G"])
+def test_a_limit_that_is_not_a_size_is_reported_and_the_default_kept(text, monkeypatch, caplog):
+    monkeypatch.setenv(sessions.CACHE_MAX_ENV, text)
+    sessions._warn_bad_limit.cache_clear()
+    with caplog.at_level("WARNING", logger=sessions.__name__):
+        assert sessions.cache_limit() == 4 << 30
+    assert sessions.CACHE_MAX_ENV in caplog.text and repr(text) in caplog.text
