@@ -181,7 +181,7 @@ def cache_dir() -> Path | None:
     return Path(base) / "pbv-onnx"
 
 
-def parse_size(text: str) -> int:
+def parse_bytes(text: str) -> int:
     """`500M`, `4G`, `64k` or a byte count -> bytes (binary units); ValueError otherwise."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
     if not m:
@@ -194,10 +194,10 @@ def cache_limit() -> int:
     size is reported once per run and the default used (the cache never fails a run)."""
     value = os.environ.get(CACHE_MAX_ENV, CACHE_MAX_DEFAULT)
     try:
-        return parse_size(value)
+        return parse_bytes(value)
     except ValueError:
         _warn_bad_limit(value)
-        return parse_size(CACHE_MAX_DEFAULT)
+        return parse_bytes(CACHE_MAX_DEFAULT)
 
 
 @functools.lru_cache(maxsize=None)

@@ -185,7 +185,7 @@ def test_temporary_files_of_a_killed_writer_go_and_a_writer_in_progress_keeps_it
     [("500M", 500 << 20), ("4G", 4 << 30), ("64k", 64 << 10), ("1.5G", 3 << 29), ("2GiB", 2 << 30), ("123", 123)],
 )
 def test_cache_size_limits_read_as_binary_units(text, size):
-    assert sessions.parse_size(text) == size
+    assert sessions.parse_bytes(text) == size
 
 
 @pytest.mark.parametrize("text", ["lots", "-1", "4X", "", "G"])
